@@ -1,0 +1,202 @@
+"""In-memory training sets, evaluation cases and the two-stream batch sampler.
+
+LA and ACDC training sets fit in memory, so they are read once and batches are cut from arrays;
+no per-iteration h5 reads and no worker processes (which also keeps runs deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy import ndimage
+
+from agcl.data import formats
+from agcl.data.preprocess import load_index
+
+
+@dataclass
+class Case:
+    """One evaluation case: image (C, *spatial) float32, label (*spatial) uint8."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    instances: np.ndarray | None = None  # CRAG gland instance map, for object-level metrics
+
+
+@dataclass
+class TrainingSet:
+    labeled_images: list[np.ndarray]  # each (C, *spatial)
+    labeled_labels: list[np.ndarray]  # each (*spatial)
+    unlabeled_images: list[np.ndarray] = field(default_factory=list)
+    labeled_ids: list[str] = field(default_factory=list)
+    unlabeled_ids: list[str] = field(default_factory=list)
+
+
+def read_split(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: run `agcl splits` first") from None
+
+
+def _resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour zoom of the last two axes, as the ACDC references (zoom order 0)."""
+    factors = [1.0] * (array.ndim - 2) + [size[0] / array.shape[-2], size[1] / array.shape[-1]]
+    return ndimage.zoom(array, factors, order=0)
+
+
+def _load_volume(processed_dir: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
+    return formats.read_h5_volume(processed_dir / item["file"])
+
+
+def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
+                      patch: list[int]) -> TrainingSet:
+    """Labeled and unlabeled training images of one split and label ratio."""
+    processed_dir = Path(processed_dir)
+    index = load_index(processed_dir)
+    dataset = index["dataset"]
+    if ratio_tag not in split["labeled"]:
+        raise KeyError(f"split of seed {split['seed']} has no ratio {ratio_tag} "
+                       f"(has {', '.join(split['labeled'])}); rerun `agcl splits`")
+    labeled_entry = split["labeled"][ratio_tag]
+    val = set(split["val"])
+    out = TrainingSet([], [])
+    if dataset == "la":
+        labeled = labeled_entry["cases"]
+        unlabeled = [c for c in split["labeled_pool"] if c not in set(labeled)]
+        for ids, is_labeled in ((labeled, True), (unlabeled, False)):
+            for case in ids:
+                image, label = _load_volume(processed_dir, index["items"][case])
+                _append(out, case, image[None], label if is_labeled else None)
+    elif dataset == "acdc":
+        labeled_slices = set(labeled_entry["slices"])
+        train_frames = set(split["train"]) - val
+        size = tuple(patch[-2:])
+        with h5py.File(processed_dir / index["slices_file"], "r") as h5:
+            for name in index["train_slices"]:
+                if name.rsplit("_slice_", 1)[0] not in train_frames:
+                    continue
+                image = _resize_nearest(h5[name]["image"][()], size)
+                if name in labeled_slices:
+                    _append(out, name, image[None], _resize_nearest(h5[name]["label"][()], size))
+                else:
+                    _append(out, name, image[None], None)
+    elif dataset == "crag":
+        labeled = labeled_entry["images"]
+        unlabeled = [c for c in split["labeled_pool"] if c not in set(labeled)]
+        with h5py.File(processed_dir / index["data_file"], "r") as h5:
+            for ids, is_labeled in ((labeled, True), (unlabeled, False)):
+                for name in ids:
+                    _append(out, name, h5[name]["image"][()],
+                            h5[name]["label"][()] if is_labeled else None)
+    else:
+        raise ValueError(f"{processed_dir}: unknown dataset '{dataset}' in index.json")
+    if not out.labeled_images:
+        raise ValueError(f"{processed_dir}: ratio {ratio_tag} of seed {split['seed']} has no labeled image")
+    return out
+
+
+def _append(out: TrainingSet, item_id: str, image: np.ndarray, label: np.ndarray | None) -> None:
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if label is None:
+        out.unlabeled_images.append(image)
+        out.unlabeled_ids.append(item_id)
+    else:
+        out.labeled_images.append(image)
+        out.labeled_labels.append(np.ascontiguousarray(label, dtype=np.uint8))
+        out.labeled_ids.append(item_id)
+
+
+def load_cases(processed_dir: str | Path, case_ids: list[str]) -> list[Case]:
+    """Validation or test cases at their original resolution."""
+    processed_dir = Path(processed_dir)
+    index = load_index(processed_dir)
+    cases = []
+    if index["dataset"] in ("la", "acdc"):
+        for case_id in case_ids:
+            image, label = _load_volume(processed_dir, index["items"][case_id])
+            cases.append(Case(case_id, image[None].astype(np.float32), label))
+    else:
+        with h5py.File(processed_dir / index["data_file"], "r") as h5:
+            for case_id in case_ids:
+                grp = h5[case_id]
+                cases.append(Case(case_id, grp["image"][()], grp["label"][()], grp["instances"][()]))
+    return cases
+
+
+class PatchSampler:
+    """Two-stream batches of random patches with random rot90 + flip (the references' LA recipe).
+
+    Indices are drawn epoch by epoch from seeded permutations, labeled and unlabeled separately;
+    the whole state (RNG and the rest of the current epochs) is saved with checkpoints.
+    """
+
+    def __init__(self, data: TrainingSet, patch: list[int], labeled_batch: int, unlabeled_batch: int,
+                 seed: int):
+        self.data = data
+        self.patch = tuple(patch)
+        self.labeled_batch = labeled_batch
+        self.unlabeled_batch = unlabeled_batch if data.unlabeled_images else 0
+        self.rng = np.random.default_rng(seed)
+        self.queues: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
+        # rot90 keeps the patch shape only when the two rotated axes have equal length.
+        self.can_rotate = self.patch[0] == self.patch[1]
+
+    def _take(self, stream: str, count: int, pool_size: int) -> list[int]:
+        queue = self.queues[stream]
+        while len(queue) < count:
+            queue.extend(int(i) for i in self.rng.permutation(pool_size))
+        taken, self.queues[stream] = queue[:count], queue[count:]
+        return taken
+
+    def _crop(self, image: np.ndarray, label: np.ndarray | None):
+        spatial = image.shape[1:]
+        pads = [max(0, p - s) for p, s in zip(self.patch, spatial)]
+        if any(pads):
+            widths = [(pad // 2, pad - pad // 2) for pad in pads]
+            image = np.pad(image, [(0, 0), *widths])
+            if label is not None:
+                label = np.pad(label, widths)
+            spatial = image.shape[1:]
+        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(spatial, self.patch)]
+        region = tuple(slice(st, st + p) for st, p in zip(starts, self.patch))
+        image = image[(slice(None), *region)]
+        label = label[region] if label is not None else None
+        return image, label
+
+    def _augment(self, image: np.ndarray, label: np.ndarray | None):
+        k = int(self.rng.integers(0, 4)) if self.can_rotate else 0
+        axis = int(self.rng.integers(0, 2))
+        image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
+        if label is not None:
+            label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
+        return image, label
+
+    def _sample(self, image, label):
+        image, label = self._augment(*self._crop(image, label))
+        return np.ascontiguousarray(image), (np.ascontiguousarray(label) if label is not None else None)
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        images, labels = [], []
+        for i in self._take("labeled", self.labeled_batch, len(self.data.labeled_images)):
+            image, label = self._sample(self.data.labeled_images[i], self.data.labeled_labels[i])
+            images.append(image)
+            labels.append(label)
+        unlabeled = None
+        if self.unlabeled_batch:
+            picks = self._take("unlabeled", self.unlabeled_batch, len(self.data.unlabeled_images))
+            unlabeled = np.stack([self._sample(self.data.unlabeled_images[i], None)[0] for i in picks])
+        return np.stack(images), np.stack(labels).astype(np.int64), unlabeled
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "queues": {k: list(v) for k, v in self.queues.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.queues = {k: list(v) for k, v in state["queues"].items()}

@@ -1,0 +1,75 @@
+"""Shared fixtures. Tests on real upstream files read ../shared/datasets and skip cleanly without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = Path(os.environ.get("AGCL_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def shared_mirror() -> Path:
+    """Root of the byte-exact mirror of the upstream raw-file URLs (…/mirror/<owner>/<repo>/<branch>/…)."""
+    mirror = SHARED_DATASETS / "mirror"
+    if not mirror.is_dir():
+        pytest.skip(f"real upstream files not available ({mirror} is absent)")
+    return mirror
+
+
+@pytest.fixture(scope="session")
+def la_mirror_dir(shared_mirror: Path) -> Path:
+    return shared_mirror / "yulequan" / "UA-MT" / "master" / "data"
+
+
+@pytest.fixture(scope="session")
+def acdc_volumes_mirror_dir(shared_mirror: Path) -> Path:
+    return shared_mirror / "HiLab-git" / "WSL4MIS" / "main" / "data" / "ACDC" / "ACDC_training_volumes"
+
+
+@pytest.fixture(scope="session")
+def acdc_lists_mirror_dir(shared_mirror: Path) -> Path:
+    return shared_mirror / "HiLab-git" / "SSL4MIS" / "master" / "data" / "ACDC"
+
+
+def tiny_config() -> dict:
+    """Smallest config that runs every stage on synthetic data in seconds (not a demo of quality)."""
+    train3d = {"iterations": 4, "batch_size": 4, "labeled_batch_size": 2, "patch": [32, 32, 16],
+               "schedule": "constant", "checkpoint_every": 2, "val_every": 2}
+    train2d = {"iterations": 4, "batch_size": 4, "labeled_batch_size": 2, "patch": [32, 32],
+               "schedule": "poly", "checkpoint_every": 2, "val_every": 2}
+    return {
+        "name": "tiny",
+        "seeds": [0, 1],
+        "methods": ["supervised"],
+        "ratios": [0.1, 0.2],
+        "device": "cpu",
+        "datasets": {
+            "la": {"source": "synthetic", "net": {"n_filters": 2},
+                   "synth": {"n_train": 10, "n_test": 2, "size_xy": [30, 36], "size_z": 16},
+                   "train": train3d, "eval": {"patch": [32, 32, 16], "stride": [8, 8, 8]}},
+            "acdc": {"source": "synthetic", "net": {"base_features": 2}, "selection": "best_val",
+                     "synth": {"n_train_patients": 10, "n_val_patients": 1, "n_test_patients": 2,
+                               "slices": [8, 8], "size_hw": [24, 28]},
+                     "train": train2d, "eval": {"patch": [32, 32]}},
+            "crag": {"source": "synthetic", "net": {"base_features": 2}, "selection": "best_val",
+                     "synth": {"n_train": 10, "n_test": 2, "size": [40, 48]},
+                     "expected_counts": [10, 2], "val_cases": 2,
+                     "train": train2d, "eval": {"patch": [32, 32], "stride": [16, 16]}},
+        },
+    }
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch):
+    """A working directory holding config/tiny.yaml; paths in the config resolve against it."""
+    import yaml
+
+    (tmp_path / "config").mkdir()
+    path = tmp_path / "config" / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config()))
+    monkeypatch.chdir(tmp_path)
+    return path
