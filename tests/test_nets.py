@@ -1,0 +1,160 @@
+"""Nets: exact reference parameter counts, the uniform interface, dropout, bf16, registry, head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from agcl.nets import ProjectionHead, build, list_nets, register_net, registry
+
+# (in_channels, num_classes) -> parameter count of the reference implementations.
+REFERENCE_COUNTS = {
+    "vnet": (1, 2, 9_448_866),
+    "unet": (1, 4, 1_813_764),
+    "mcnet3d": (1, 2, 15_246_566),
+    "mcnet2d": (1, 4, 3_210_924),
+}
+
+# Small widths and inputs so that every registered net runs a forward pass in well under a second.
+SMALL = {
+    "vnet": ({"n_filters": 4}, (2, 1, 32, 32, 16), 2),
+    "mcnet3d": ({"n_filters": 4}, (2, 1, 32, 32, 16), 2),
+    "unet": ({"base_features": 4}, (2, 1, 32, 32), 4),
+    "mcnet2d": ({"base_features": 4}, (2, 1, 32, 32), 4),
+}
+EXPECTED_LAYOUT = {  # name -> (spatial_dims, num_decoders)
+    "vnet": (3, 1), "mcnet3d": (3, 3), "unet": (2, 1), "mcnet2d": (2, 3),
+}
+
+
+def small_net(name: str, **overrides) -> tuple[nn.Module, torch.Tensor, int]:
+    kw, shape, num_classes = SMALL[name]
+    torch.manual_seed(0)
+    net = build(name, shape[1], num_classes, **{**kw, **overrides})
+    return net, torch.randn(shape), num_classes
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_parameter_count_matches_reference(name):
+    in_channels, num_classes, expected = REFERENCE_COUNTS[name]
+    with torch.device("meta"):  # counts only: skip allocating and initialising the weights
+        net = build(name, in_channels, num_classes)
+    assert n_params(net) == expected
+
+
+def test_every_registered_net_has_small_test_config():
+    assert list_nets() == sorted(SMALL) == sorted(EXPECTED_LAYOUT)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_forward_interface_shapes(name):
+    net, x, num_classes = small_net(name)
+    spatial_dims, num_decoders = EXPECTED_LAYOUT[name]
+    assert (net.spatial_dims, net.num_decoders, net.feature_channels) == (
+        spatial_dims, num_decoders, 4)
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+        logits_f, features = net.forward_features(x)
+        all_logits = net.forward_all(x)
+    assert logits.shape == (2, num_classes, *x.shape[2:])
+    assert features.shape == (2, net.feature_channels, *x.shape[2:])
+    assert torch.equal(logits_f, logits)
+    assert len(all_logits) == num_decoders
+    assert all(out.shape == logits.shape for out in all_logits)
+    assert torch.equal(all_logits[0], logits)  # inference uses the first decoder
+    if num_decoders > 1:  # decoders are separate modules, so their outputs differ
+        assert not torch.allclose(all_logits[0], all_logits[1])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_forward_all_reaches_every_parameter(name):
+    net, x, _ = small_net(name)
+    sum(out.sum() for out in net.forward_all(x)).backward()
+    unused = [n for n, p in net.named_parameters() if p.grad is None]
+    assert unused == []
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_dropout_only_in_train_mode_and_only_when_enabled(name):
+    net, x, _ = small_net(name, has_dropout=True)
+    net.train()
+    with torch.no_grad():
+        assert not torch.allclose(net(x), net(x))
+        net.eval()
+        assert torch.equal(net(x), net(x))
+    plain, x, _ = small_net(name, has_dropout=False)
+    plain.train()
+    with torch.no_grad():
+        assert torch.equal(plain(x), plain(x))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_bf16_autocast_forward_on_cpu(name):
+    net, x, num_classes = small_net(name)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = net.forward_all(x)
+    for out in outs:
+        assert out.shape == (2, num_classes, *x.shape[2:])
+        assert torch.isfinite(out.float()).all()
+
+
+def test_input_not_divisible_by_16_is_rejected():
+    net, _, _ = small_net("vnet")
+    with pytest.raises(ValueError, match=r"multiple of 16, got \(32, 24, 16\)"):
+        net(torch.zeros(1, 1, 32, 24, 16))
+
+
+def test_input_with_wrong_channels_or_dims_is_rejected():
+    net, _, _ = small_net("unet")
+    with pytest.raises(ValueError, match=r"expected shape \(B, 1, S, S\).*got \(1, 3, 32, 32\)"):
+        net(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"4 dims"):
+        net(torch.zeros(1, 1, 32, 32, 16))
+
+
+def test_unknown_net_lists_known_names():
+    with pytest.raises(KeyError, match="unknown net 'vnett'.*mcnet2d, mcnet3d, unet, vnet"):
+        build("vnett", 1, 2)
+
+
+def test_unknown_upsampling_mode_is_rejected():
+    with pytest.raises(ValueError, match="upsampling mode.*'bicubic'"):
+        build("mcnet3d", 1, 2, n_filters=2, upsample_modes=("deconv", "bicubic"))
+
+
+def test_duplicate_registration_raises(monkeypatch):
+    monkeypatch.setattr(registry, "_NETS", dict(registry._NETS))  # keep the real registry clean
+    with pytest.raises(ValueError, match="'vnet' is already registered"):
+        register_net("vnet")(lambda in_channels, num_classes: None)
+    register_net("tiny_unet")(lambda c, k: build("unet", c, k, base_features=2))
+    assert "tiny_unet" in list_nets()
+    with pytest.raises(ValueError, match="'tiny_unet' is already registered"):
+        register_net("tiny_unet")(lambda c, k: None)
+
+
+def test_build_rejects_a_module_without_the_interface(monkeypatch):
+    monkeypatch.setattr(registry, "_NETS", dict(registry._NETS))
+    register_net("bare_conv")(lambda c, k: nn.Conv2d(c, k, 1))
+    with pytest.raises(TypeError, match="'bare_conv' lacks the net interface: missing spatial_dims"):
+        build("bare_conv", 1, 2)
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(2, (3, 8, 6, 5)), (3, (2, 8, 4, 3, 2))])
+def test_projection_head_outputs_unit_vectors_per_position(spatial_dims, shape):
+    torch.manual_seed(0)
+    head = ProjectionHead(8, hidden_channels=16, out_channels=5, spatial_dims=spatial_dims)
+    out = head(torch.randn(shape) * 10)
+    assert out.shape == (shape[0], 5, *shape[2:])
+    norms = out.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_projection_head_rejects_1d():
+    with pytest.raises(ValueError, match="spatial_dims: expected 2 or 3, got 1"):
+        ProjectionHead(8, spatial_dims=1)
