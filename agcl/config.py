@@ -1,0 +1,123 @@
+"""Load an experiment config and validate it against workflow/schemas/config.schema.yaml.
+
+Snakemake validates the same file with its own `validate()`; the CLI does it here so that every
+`agcl` subcommand run by hand gets the same defaults and the same errors.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is missing or of the wrong kind; the message names the file and the key."""
+
+
+def _validator_filling_defaults():
+    base = jsonschema.Draft202012Validator
+
+    def fill_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": fill_defaults})
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate_config(config: dict, source: str = "<config>") -> dict:
+    """Fill defaults in place and raise ConfigError naming the first offending key."""
+    validator = _validator_filling_defaults()(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"invalid value at '{'.'.join(map(str, e.absolute_path)) or '<top level>'}': "
+                 f"{e.message}" for e in errors]
+        raise ConfigError(f"{source}: " + "; ".join(lines))
+    for dataset, dcfg in config["datasets"].items():
+        train = dcfg["train"]
+        if train["labeled_batch_size"] > train["batch_size"]:
+            raise ConfigError(
+                f"{source}: datasets.{dataset}.train.labeled_batch_size "
+                f"({train['labeled_batch_size']}) must not exceed batch_size ({train['batch_size']})"
+            )
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(config).__name__}")
+    return validate_config(config, source=str(path))
+
+
+def ratio_tag(ratio: float) -> str:
+    """Label fraction as used in paths and wildcards: 0.05 -> '0.05', 1.0 -> '1'."""
+    return f"{float(ratio):g}"
+
+
+def dataset_config(config: dict, dataset: str) -> dict:
+    try:
+        return config["datasets"][dataset]
+    except KeyError:
+        known = ", ".join(sorted(config["datasets"]))
+        raise ConfigError(f"dataset '{dataset}' is not in the config (configured: {known})") from None
+
+
+class Layout:
+    """Every path of one experiment, in one place, used by the CLI and by the Snakemake rules."""
+
+    def __init__(self, config: dict, root: str | Path = "."):
+        root = Path(root)
+        name = config["name"]
+        self.data = root / config["data_dir"] / name
+        self.results = root / config["results_dir"] / name
+        self.report = root / config["reports_dir"] / name
+
+    def raw(self, dataset: str) -> Path:
+        return self.data / "raw" / dataset
+
+    def processed(self, dataset: str) -> Path:
+        return self.data / "processed" / dataset
+
+    def splits(self, dataset: str, seed: int) -> Path:
+        return self.results / "splits" / dataset / f"seed{seed}.json"
+
+    def run(self, dataset: str, method: str, ratio: float | str, seed: int) -> Path:
+        tag = ratio if isinstance(ratio, str) else ratio_tag(ratio)
+        return self.results / "runs" / dataset / method / f"r{tag}" / f"s{seed}"
+
+
+def expected_runs(config: dict) -> list[tuple[str, str, str, int]]:
+    """(dataset, method, ratio tag, seed) of every run the grid asks for.
+
+    Used by the Snakemake rules and by aggregation, so both agree on what is missing. The
+    supervised method also runs at 100 % labels when full_supervision is on (the upper bound).
+    """
+    runs = []
+    for dataset in config["datasets"]:
+        for method in config["methods"]:
+            ratios = list(config["ratios"])
+            if method == "supervised" and config["full_supervision"]:
+                ratios.append(1.0)
+            for ratio in ratios:
+                for seed in config["seeds"]:
+                    runs.append((dataset, method, ratio_tag(ratio), seed))
+    return runs

@@ -1,0 +1,106 @@
+"""What every method provides to the engine.
+
+A method owns its networks (student, and a teacher where it has one) and turns one two-stream
+batch into a loss (`train_step`). The engine owns backward, AMP, the optimiser, the schedule,
+checkpoints and validation, so method files never call `.backward()` (USB's split).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from agcl.data.specs import DatasetSpec
+from agcl.nets import build
+
+
+@dataclass
+class Batch:
+    """Labeled part first, unlabeled after, as the references' two-stream sampler."""
+
+    x_labeled: torch.Tensor  # (Bl, C, *spatial)
+    y_labeled: torch.Tensor  # (Bl, *spatial), int64 class ids
+    x_unlabeled: torch.Tensor | None  # (Bu, C, *spatial) or None when nothing is unlabeled
+
+
+class HparamError(KeyError):
+    pass
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = "?"  # set by @register_method
+    # True: the engine also draws unlabeled images into each batch.
+    uses_unlabeled: ClassVar[bool] = True
+    # Defaults shared by every dataset, then per-dataset overrides where the references differ.
+    default_hparams: ClassVar[dict[str, Any]] = {}
+    dataset_hparams: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def hparams_for(cls, dataset: str, *overrides: dict[str, Any]) -> dict[str, Any]:
+        """Defaults <- per-dataset defaults <- each override in order; unknown keys are an error."""
+        hparams = {**BASE_HPARAMS, **cls.default_hparams, **cls.dataset_hparams.get(dataset, {})}
+        for override in overrides:
+            unknown = sorted(set(override) - set(hparams))
+            if unknown:
+                raise HparamError(
+                    f"method '{cls.name}' has no hyperparameter {', '.join(unknown)} "
+                    f"(known: {', '.join(sorted(hparams))})"
+                )
+            hparams.update(override)
+        return hparams
+
+    @classmethod
+    def net_name(cls, spec: DatasetSpec) -> str:
+        return spec.default_net
+
+    def __init__(self, spec: DatasetSpec, hparams: dict[str, Any], net_kwargs: dict[str, Any],
+                 total_iterations: int):
+        super().__init__()
+        self.spec = spec
+        self.hparams = hparams
+        self.total_iterations = total_iterations
+        self.student = build(self.net_name(spec), spec.in_channels, spec.num_classes, **net_kwargs)
+
+    def train_step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimiser step (EMA teachers update here)."""
+
+    def inference_net(self) -> nn.Module:
+        """The network evaluated at validation and test time (the student, as the references)."""
+        return self.student
+
+    def trainable_parameters(self):
+        return self.student.parameters()
+
+
+# Every method understands these; the engine and the supervised part read them.
+BASE_HPARAMS: dict[str, Any] = {
+    # UA-MT scores only the foreground in its Dice loss (LA), SSL4MIS all classes (ACDC).
+    "dice_include_background": False,
+}
+
+
+def make_ema_teacher(student: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> None:
+    """teacher = a teacher + (1 - a) student over parameters, a = min(1 - 1/(step + 1), decay).
+
+    The warm-up form (UA-MT, SSL4MIS) lets the teacher follow the student closely at first.
+    Parameters only, as the references: the teacher's BatchNorm statistics come from its own
+    forward passes in train mode.
+    """
+    alpha = min(1.0 - 1.0 / (step + 1), decay)
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)

@@ -1,0 +1,78 @@
+"""Every run's metrics.json -> tidy tables (pandas): per case, per run, mean +- std over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from agcl.config import Layout, expected_runs
+from agcl.utils import atomic_path
+
+METRICS = ["dice", "jaccard", "hd95", "asd"]
+KEYS = ["dataset", "method", "ratio", "seed"]
+
+
+def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(per-case rows, per-run rows, missing runs) for the config's grid."""
+    layout = Layout(config, root)
+    case_rows, run_rows, missing = [], [], []
+    for dataset, method, ratio, seed in expected_runs(config):
+        path = layout.run(dataset, method, ratio, seed) / "metrics.json"
+        key = {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": seed}
+        if not path.exists():
+            missing.append({**key, "expected": str(path)})
+            continue
+        summary = json.loads(path.read_text())
+        for rec in summary["metric_per_case"]:
+            row = {**key, "case": rec["case"], "class": rec["class"], "class_name": rec["class_name"]}
+            for m in METRICS:
+                value = rec[m]
+                # The stated worst case replaces undefined distances (one empty mask).
+                row[m] = rec["worst_distance"] if m in ("hd95", "asd") and value is not None \
+                    and np.isnan(value) else value
+            row.update(policy_applied=rec["policy_applied"] or "",
+                       empty_pred=rec["empty_pred"], empty_gt=rec["empty_gt"])
+            case_rows.append(row)
+        run_rows.append({**key, **summary["foreground_mean"],
+                         "selection": summary["selection"]["policy"],
+                         "checkpoint_step": summary["selection"]["step"],
+                         "units": summary["protocol"]["units"],
+                         "empty_policy": summary["protocol"]["empty_policy"],
+                         "policy_applied_count": summary["protocol"]["policy_applied_count"],
+                         "code_version": summary["code_version"]})
+    return (pd.DataFrame(case_rows, columns=KEYS + ["case", "class", "class_name", *METRICS,
+                                                   "policy_applied", "empty_pred", "empty_gt"]),
+            pd.DataFrame(run_rows, columns=KEYS + METRICS + ["selection", "checkpoint_step", "units",
+                                                            "empty_policy", "policy_applied_count",
+                                                            "code_version"]),
+            pd.DataFrame(missing, columns=KEYS + ["expected"]))
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std (ddof 1; nan with one seed) over seeds of the per-run foreground means."""
+    if runs.empty:
+        return pd.DataFrame(columns=["dataset", "method", "ratio", "n_seeds",
+                                     *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
+    grouped = runs.groupby(["dataset", "method", "ratio"], sort=True)
+    out = grouped[METRICS].agg(["mean", "std"])
+    out.columns = [f"{m}_{s}" for m, s in out.columns]
+    out.insert(0, "n_seeds", grouped.size())
+    return out.reset_index()
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path = ".") -> dict:
+    out_dir = Path(out_dir) if out_dir else Layout(config, root).results / "summary"
+    cases, runs, missing = collect(config, root)
+    summary = summarise(runs)
+    for name, frame in (("per_case", cases), ("runs", runs), ("summary", summary),
+                        ("missing", missing)):
+        _write_csv(frame, out_dir / f"{name}.csv")
+    return {"out_dir": out_dir, "n_runs": len(runs), "n_missing": len(missing)}

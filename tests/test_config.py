@@ -1,0 +1,75 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agcl.config import ConfigError, Layout, expected_runs, load_config, ratio_tag, validate_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO = REPO_ROOT / "config" / "demo.yaml"
+PAPER = REPO_ROOT / "config" / "config.yaml"
+
+
+def raw(path):
+    return yaml.safe_load(path.read_text())
+
+
+def test_shipped_configs_validate_and_get_defaults():
+    demo = load_config(DEMO)
+    assert demo["datasets"]["la"]["eval"]["empty_policy"] == "metrics_reloaded"
+    assert demo["datasets"]["la"]["selection"] == "last"
+    paper = load_config(PAPER)
+    assert paper["datasets"]["la"]["train"]["patch"] == [112, 112, 80]
+    assert paper["datasets"]["acdc"]["selection"] == "best_val"
+
+
+def test_paper_grid_size():
+    paper = load_config(PAPER)
+    datasets, methods, seeds = len(paper["datasets"]), len(paper["methods"]), len(paper["seeds"])
+    full = 1 if "supervised" in paper["methods"] else 0
+    assert len(expected_runs(paper)) == datasets * seeds * (methods * 2 + full)
+    assert ("la", "supervised", "1", 0) in expected_runs(paper)
+
+
+@pytest.mark.parametrize("path,value,key", [
+    (("datasets", "la", "train", "iterations"), 0, "datasets.la.train.iterations"),
+    (("ratios",), [0.0], "ratios.0"),
+    (("datasets", "acdc", "source"), "ftp", "datasets.acdc.source"),
+    (("seeds",), "zero", "seeds"),
+])
+def test_bad_values_name_the_key(path, value, key):
+    config = raw(DEMO)
+    node = config
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(config, "demo.yaml")
+
+
+def test_unknown_key_is_rejected():
+    config = raw(DEMO)
+    config["datasets"]["la"]["trian"] = {}
+    with pytest.raises(ConfigError, match="'trian' was unexpected"):
+        validate_config(config, "demo.yaml")
+
+
+def test_labeled_batch_larger_than_batch():
+    config = raw(DEMO)
+    config["datasets"]["la"]["train"]["labeled_batch_size"] = 9
+    with pytest.raises(ConfigError, match="labeled_batch_size"):
+        validate_config(config, "demo.yaml")
+
+
+def test_validation_does_not_share_defaults_between_datasets():
+    config = validate_config(copy.deepcopy(raw(DEMO)))
+    config["datasets"]["la"]["net"]["extra"] = 1
+    assert "extra" not in config["datasets"]["crag"]["net"]
+
+
+def test_ratio_tag_and_layout():
+    assert [ratio_tag(r) for r in (0.05, 0.1, 1.0, 0.25)] == ["0.05", "0.1", "1", "0.25"]
+    layout = Layout(load_config(DEMO), root="/x")
+    assert str(layout.run("la", "supervised", 0.05, 1)) == "/x/results/demo/runs/la/supervised/r0.05/s1"
+    assert str(layout.splits("acdc", 2)) == "/x/results/demo/splits/acdc/seed2.json"
