@@ -1,0 +1,35 @@
+# Two entry points for a fresh Linux machine with Python 3.11 (no conda needed):
+#   make demo   set up .venv and run the whole Snakemake DAG on the CPU demo config
+#   make test   set up .venv and run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+CORES ?= 2
+# CPU torch first: a plain `torch` requirement would pull a multi-GB CUDA build. On a machine whose
+# pip does not already serve the CPU wheel, add the CPU index, e.g.
+#   make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: demo test lint clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH) $(TORCH_PIP_ARGS)
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --profile profiles/cpu --cores $(CORES) \
+		--configfile config/demo.yaml
+	@echo "report: reports/demo/index.html   tables: results/demo/summary/"
+
+test: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --lint --configfile config/demo.yaml
+
+clean-demo:
+	rm -rf resources/demo results/demo reports/demo logs/demo benchmarks/demo

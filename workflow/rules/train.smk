@@ -1,0 +1,22 @@
+rule train:
+    input:
+        split=LAYOUT.splits("{dataset}", "{seed}"),
+        index=LAYOUT.processed("{dataset}") / "index.json",
+    output:
+        ckpt=run_dir() / "ckpt_final.pt",
+        meta=run_dir() / "run.json",
+    params:
+        agcl=AGCL,
+        config=CONFIGFILE,
+        out=lambda wc: run_dir(wc),
+    threads: 1
+    log:
+        LOGS / "train" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.log",
+    benchmark:
+        BENCHMARKS / "train" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.tsv"
+    conda:
+        ENV
+    shell:
+        "{params.agcl} train --config {params.config:q} --dataset {wildcards.dataset}"
+        " --method {wildcards.method} --labels {wildcards.ratio} --seed {wildcards.seed}"
+        " --out {params.out} --threads {threads} --no-progress > {log} 2>&1"
