@@ -52,16 +52,21 @@ def worst_distance(shape, spacing) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape) * spacing) ** 2)))
 
 
+def aggregated_value(record: dict, metric: str) -> float:
+    """A per-case value as aggregates use it: an undefined distance counts as the worst case."""
+    value = record[metric]
+    if metric in ("hd95", "asd") and math.isnan(value):
+        return record["worst_distance"]
+    return value
+
+
 def aggregate_records(records: list[dict]) -> dict:
-    """Means per class and over foreground classes; nan distances take the case's worst value."""
+    """Means per class and over foreground classes, from the per-case records."""
     by_class: dict[int, dict[str, list[float]]] = {}
     for rec in records:
         store = by_class.setdefault(rec["class"], {m: [] for m in METRICS})
         for m in METRICS:
-            value = rec[m]
-            if m in ("hd95", "asd") and value is not None and math.isnan(value):
-                value = rec["worst_distance"]
-            store[m].append(value)
+            store[m].append(aggregated_value(rec, m))
     mean = {str(k): {m: float(np.mean(v)) for m, v in d.items()} for k, d in sorted(by_class.items())}
     foreground = {m: float(np.mean([mean[k][m] for k in mean])) for m in METRICS}
     return {"mean": mean, "foreground_mean": foreground}

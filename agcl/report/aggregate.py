@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from agcl.config import Layout, expected_runs
+from agcl.eval.evaluate import METRICS as METRIC_NAMES
+from agcl.eval.evaluate import aggregated_value
 from agcl.utils import atomic_path
 
-METRICS = ["dice", "jaccard", "hd95", "asd"]
 KEYS = ["dataset", "method", "ratio", "seed"]
+METRICS = list(METRIC_NAMES)
 
 
 def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -29,10 +30,7 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
         for rec in summary["metric_per_case"]:
             row = {**key, "case": rec["case"], "class": rec["class"], "class_name": rec["class_name"]}
             for m in METRICS:
-                value = rec[m]
-                # The stated worst case replaces undefined distances (one empty mask).
-                row[m] = rec["worst_distance"] if m in ("hd95", "asd") and value is not None \
-                    and np.isnan(value) else value
+                row[m] = aggregated_value(rec, m)
             row.update(policy_applied=rec["policy_applied"] or "",
                        empty_pred=rec["empty_pred"], empty_gt=rec["empty_gt"])
             case_rows.append(row)
