@@ -1,0 +1,183 @@
+"""The contract every registered method keeps with the engine (DomainBed / timm style).
+
+Parametrized over `list_methods()`, so a new method file is tested here without an edit: one
+train_step gives a finite scalar loss and a dict of floats, backward reaches only the trainable
+parameters, the unlabeled images reach the student (the check that catches USB's Mean Teacher
+bug), hparams are deterministic and strict, state_dict round-trips, and bf16 autocast works.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from agcl.data.specs import SPECS
+from agcl.methods.base import BASE_HPARAMS, Batch, HparamError
+from agcl.methods.registry import get_method, list_methods
+from baselines.mean_teacher import MeanTeacher
+
+METHODS = list_methods()
+# (dataset, smallest net widths, patch): one 3D and one 2D spec.
+SPEC_CASES = {"la": ({"n_filters": 2}, (16, 16, 16)), "acdc": ({"base_features": 2}, (32, 32))}
+TOTAL_ITERATIONS = 100_000
+LATE_STEP = TOTAL_ITERATIONS - 1  # every consistency ramp (<= 200 x 150 iterations) is at full weight
+# Only to make the gradient check meaningful on untrained nets: their near-uniform 4-class
+# predictions have entropy ~ln 4 > ln 2, so UA-MT's mask would be empty and its loss zero.
+GRADIENT_CHECK_HPARAMS = {"ua_mt": {"threshold_ceiling": 10.0}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads; on the shared 2-core box 2 threads cost 2 s a pass."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_method(name: str, dataset: str, seed: int = 0, method_cls=None, **overrides) -> nn.Module:
+    cls = method_cls or get_method(name)
+    net_kwargs, _ = SPEC_CASES[dataset]
+    torch.manual_seed(seed)
+    method = cls(SPECS[dataset], cls.hparams_for(dataset, overrides), net_kwargs, TOTAL_ITERATIONS)
+    return method.train()  # as the engine does before its loop
+
+
+def make_batch(dataset: str, seed: int = 1, n_labeled: int = 2, n_unlabeled: int = 2) -> Batch:
+    spec, (_, patch) = SPECS[dataset], SPEC_CASES[dataset]
+    gen = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n_labeled, spec.in_channels, *patch, generator=gen),
+                 torch.randint(0, spec.num_classes, (n_labeled, *patch), generator=gen),
+                 torch.randn(n_unlabeled, spec.in_channels, *patch, generator=gen))
+
+
+def run_step(method, batch: Batch, step: int, seed: int = 123):
+    torch.manual_seed(seed)  # same dropout masks and teacher noise in runs that are compared
+    return method.train_step(batch, step)
+
+
+def student_gradient(method, batch: Batch, step: int) -> torch.Tensor:
+    method.zero_grad(set_to_none=True)
+    loss, _ = run_step(method, batch, step)
+    loss.backward()
+    return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()
+                      for p in method.inference_net().parameters()])
+
+
+def unlabeled_reaches_student(method, batch: Batch, step: int, freeze_batchnorm: bool = True):
+    """Does changing only x_unlabeled change the student's gradient?
+
+    BatchNorm is frozen first: with batch statistics the labeled images' supervised loss already
+    depends on the unlabeled images (one forward pass), which would hide a consistency term that
+    never reaches the student. Each run uses a fresh copy, so state a step mutates cannot leak.
+    """
+    if freeze_batchnorm:
+        for module in method.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    other = Batch(batch.x_labeled, batch.y_labeled, batch.x_unlabeled.flip(0) * 2.0 + 0.5)
+    first = student_gradient(copy.deepcopy(method), batch, step)
+    # The comparison below is exact, so the step itself must be repeatable bit for bit.
+    assert torch.equal(first, student_gradient(copy.deepcopy(method), batch, step))
+    second = student_gradient(copy.deepcopy(method), other, step)
+    return not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dataset", sorted(SPEC_CASES))
+@pytest.mark.parametrize("name", METHODS)
+def test_train_step_gives_finite_scalar_loss_floats_and_gradients(name, dataset):
+    method = make_method(name, dataset)
+    batch = make_batch(dataset)
+    loss, logs = run_step(method, batch, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert logs and all(isinstance(k, str) and type(v) is float and math.isfinite(v)
+                        for k, v in logs.items()), logs
+    loss.backward()
+    trainable = {id(p) for p in method.trainable_parameters()}
+    grads = [p.grad for p in method.parameters() if id(p) in trainable and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    untouched = [p for p in method.parameters() if id(p) not in trainable]
+    assert all(p.grad is None for p in untouched), "backward reached non-trainable parameters"
+    method.after_optimizer_step(0)
+    with torch.no_grad():
+        out = method.inference_net().eval()(batch.x_labeled)
+    assert out.shape == (2, SPECS[dataset].num_classes, *SPEC_CASES[dataset][1])
+
+
+@pytest.mark.parametrize("dataset", sorted(SPEC_CASES))
+@pytest.mark.parametrize("name", METHODS)
+def test_unlabeled_images_reach_the_student(name, dataset):
+    if not get_method(name).uses_unlabeled:
+        pytest.skip(f"{name} does not use unlabeled images")
+    method = make_method(name, dataset, **GRADIENT_CHECK_HPARAMS.get(name, {}))
+    assert unlabeled_reaches_student(method, make_batch(dataset), LATE_STEP)
+
+
+class _DetachedStudentMeanTeacher(MeanTeacher):
+    """USB's Mean Teacher bug: the student's unlabeled logits are detached (not registered)."""
+
+    def consistency(self, student_logits, teacher_logits, x_unlabeled, step):
+        return super().consistency(student_logits.detach(), teacher_logits, x_unlabeled, step)
+
+
+@pytest.mark.parametrize("dataset", sorted(SPEC_CASES))
+def test_the_gradient_check_catches_a_consistency_loss_that_misses_the_student(dataset):
+    method = make_method("", dataset, method_cls=_DetachedStudentMeanTeacher)
+    batch = make_batch(dataset)
+    logs = run_step(method, batch, LATE_STEP)[1]
+    assert logs["loss_cons"] > 0 and logs["cons_weight"] == pytest.approx(0.1)
+    assert not unlabeled_reaches_student(method, batch, LATE_STEP)
+    # Without frozen BatchNorm the bug would hide behind the shared batch statistics.
+    assert unlabeled_reaches_student(make_method("", dataset, method_cls=_DetachedStudentMeanTeacher),
+                                     batch, LATE_STEP, freeze_batchnorm=False)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_hparams_are_deterministic_and_reject_unknown_keys(name):
+    cls = get_method(name)
+    for dataset in SPECS:
+        hparams = cls.hparams_for(dataset)
+        assert hparams == cls.hparams_for(dataset)
+        assert set(BASE_HPARAMS) <= set(hparams)
+        json.dumps(hparams)  # recorded in run.json
+        hparams[next(iter(hparams))] = "changed"
+        assert cls.hparams_for(dataset) != hparams  # a fresh dict every call
+        key, value = next(iter(cls.hparams_for(dataset).items()))
+        assert cls.hparams_for(dataset, {key: value}) == cls.hparams_for(dataset)
+        with pytest.raises(HparamError, match="no_such_hparam"):
+            cls.hparams_for(dataset, {"no_such_hparam": 1})
+
+
+@pytest.mark.parametrize("dataset", sorted(SPEC_CASES))
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_reproduces_the_loss(name, dataset):
+    source = make_method(name, dataset, seed=0)
+    batch = make_batch(dataset)
+    loss, _ = run_step(source, batch, 0)
+    loss.backward()
+    torch.optim.SGD(source.trainable_parameters(), lr=0.1).step()
+    source.after_optimizer_step(1)  # EMA teachers now differ from both init and student
+    target = make_method(name, dataset, seed=1)
+    before = run_step(target, batch, 5)[0].item()
+    target.load_state_dict(source.state_dict())
+    expected = run_step(source, batch, 5)[0].item()
+    assert run_step(target, batch, 5)[0].item() == expected
+    assert before != expected  # different weights give a different loss: the check can fail
+
+
+@pytest.mark.parametrize("dataset", sorted(SPEC_CASES))
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_cpu_autocast_step_is_finite(name, dataset):
+    method = make_method(name, dataset)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = run_step(method, make_batch(dataset), 0)
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in logs.values())
+    loss.backward()  # outside autocast, as the engine
+    assert all(torch.isfinite(p.grad).all() for p in method.trainable_parameters()
+               if p.grad is not None)
