@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --profile profiles/cpu --cores $(CORES) \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --profile profiles/cpu --workflow-profile none --cores $(CORES) \
 		--configfile config/demo.yaml
 	@echo "report: reports/demo/index.html   tables: results/demo/summary/"
 
@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --lint --configfile config/demo.yaml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --lint --workflow-profile none --configfile config/demo.yaml
 
 clean-demo:
 	rm -rf resources/demo results/demo reports/demo logs/demo benchmarks/demo
