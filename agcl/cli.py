@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="override datasets.<name>.train.iterations")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a method hyperparameter (repeatable)")
+                   help="override a method hyperparameter, or train.KEY of the dataset's "
+                        "training config (repeatable)")
     p.add_argument("--force", action="store_true", help="retrain a finished run from scratch")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -219,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory written by agcl train")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int)
-    p.add_argument("--save-predictions", action="store_true")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="also write predictions.npz (label maps per test case, for the report)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("aggregate", help="every run's metrics.json -> tidy CSV tables")

@@ -9,13 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
-from agcl.config import load_config
+from agcl.config import ConfigError, load_config
 from agcl.engine.trainer import FINAL, LAST, Trainer
 from agcl.eval.evaluate import evaluate_run
+from agcl.methods.base import HparamError
 from tests.test_pipeline import prepare
 
 
@@ -90,3 +92,17 @@ def test_two_project_copies_give_identical_metrics(tmp_path, monkeypatch):
         values.append(json.dumps([{k: r[k] for k in ("case", "dice", "hd95", "asd")}
                                   for r in summary["metric_per_case"]], sort_keys=True))
     assert values[0] == values[1]
+
+
+def test_train_keys_can_be_overridden_from_the_command_line(tiny_project):
+    prepare(tiny_project, "la")
+    config = load_config(tiny_project)
+    meta = Trainer(config, "la", "supervised", 0.1, 0, Path("runs/lr"), progress=False,
+                   overrides={"train.lr": 0.5, "train.iterations": 2}).run()
+    assert meta["train"]["lr"] == 0.5 and meta["iterations"] == 2
+    log = pd.read_csv(Path("runs/lr") / "train_log.csv")
+    assert list(log["lr"]) == [0.5, 0.5] and (log["it_per_s"] > 0).all()
+    with pytest.raises(ConfigError, match="train.lrr"):
+        Trainer(config, "la", "supervised", 0.1, 0, Path("runs/bad"), overrides={"train.lrr": 1})
+    with pytest.raises(HparamError, match="no hyperparameter lrr"):
+        Trainer(config, "la", "supervised", 0.1, 0, Path("runs/bad"), overrides={"lrr": 1})

@@ -67,6 +67,13 @@ def test_stages_end_to_end(tiny_project, dataset):
         assert {"case", "class", "hd95", "asd", "policy_applied", "empty_pred"} <= set(rec)
     expected_mean = np.mean([r["dice"] for r in metrics["metric_per_case"] if r["class"] == 1])
     assert metrics["mean"]["1"]["dice"] == pytest.approx(expected_mean)
+    if dataset == "crag":  # GlaS object metrics next to the pixel metrics, from the instance maps
+        records = metrics["metric_per_case"]
+        assert all(0.0 <= r["object_f1"] <= 1.0 and r["n_gt_objects"] >= 1 for r in records)
+        assert metrics["object_mean"]["object_f1"] == pytest.approx(
+            np.mean([r["object_f1"] for r in records]))
+    else:
+        assert "object_mean" not in metrics
 
 
 def test_finished_run_is_not_overwritten(tiny_project):

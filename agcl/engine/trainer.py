@@ -95,6 +95,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _pop_train_overrides(overrides: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """`--set train.lr=0.001` overrides datasets.<name>.train.lr; other keys are method hparams."""
+    train = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("train.")}
+    if train:
+        from agcl.config import ConfigError, load_schema
+
+        known = load_schema()["$defs"]["dataset"]["properties"]["train"]["properties"]
+        unknown = sorted(set(train) - set(known))
+        if unknown:
+            raise ConfigError(f"--set train.{unknown[0]}: datasets.{dataset}.train has no key "
+                              f"'{unknown[0]}' (known: {', '.join(sorted(known))})")
+    return train
+
+
 def _to_device(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
     if array is None:
         return None
@@ -113,7 +127,8 @@ class Trainer:
         self.dataset = dataset
         self.spec = get_spec(dataset)
         self.dcfg = dataset_config(config, dataset)
-        self.train_cfg = dict(self.dcfg["train"])
+        overrides = dict(overrides or {})
+        self.train_cfg = {**self.dcfg["train"], **_pop_train_overrides(overrides, dataset)}
         if iterations is not None:
             self.train_cfg["iterations"] = iterations
         self.total = self.train_cfg["iterations"]
@@ -138,7 +153,7 @@ class Trainer:
             dataset,
             config.get("hparams", {}).get(method, {}),
             self.dcfg.get("hparams", {}).get(method, {}),
-            overrides or {},
+            overrides,
         )
         self.selection = self.dcfg["selection"]
 
@@ -235,8 +250,9 @@ class Trainer:
         scaler.step(optimizer)
         scaler.update()
         method.after_optimizer_step(step)
+        seconds = time.perf_counter() - tic
         return {"step": step + 1, "lr": lr, "loss": float(loss.detach()), **logs,
-                "seconds": time.perf_counter() - tic}
+                "seconds": seconds, "it_per_s": 1.0 / seconds}
 
     def _truncate_log(self, step: int) -> None:
         """Drop log rows written after the checkpoint we resume from (they will be redone)."""

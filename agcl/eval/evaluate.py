@@ -20,10 +20,12 @@ from agcl.engine import checkpoint
 from agcl.engine.inference import predict_case
 from agcl.engine.trainer import BEST, FINAL, RUN_JSON, resolve_amp, resolve_device
 from agcl.eval.metrics import largest_connected_component, multiclass_metrics
+from agcl.eval.object_metrics import object_metrics, to_instances
 from agcl.nets import build
-from agcl.utils import code_version, write_json
+from agcl.utils import atomic_path, code_version, write_json
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
+OBJECT_METRICS = ("object_f1", "object_dice", "object_hausdorff")
 # Physical voxel size where the processed files still allow one (LA is 0.625 mm isotropic);
 # the processed ACDC and CRAG files carry no spacing.
 SPACING_MM = {"la": (0.625, 0.625, 0.625)}
@@ -69,7 +71,14 @@ def aggregate_records(records: list[dict]) -> dict:
             store[m].append(aggregated_value(rec, m))
     mean = {str(k): {m: float(np.mean(v)) for m, v in d.items()} for k, d in sorted(by_class.items())}
     foreground = {m: float(np.mean([mean[k][m] for k in mean])) for m in METRICS}
-    return {"mean": mean, "foreground_mean": foreground}
+    out = {"mean": mean, "foreground_mean": foreground}
+    with_objects = [r for r in records if "object_f1" in r]
+    if with_objects:
+        # An undefined object Hausdorff (objects on one side only) counts as the case's diagonal.
+        out["object_mean"] = {m: float(np.mean([
+            r["worst_distance"] if m == "object_hausdorff" and math.isnan(r[m]) else r[m]
+            for r in with_objects])) for m in OBJECT_METRICS}
+    return out
 
 
 def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str | None = None,
@@ -106,7 +115,13 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
         if save_predictions:
             predictions[case.case_id] = pred
         worst = worst_distance(case.label.shape, spacing)
-        for rec in multiclass_metrics(pred, case.label, classes, spacing, eval_cfg["empty_policy"]):
+        case_records = multiclass_metrics(pred, case.label, classes, spacing,
+                                          eval_cfg["empty_policy"])
+        if case.instances is not None:  # CRAG: GlaS object-level metrics on connected components
+            objects = object_metrics(to_instances(pred == 1), case.instances)
+            case_records[0].update({k: objects[k] for k in OBJECT_METRICS},
+                                   n_pred_objects=objects["n_pred"], n_gt_objects=objects["n_gt"])
+        for rec in case_records:
             rec.update(case=case.case_id, class_name=spec.class_names[rec["class"] - 1],
                        worst_distance=worst)
             records.append(rec)
@@ -141,5 +156,6 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
     }
     write_json(run_dir / "metrics.json", summary)
     if save_predictions:
-        np.savez_compressed(run_dir / "predictions.npz", **predictions)
+        with atomic_path(run_dir / "predictions.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **predictions)
     return summary

@@ -16,4 +16,4 @@ rule evaluate:
         ENV
     shell:
         "{params.agcl} evaluate --config {params.config:q} --dataset {wildcards.dataset}"
-        " --run {params.run} --threads {threads} > {log} 2>&1"
+        " --run {params.run} --threads {threads} --save-predictions > {log} 2>&1"
