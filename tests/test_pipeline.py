@@ -133,7 +133,8 @@ def test_aggregate_and_report_with_missing_runs(tiny_project):
         run = layout.run("la", "supervised", 0.1, seed)
         run_cli("train", "--config", tiny_project, "--dataset", "la", "--method", "supervised",
                 "--labels", "0.1", "--seed", seed, "--out", run, "--no-progress")
-        run_cli("evaluate", "--config", tiny_project, "--dataset", "la", "--run", run)
+        run_cli("evaluate", "--config", tiny_project, "--dataset", "la", "--run", run,
+                "--save-predictions")
     run_cli("aggregate", "--config", tiny_project)
     summary = pd.read_csv(layout.results / "summary" / "summary.csv")
     runs = pd.read_csv(layout.results / "summary" / "runs.csv")
@@ -146,5 +147,8 @@ def test_aggregate_and_report_with_missing_runs(tiny_project):
     assert len(missing) == 10
     run_cli("report", "--config", tiny_project)
     html = (layout.report / "index.html").read_text()
-    assert 'id="summary-table"' in html and "data:image/png;base64," in html
+    assert 'id="table-la"' in html
+    # label efficiency, per case, training curves and the LA overlays (from predictions.npz)
+    assert html.count("data:image/png;base64,") == 4
+    assert "Best, median and worst test case by supervised" in html
     assert "10 run(s) of the grid have no metrics yet" in html

@@ -10,6 +10,8 @@ import pandas as pd
 from agcl.config import Layout, expected_runs
 from agcl.eval.evaluate import METRICS as METRIC_NAMES
 from agcl.eval.evaluate import aggregated_value
+from agcl.report.published import compare_with_published
+from agcl.report.stats import case_means, paired_comparisons
 from agcl.utils import atomic_path
 
 KEYS = ["dataset", "method", "ratio", "seed"]
@@ -67,10 +69,17 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path = ".") -> dict:
+    """Write the tables every later step (and every user) reads, all computed from per-case rows:
+    per_case, runs, summary (mean +- std over seeds), missing, case_means (per case, mean over
+    classes then seeds), stats (paired tests against Semi-AGCL and the supervised baseline) and
+    published (ours beside the published numbers)."""
     out_dir = Path(out_dir) if out_dir else Layout(config, root).results / "summary"
     cases, runs, missing = collect(config, root)
     summary = summarise(runs)
-    for name, frame in (("per_case", cases), ("runs", runs), ("summary", summary),
-                        ("missing", missing)):
+    tables = {"per_case": cases, "runs": runs, "summary": summary, "missing": missing,
+              "case_means": case_means(cases) if not cases.empty else pd.DataFrame(),
+              "stats": paired_comparisons(cases) if not cases.empty else pd.DataFrame(),
+              "published": compare_with_published(summary)}
+    for name, frame in tables.items():
         _write_csv(frame, out_dir / f"{name}.csv")
     return {"out_dir": out_dir, "n_runs": len(runs), "n_missing": len(missing)}

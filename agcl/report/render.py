@@ -1,85 +1,148 @@
-"""Summary tables -> one self-contained HTML page (Jinja2 + seaborn, images embedded)."""
+"""Aggregated tables -> one self-contained HTML page (Jinja2; seaborn figures embedded as PNG).
+
+Everything shown is read from the tables `agcl aggregate` wrote (and, for training curves and
+overlays, from the run folders), so the page can be rebuilt at any time and renders a partial
+grid, listing what is missing.
+"""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: reports are built on clusters and in CI
-import matplotlib.pyplot as plt
 import pandas as pd
-import seaborn as sns
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from agcl.config import Layout
-from agcl.report.aggregate import METRICS
+from agcl.config import Layout, expected_runs
+from agcl.report import figures
+from agcl.report.published import dice_jaccard_consistency, load_published
 from agcl.utils import code_version, write_text
+
+METRIC_TITLES = {"dice": "DSC %", "jaccard": "Jaccard %", "hd95": "HD95", "asd": "ASD"}
 
 
 def _read(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `agcl aggregate` first")
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def _num(value, digits: int = 2) -> str:
+    return "–" if pd.isna(value) else f"{value:.{digits}f}"
 
 
-def dice_plot(runs: pd.DataFrame) -> str | None:
-    """Foreground Dice per method and label ratio, one panel per dataset, points = seeds."""
-    if runs.empty:
-        return None
-    data = runs.assign(labels=runs["ratio"].map(lambda r: f"{100 * r:g}%"))
-    grid = sns.catplot(data=data, x="labels", y="dice", hue="method", col="dataset", kind="bar",
-                       errorbar="sd", height=3.2, aspect=1.1, sharey=False)
-    grid.map_dataframe(sns.stripplot, x="labels", y="dice", hue="method", dodge=True,
-                       palette="dark:black", size=3, legend=False)
-    grid.set_axis_labels("labeled fraction", "Dice (mean over test cases)")
-    return _png(grid.figure)
-
-
-def _fmt(mean: float, std: float, digits: int) -> str:
+def _mean_std(mean, std) -> str:
     if pd.isna(mean):
         return "–"
-    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return _num(mean) if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def summary_rows(summary: pd.DataFrame) -> list[dict]:
+def paper_tables(published: pd.DataFrame, ratios: list[float]) -> dict[str, list[dict]]:
+    """Per dataset: our mean ± std beside the published number and the difference."""
+    if published.empty:
+        return {}
+    shown = published[published["ratio"].round(6).isin([round(r, 6) for r in ratios])]
+    tables = {}
+    for dataset, part in shown.groupby("dataset", sort=False):
+        rows = []
+        for rec in part.sort_values(["ratio", "method"]).to_dict("records"):
+            row = {"method": rec["method"], "labels": f"{100 * rec['ratio']:g}%",
+                   "source": rec["source"] if isinstance(rec["source"], str) else "",
+                   "flag": rec["flag"] if isinstance(rec["flag"], str) else "",
+                   "present": rec["present"], "cells": []}
+            for m in METRIC_TITLES:
+                row["cells"].append({"ours": _mean_std(rec[f"{m}_ours"], rec[f"{m}_ours_std"]),
+                                     "theirs": _num(rec[f"{m}_published"]),
+                                     "diff": _num(rec[f"{m}_diff"])})
+            rows.append(row)
+        tables[dataset] = rows
+    return tables
+
+
+def stats_rows(stats: pd.DataFrame) -> list[dict]:
+    if stats.empty:
+        return []
     rows = []
-    for rec in summary.sort_values(["dataset", "ratio", "method"]).to_dict("records"):
-        row = {"dataset": rec["dataset"], "method": rec["method"],
-               "labels": f"{100 * rec['ratio']:g}%", "n_seeds": int(rec["n_seeds"])}
-        for m in METRICS:
-            scale, digits = (100, 2) if m in ("dice", "jaccard") else (1, 2)
-            row[m] = _fmt(rec[f"{m}_mean"] * scale, rec[f"{m}_std"] * scale, digits)
-        rows.append(row)
+    for rec in stats.sort_values(["dataset", "ratio", "reference", "metric", "method"]).to_dict("records"):
+        rows.append({
+            "dataset": rec["dataset"], "labels": f"{100 * rec['ratio']:g}%",
+            "comparison": f"{rec['method']} − {rec['reference']}", "metric": rec["metric"],
+            "n": int(rec["n_cases"]), "diff": _num(rec["mean_diff"], 4),
+            "ci": "–" if pd.isna(rec["ci_low"]) else f"[{rec['ci_low']:.4f}, {rec['ci_high']:.4f}]",
+            "p": _num(rec["p_value"], 4), "p_holm": _num(rec["p_holm"], 4),
+            "note": rec["note"] if isinstance(rec["note"], str) else "",
+        })
     return rows
+
+
+def training_logs(config: dict, layout: Layout) -> pd.DataFrame:
+    frames = []
+    for dataset, method, ratio, seed in expected_runs(config):
+        path = layout.run(dataset, method, ratio, seed) / "train_log.csv"
+        if path.exists():
+            log = pd.read_csv(path)
+            frames.append(log.assign(dataset=dataset, method=method, seed=seed,
+                                     labels=f"{100 * float(ratio):g}%"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def overlays(config: dict, layout: Layout, case_means: pd.DataFrame) -> list[dict]:
+    """Best / median / worst test cases at the smallest labeled fraction, seed 0 predictions."""
+    if case_means.empty:
+        return []
+    rank_method = "semi_agcl" if "semi_agcl" in config["methods"] else config["methods"][0]
+    ratio = min(config["ratios"])
+    seed = config["seeds"][0]
+    out = []
+    for dataset in config["datasets"]:
+        runs = {m: layout.run(dataset, m, ratio, seed) for m in config["methods"]}
+        image = figures.qualitative_overlays(case_means, dataset, ratio, runs,
+                                             layout.processed(dataset), rank_method)
+        if image:
+            out.append({"dataset": dataset, "labels": f"{100 * ratio:g}%", "seed": seed,
+                        "rank_method": rank_method, "png": image})
+    return out
 
 
 def render_report(config: dict, out: str | Path | None = None, root: str | Path = ".") -> Path:
     layout = Layout(config, root)
     tables = layout.results / "summary"
-    summary, runs, missing = (_read(tables / f"{n}.csv") for n in ("summary", "runs", "missing"))
+    runs, missing, case_means, stats, published = (
+        _read(tables / f"{name}.csv") for name in ("runs", "missing", "case_means", "stats",
+                                                   "published"))
+    ratios = sorted(set(config["ratios"]) | ({1.0} if config["full_supervision"] else set()))
+    reference_policy_runs = (runs[runs["empty_policy"] == "reference"] if not runs.empty
+                             else runs)
+    inconsistent = dice_jaccard_consistency(load_published())
+    inconsistent = inconsistent[~inconsistent["dice_jaccard_consistent"]]
+    provenance = {
+        "selection": sorted(runs["selection"].dropna().unique()) if not runs.empty else [],
+        "units": sorted(runs["units"].dropna().unique()) if not runs.empty else [],
+        "empty_policy": sorted(runs["empty_policy"].dropna().unique()) if not runs.empty else [],
+        "code_versions": sorted(runs["code_version"].dropna().unique()) if not runs.empty else [],
+        "report_code_version": code_version(),
+        "seeds": config["seeds"],
+        "n_runs": len(runs),
+        "n_expected": len(expected_runs(config)),
+    }
     env = Environment(loader=PackageLoader("agcl.report", "templates"),
-                      autoescape=select_autoescape(["html"]))
+                      autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("index.html.j2").render(
         name=config["name"],
-        rows=summary_rows(summary),
-        dice_plot=dice_plot(runs),
+        metric_titles=list(METRIC_TITLES.values()),
+        paper_tables=paper_tables(published, ratios),
+        label_efficiency=figures.label_efficiency(runs),
+        per_case=figures.per_case_distribution(case_means),
+        training=figures.training_curves(training_logs(config, layout)),
+        overlays=overlays(config, layout, case_means),
+        stats=stats_rows(stats),
         missing=missing.to_dict("records"),
-        selection=sorted(runs["selection"].dropna().unique()) if not runs.empty else [],
-        units=sorted(runs["units"].dropna().unique()) if not runs.empty else [],
-        code_versions=sorted(runs["code_version"].dropna().unique()) if not runs.empty else [],
-        report_code_version=code_version(),
-        seeds=config["seeds"],
+        reference_policy_runs=len(reference_policy_runs),
+        inconsistent=inconsistent.to_dict("records"),
+        provenance=provenance,
         config_json=json.dumps(config, indent=2, sort_keys=True),
     )
     out = Path(out) if out else layout.report / "index.html"

@@ -1,0 +1,147 @@
+"""The report's figures, each returned as a base64 PNG so the HTML page stays self-contained."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are built on clusters and in CI
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from agcl.data.loaders import load_cases
+from agcl.data.preprocess import CRAG_MEAN, CRAG_STD
+
+sns.set_theme(style="whitegrid", context="paper")
+
+
+def to_png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _labels(ratio: float) -> str:
+    return f"{100 * ratio:g}%"
+
+
+def label_efficiency(runs: pd.DataFrame) -> str | None:
+    """Dice vs labeled fraction, one line per method, 95 % CI band over seeds."""
+    if runs.empty:
+        return None
+    grid = sns.relplot(data=runs, x="ratio", y="dice", hue="method", col="dataset", kind="line",
+                       marker="o", errorbar=("ci", 95), height=3.2, aspect=1.1,
+                       facet_kws={"sharey": False})
+    for ax in grid.axes.flat:
+        ax.set_xscale("log")
+        ticks = sorted(runs["ratio"].unique())
+        ax.set_xticks(ticks, [_labels(t) for t in ticks])
+        ax.minorticks_off()
+    grid.set_axis_labels("labeled fraction", "Dice (test mean per run)")
+    return to_png(grid.figure)
+
+
+def per_case_distribution(case_means: pd.DataFrame) -> str | None:
+    """Per-case Dice (mean over classes and seeds) per method, one panel per dataset."""
+    if case_means.empty:
+        return None
+    data = case_means.assign(labels=case_means["ratio"].map(_labels))
+    grid = sns.catplot(data=data, x="labels", y="dice", hue="method", col="dataset", kind="box",
+                       height=3.2, aspect=1.1, sharey=False, fliersize=0)
+    grid.map_dataframe(sns.stripplot, x="labels", y="dice", hue="method", dodge=True,
+                       palette="dark:black", size=2, alpha=0.6, legend=False)
+    grid.set_axis_labels("labeled fraction", "Dice per test case")
+    return to_png(grid.figure)
+
+
+def training_curves(logs: pd.DataFrame) -> str | None:
+    """Training loss (and val Dice where logged) per method, mean over seeds, per dataset."""
+    if logs.empty:
+        return None
+    datasets = sorted(logs["dataset"].unique())
+    has_val = "val_dice" in logs and logs["val_dice"].notna().any()
+    rows = 2 if has_val else 1
+    fig, axes = plt.subplots(rows, len(datasets), figsize=(3.6 * len(datasets), 2.8 * rows),
+                             squeeze=False)
+    for col, dataset in enumerate(datasets):
+        part = logs[logs["dataset"] == dataset]
+        sns.lineplot(data=part, x="step", y="loss", hue="method", style="labels",
+                     errorbar=None, ax=axes[0, col], legend=col == len(datasets) - 1)
+        axes[0, col].set_title(dataset)
+        if has_val:
+            val = part.dropna(subset=["val_dice"])
+            if not val.empty:
+                sns.lineplot(data=val, x="step", y="val_dice", hue="method", style="labels",
+                             marker="o", errorbar=None, ax=axes[1, col], legend=False)
+            axes[1, col].set_ylabel("val Dice")
+    if len(datasets):
+        legend = axes[0, -1].get_legend()
+        if legend is not None:
+            sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def _display_slice(image: np.ndarray, label: np.ndarray, dataset: str):
+    """A 2D view of a case: the slice with the most foreground (3D) or the whole image (CRAG)."""
+    if dataset == "crag":
+        rgb = image.transpose(1, 2, 0) * CRAG_STD + CRAG_MEAN
+        return np.clip(rgb, 0, 1), label, (slice(None), slice(None))
+    axis = 2 if dataset == "la" else 0  # LA volumes are (X, Y, Z); ACDC (S, H, W)
+    counts = (label > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+    index = int(np.argmax(counts))
+    take = [slice(None)] * 3
+    take[axis] = index
+    view = image[0][tuple(take)]
+    return view, label[tuple(take)], tuple(take)
+
+
+def qualitative_overlays(case_means: pd.DataFrame, dataset: str, ratio: float,
+                         run_dirs: dict[str, Path], processed_dir: Path,
+                         rank_method: str) -> str | None:
+    """Image, ground truth and each method's prediction for the best, median and worst case.
+
+    Cases are ranked by `rank_method`'s per-case Dice; predictions are those of seed-0 runs
+    (predictions.npz written by `agcl evaluate --save-predictions`).
+    """
+    ranked = case_means[(case_means["dataset"] == dataset) & (case_means["ratio"] == ratio)
+                        & (case_means["method"] == rank_method)].sort_values("dice")
+    predictions = {}
+    for method, run in sorted(run_dirs.items()):
+        path = run / "predictions.npz"
+        if path.exists():
+            predictions[method] = np.load(path)
+    if ranked.empty or not predictions:
+        return None
+    picks = {"worst": ranked.iloc[0]["case"], "median": ranked.iloc[len(ranked) // 2]["case"],
+             "best": ranked.iloc[-1]["case"]}
+    cases = {c.case_id: c for c in load_cases(processed_dir, list(dict.fromkeys(picks.values())))}
+    columns = ["image", "ground truth", *predictions]
+    fig, axes = plt.subplots(3, len(columns), figsize=(2.1 * len(columns), 6.6), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for row, (kind, case_id) in enumerate(picks.items()):
+        case = cases[case_id]
+        view, truth, take = _display_slice(case.image, case.label, dataset)
+        gray = view if view.ndim == 3 else (view - view.min()) / (np.ptp(view) + 1e-8)
+        panels = [None, truth] + [predictions[m][case_id][take] if case_id in predictions[m]
+                                  else None for m in predictions]
+        for col, (title, mask) in enumerate(zip(columns, panels)):
+            ax = axes[row, col]
+            ax.imshow(gray, cmap="gray" if gray.ndim == 2 else None)
+            if mask is not None:
+                overlay = np.ma.masked_where(mask == 0, mask)
+                ax.imshow(overlay, cmap=cmap, alpha=0.45, vmin=0, vmax=9, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+            if col == 0:
+                ax.set_ylabel(f"{kind}\n{case_id}", fontsize=7)
+    fig.tight_layout()
+    return to_png(fig)

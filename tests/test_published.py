@@ -1,0 +1,167 @@
+"""The packaged published numbers and their comparison with our summary table."""
+
+from __future__ import annotations
+
+import math
+from importlib.resources import files
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from agcl.report.published import (
+    COLUMNS,
+    compare_with_published,
+    dice_jaccard_consistency,
+    load_published,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = "Semi-AGCL paper Table (LA)"
+
+
+@pytest.fixture(scope="module")
+def published():
+    return load_published()
+
+
+def one(table, **where):
+    rows = table
+    for key, value in where.items():
+        rows = rows[rows[key] == value]
+    assert len(rows) == 1, f"expected one row for {where}, got {len(rows)}"
+    return rows.iloc[0]
+
+
+def test_packaged_csv_loads_and_validates(published):
+    assert (files("agcl.report") / "published.csv").is_file()
+    assert list(published.columns) == COLUMNS
+    assert len(published) == 47  # 15 LA + 13 ACDC + 1 ablation + 11 CRAG + 3 + 3 + 1 releases
+    assert set(published["dataset"]) == {"la", "acdc", "crag"}
+    assert set(published["ratio"]) == {0.05, 0.1, 0.2, 1.0}
+    counts = published.groupby("source").size()
+    assert counts["MC-Net+ released results"] == 3 and counts["SS-Net released results"] == 3
+    assert counts["UA-MT paper"] == 1 and counts["Semi-AGCL paper Table (CRAG)"] == 11
+
+
+def test_package_data_ships_the_csv():
+    # text check: tomllib is not available on Python 3.10, which the project supports
+    lines = (ROOT / "pyproject.toml").read_text().splitlines()
+    agcl_data = [line for line in lines if line.replace(" ", "").startswith("agcl=[")]
+    assert len(agcl_data) == 1 and '"report/*.csv"' in agcl_data[0]
+
+
+def test_paper_semi_agcl_la_10(published):
+    row = one(published, dataset="la", method="semi_agcl", ratio=0.1)
+    assert (row["dice"], row["jaccard"], row["hd95"], row["asd"]) == (90.33, 82.53, 6.68, 1.78)
+    assert row["source"] == PAPER and row["flag"] == ""
+
+
+def test_acdc_10_two_flagged_rows(published):
+    rows = published[(published["dataset"] == "acdc") & (published["method"] == "semi_agcl")
+                     & (published["ratio"] == 0.1)].set_index("dice")
+    assert sorted(rows.index) == [89.98, 91.98]
+    assert rows.loc[91.98, ["jaccard", "hd95", "asd"]].tolist() == [82.96, 3.36, 1.16]
+    assert rows.loc[89.98, ["jaccard", "hd95", "asd"]].tolist() == [80.96, 3.66, 0.86]
+    assert rows.loc[91.98, "source"] == "Semi-AGCL paper Table (ACDC)"
+    assert "ablation" in rows.loc[89.98, "source"]
+    for dice in (89.98, 91.98):
+        assert "inconsistency 1" in rows.loc[dice, "flag"]
+
+
+def test_la_5_and_full_supervision_flags(published):
+    la5 = one(published, dataset="la", method="semi_agcl", ratio=0.05)
+    assert (la5["dice"], la5["jaccard"]) == (90.44, 79.05)
+    assert "89.44" in la5["flag"] and "inconsistency 2" in la5["flag"]
+    for dataset in ("la", "acdc"):
+        full = one(published, dataset=dataset, method="supervised", ratio=1.0)
+        assert (full["dice"], full["jaccard"]) == (91.44, 84.55)
+        assert "inconsistency 4" in full["flag"]
+    assert (published["flag"] != "").sum() == 5
+
+
+def test_release_rows_mapped_to_ratios(published):
+    ss = one(published, dataset="acdc", method="ss_net", ratio=0.05,
+             source="SS-Net released results")
+    assert ss["dice"] == 65.82 and "3 labeled patients" in ss["note"]
+    mc = one(published, dataset="la", method="mc_net", ratio=0.2)
+    assert (mc["dice"], mc["jaccard"], mc["hd95"], mc["asd"]) == (91.07, 83.67, 5.84, 1.67)
+    ua = one(published, dataset="la", method="ua_mt", ratio=0.2)
+    assert ua["source"] == "UA-MT paper" and ua["dice"] == 88.88
+
+
+def test_dice_jaccard_consistency_bound(published):
+    checked = dice_jaccard_consistency(published)
+    la10 = one(checked, dataset="la", method="semi_agcl", ratio=0.1)
+    assert la10["jaccard_min"] == pytest.approx(100 * 0.90325 / (2 - 0.90325))
+    assert la10["dice_jaccard_consistent"]
+    bad = checked[~checked["dice_jaccard_consistent"]]
+    # LA 5% Semi-AGCL: 90.44 needs J >= ~82.5, printed 79.05 (paper.md inconsistency 2)
+    assert ((bad["dataset"] == "la") & (bad["method"] == "semi_agcl") & (bad["ratio"] == 0.05)).any()
+    # no release row (MC-Net+, SS-Net, UA-MT) fails the bound
+    assert bad["source"].str.startswith("Semi-AGCL").all()
+    assert len(bad) == 12
+
+
+def hand_summary():
+    cols = {"dataset": ["la", "la", "la"], "method": ["semi_agcl", "mean_teacher", "mc_net"],
+            "ratio": [0.1, 0.1, 0.1], "n_seeds": [3, 3, 1],
+            "dice_mean": [0.90, 0.85, 0.88], "dice_std": [0.01, 0.02, math.nan],
+            "jaccard_mean": [0.82, 0.75, 0.79], "jaccard_std": [0.02, 0.02, math.nan],
+            "hd95_mean": [7.0, 9.0, 8.0], "hd95_std": [0.5, 0.5, math.nan],
+            "asd_mean": [2.0, 2.5, 2.0], "asd_std": [0.1, 0.1, math.nan]}
+    return pd.DataFrame(cols)
+
+
+def test_compare_with_published_hand_values(published):
+    out = compare_with_published(hand_summary(), published)
+    row = one(out, dataset="la", method="semi_agcl", ratio=0.1)
+    assert row["present"] == "both" and row["source"] == PAPER and row["n_seeds"] == 3
+    assert row["dice_ours"] == pytest.approx(90.0) and row["dice_ours_std"] == pytest.approx(1.0)
+    assert row["dice_published"] == 90.33
+    assert row["dice_diff"] == pytest.approx(-0.33)
+    assert row["jaccard_diff"] == pytest.approx(82.0 - 82.53)
+    assert row["hd95_diff"] == pytest.approx(7.0 - 6.68)  # distances: no unit conversion
+    assert row["asd_diff"] == pytest.approx(0.22)
+    # one summary row against two published sources
+    mc = out[(out["method"] == "mc_net") & (out["ratio"] == 0.1) & (out["dataset"] == "la")]
+    assert sorted(mc["dice_diff"].round(6)) == [round(88.0 - 88.96, 6), round(88.0 - 87.66, 6)]
+    # ours only: Mean Teacher is in no table
+    mt = one(out, method="mean_teacher")
+    assert mt["present"] == "ours_only" and math.isnan(mt["dice_published"])
+    assert mt["dice_ours"] == pytest.approx(85.0) and math.isnan(mt["dice_diff"])
+    assert str(out["n_seeds"].dtype) == "Int64" and out["n_seeds"].isna().sum() == len(published) - 3
+    # published only: kept with nan on our side
+    arco = one(out, dataset="la", method="arco", ratio=0.05)
+    assert arco["present"] == "published_only" and math.isnan(arco["dice_ours"])
+    assert arco["dice_published"] == 86.90
+    assert len(out) == len(published) + 1  # every published row, plus Mean Teacher
+
+
+def test_compare_rejects_percent_and_missing_columns(published):
+    percent = hand_summary().assign(dice_mean=[90.0, 85.0, 88.0])
+    with pytest.raises(ValueError, match=r"dice_mean = 90.0 for la/semi_agcl/0.1.*fraction"):
+        compare_with_published(percent, published)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['asd_mean'\]"):
+        compare_with_published(hand_summary().drop(columns="asd_mean"), published)
+
+
+def _corrupt(tmp_path, old, new):
+    text = (files("agcl.report") / "published.csv").read_text()
+    assert old in text
+    path = tmp_path / "published.csv"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_corrupted_csv_names_the_row(tmp_path):
+    path = _corrupt(tmp_path, "crag,ua_mt,0.05", "CRAG_x,ua_mt,0.05")
+    with pytest.raises(ValueError, match=r"published.csv line 34 \(CRAG_x/ua_mt/0.05\): "
+                                         r"field 'dataset'.*'CRAG_x'"):
+        load_published(path)
+    path = _corrupt(tmp_path, "90.33,82.53", "190.33,82.53")
+    with pytest.raises(ValueError, match=r"line 16 \(la/semi_agcl/0.1\): field 'dice'.*'190.33'"):
+        load_published(path)
+    path = _corrupt(tmp_path, "source,note,flag", "source,notes,flag")
+    with pytest.raises(ValueError, match=r"missing \['note'\], unknown \['notes'\]"):
+        load_published(path)

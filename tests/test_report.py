@@ -1,0 +1,136 @@
+"""The report renders from a fixture grid (some runs missing) and opens in a headless browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from agcl.config import Layout, validate_config
+from agcl.report.aggregate import aggregate
+from agcl.report.render import render_report
+from agcl.utils import write_json
+
+CASES = [f"case{i:02d}" for i in range(8)]
+
+
+def fixture_config() -> dict:
+    train = {"iterations": 10, "batch_size": 2, "labeled_batch_size": 1, "patch": [16, 16, 16]}
+    return validate_config({
+        "name": "fixture", "seeds": [0, 1], "methods": ["supervised", "semi_agcl"],
+        "ratios": [0.05, 0.1], "datasets": {"la": {"source": "synthetic", "train": train,
+                                                   "eval": {}}},
+    })
+
+
+def fake_metrics(method: str, ratio: float, seed: int, empty_policy: str) -> dict:
+    rng = np.random.default_rng([seed, int(ratio * 100), len(method)])
+    base = 0.85 if method == "semi_agcl" else 0.7
+    records = []
+    for i, case in enumerate(CASES):
+        dice = float(np.clip(base + 0.01 * i + rng.normal(0, 0.02), 0, 1))
+        empty = method == "supervised" and i == 0 and seed == 0  # one empty prediction
+        records.append({
+            "case": case, "class": 1, "class_name": "left atrium",
+            "dice": 0.0 if empty else dice, "jaccard": 0.0 if empty else dice / (2 - dice),
+            "hd95": math.nan if empty else 10 * (1 - dice), "asd": math.nan if empty else 3 * (1 - dice),
+            "empty_pred": empty, "empty_gt": False,
+            "policy_applied": "metrics_reloaded" if empty else None, "worst_distance": 100.0,
+        })
+    mean = {m: float(np.mean([r["worst_distance"] if math.isnan(r[m]) else r[m] for r in records]))
+            for m in ("dice", "jaccard", "hd95", "asd")}
+    return {"metric_per_case": records, "foreground_mean": mean,
+            "selection": {"policy": "last", "step": 10, "test_used_for_selection": False},
+            "protocol": {"units": "voxels", "empty_policy": empty_policy,
+                         "policy_applied_count": sum(r["empty_pred"] for r in records)},
+            "code_version": "0.1.0+test"}
+
+
+@pytest.fixture
+def fixture_grid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = fixture_config()
+    layout = Layout(config)
+    for method in config["methods"]:
+        for ratio in config["ratios"]:
+            for seed in config["seeds"]:
+                if method == "semi_agcl" and ratio == 0.1 and seed == 1:
+                    continue  # a missing run
+                run = layout.run("la", method, ratio, seed)
+                policy = "reference" if (method, ratio, seed) == ("supervised", 0.1, 1) else \
+                    "metrics_reloaded"
+                write_json(run / "metrics.json", fake_metrics(method, ratio, seed, policy))
+                pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.5],
+                              "val_dice": [np.nan, np.nan, np.nan]}).to_csv(
+                    run / "train_log.csv", index=False)
+    aggregate(config)
+    return config, layout
+
+
+def test_aggregate_tables_from_per_case_records(fixture_grid):
+    _, layout = fixture_grid
+    tables = layout.results / "summary"
+    runs = pd.read_csv(tables / "runs.csv")
+    per_case = pd.read_csv(tables / "per_case.csv")
+    assert len(runs) == 7 and len(per_case) == 7 * len(CASES)
+    # the empty prediction's undefined HD95 counts as the worst case (100) in every table
+    empty = per_case[(per_case.method == "supervised") & (per_case.seed == 0) & (per_case.case == "case00")]
+    assert set(empty["hd95"]) == {100.0}
+    missing = pd.read_csv(tables / "missing.csv")
+    assert missing[["method", "ratio", "seed"]].values.tolist() == [["semi_agcl", 0.1, 1]]
+    stats = pd.read_csv(tables / "stats.csv")
+    dice_vs_agcl = stats[(stats.reference == "semi_agcl") & (stats.metric == "dice")
+                         & (stats.ratio == 0.05)].iloc[0]
+    assert dice_vs_agcl["method"] == "supervised" and dice_vs_agcl["n_cases"] == len(CASES)
+    assert dice_vs_agcl["mean_diff"] < 0  # the fixture's semi_agcl is better
+    published = pd.read_csv(tables / "published.csv")
+    row = published[(published.method == "semi_agcl") & (published.ratio == 0.1)
+                     & (published.dataset == "la")].iloc[0]
+    assert row["dice_published"] == 90.33 and row["present"] == "both"
+
+
+def test_report_renders_every_section_with_a_partial_grid(fixture_grid):
+    config, _ = fixture_grid
+    html = render_report(config).read_text()
+    for anchor in ("tables", "label-efficiency", "per-case", "training", "statistics",
+                   "published-checks", "provenance", "missing"):
+        assert f'id="{anchor}"' in html
+    assert 'id="table-la"' in html and 'id="stats-table"' in html
+    assert html.count("data:image/png;base64,") == 3  # efficiency, per case, training
+    assert "1 run(s) of the grid have no metrics yet" in html
+    assert 'id="reference-policy-warning"' in html  # one run used the upstream policy
+    assert "90.33" in html  # the published Semi-AGCL LA 10% Dice beside ours
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless chromium not installed")
+def test_report_opens_in_a_headless_browser(fixture_grid, tmp_path):
+    config, _ = fixture_grid
+    page = render_report(config)
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+               page.resolve().as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert dom.count("<table") >= 3 and 'id="stats-table"' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    f"--screenshot={shot}", "--window-size=1200,2000", page.resolve().as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 10_000
+    # The embedded figures decode in the browser: a copy of the page reports their pixel widths.
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", PROBE_SCRIPT + "</body>"))
+    dom = subprocess.run([*command[:-1], "--virtual-time-budget=5000", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    widths = json.loads(re.search(r'data-image-widths="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert len(widths) == 3 and all(w > 100 for w in widths)
+
+
+PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
+  document.body.setAttribute("data-image-widths",
+    JSON.stringify([...document.images].map(i => i.naturalWidth)));
+});</script>"""
