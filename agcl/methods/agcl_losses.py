@@ -1,0 +1,314 @@
+"""Semi-AGCL's loss pieces as pure functions (equation numbers as in ../shared/paper.md).
+
+Patches are the non-overlapping cells of a regular grid of side ``patch_size`` (2D or 3D); voxels
+past the last whole patch along an axis are ignored. Patch statistics can be restricted to a
+voxel ``weight`` map (1 = the voxel belongs to the unlabeled image), so that a patch of a
+copy-paste image is summarised over its unlabeled voxels only, the same voxels in both views.
+
+Shapes: B batch, K classes, D embedding channels, N patches (flattened over images), M sampled
+anchor patches, Q queue entries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PATCH_SIMILARITIES = ("entropy", "cosine", "class_confidence")
+KERNELS = ("gk_l2", "gk_l1")
+MIX_COEFFICIENTS = ("affinity", "half", "random")
+_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Patches (Eq 1)
+
+def _pool(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean over each whole patch -> (B, C, n_patches), patches in C order of the grid.
+
+    A reshape and a mean rather than avg_pool: the same on CPU, and deterministic on CUDA, where
+    avg_pool3d's backward is not.
+    """
+    spatial = x.shape[2:]
+    if len(spatial) not in (2, 3):
+        raise ValueError("patch pooling: expected (B, C, H, W) or (B, C, D, H, W), "
+                         f"got {tuple(x.shape)}")
+    if patch_size < 1 or any(size < patch_size for size in spatial):
+        raise ValueError(f"patch_size: expected 1 <= patch_size <= every spatial size "
+                         f"{tuple(spatial)}, got {patch_size}")
+    grid = [size // patch_size for size in spatial]
+    x = x[(..., *[slice(0, g * patch_size) for g in grid])]
+    split = [d for g in grid for d in (g, patch_size)]
+    x = x.reshape(*x.shape[:2], *split).mean(dim=tuple(range(3, 3 + 2 * len(grid), 2)))
+    return x.flatten(2)
+
+
+def patch_coverage(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean of ``weight`` (B, 1, *spatial) within each patch -> (B, n_patches)."""
+    return _pool(weight.float(), patch_size)[:, 0]
+
+
+def patch_mean(x: torch.Tensor, patch_size: int,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Average of x (B, C, *spatial) over each patch -> (B, C, n_patches).
+
+    With ``weight`` (B, 1, *spatial) the average is weighted: sum(w x) / sum(w) per patch (0 for a
+    patch without weight).
+    """
+    if weight is None:
+        return _pool(x, patch_size)
+    weight = weight.to(x.dtype)
+    return _pool(x * weight, patch_size) / _pool(weight, patch_size).clamp_min(_EPS)
+
+
+def binary_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """-(p log p + (1 - p) log(1 - p)) elementwise (natural log; 0 log 0 = 0)."""
+    p = probs.float()
+    return -(torch.xlogy(p, p) + torch.xlogy(1.0 - p, 1.0 - p))
+
+
+def average_patch_entropy(probs: torch.Tensor, patch_size: int,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq 1: Ent^k_ij = mean over patch j of the binary entropy of p = probs[i, k].
+
+    probs (B, K, *spatial) softmax -> (B, K, n_patches); ``weight`` as in `patch_mean`.
+    """
+    return patch_mean(binary_entropy(probs), patch_size, weight)
+
+
+def flatten_patches(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, n_patches) -> (B * n_patches, C), image-major."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def sampling_scores(similarity: str, *, labels: torch.Tensor, teacher_probs: torch.Tensor,
+                    entropy: torch.Tensor, student_emb: torch.Tensor,
+                    teacher_emb: torch.Tensor) -> torch.Tensor:
+    """How reliable each patch is as an anchor (higher = more reliable) -> (N,).
+
+    ``labels`` (N,) is each patch's dominant class c = argmax of its mean teacher probability.
+    - entropy (the paper's choice, Eq 1): -Ent^c, low class-c entropy = confident patch;
+    - class_confidence: the mean teacher probability of class c;
+    - cosine: cosine similarity of the student and teacher embeddings of the patch (view agreement).
+    The ablation compares these three rankings; the rule that uses them is `select_anchor_patches`.
+    """
+    pick = labels[:, None]
+    if similarity == "entropy":
+        return -entropy.gather(1, pick)[:, 0]
+    if similarity == "class_confidence":
+        return teacher_probs.gather(1, pick)[:, 0]
+    if similarity == "cosine":
+        return F.cosine_similarity(student_emb, teacher_emb, dim=1)
+    raise ValueError(f"patch_similarity: expected one of {', '.join(PATCH_SIMILARITIES)}, "
+                     f"got {similarity!r}")
+
+
+def select_anchor_patches(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                          per_class: int, num_classes: int) -> torch.Tensor:
+    """Our sampling rule (the paper's exact rule was not recovered).
+
+    For every class k: among the valid patches whose dominant class is k, the ``per_class`` with the
+    highest score. Each anchor's positive is the teacher (weak-view) key of the SAME patch, its
+    negatives are the queue keys whose dominant class differs from k: no class collision, since a
+    same-class patch is never pushed away. Returns the indices of the anchors (M,), class by class.
+    """
+    chosen = []
+    for k in range(num_classes):  # K <= 4: a loop over classes, never over patches
+        candidate = valid & (labels == k)
+        count = min(per_class, int(candidate.sum()))
+        if count:
+            masked = scores.masked_fill(~candidate, float("-inf"))
+            chosen.append(masked.topk(count).indices)
+    if not chosen:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    return torch.cat(chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Affinity graph (Eq 2, 3)
+
+def affinity_matrix(y_t: torch.Tensor, y_s: torch.Tensor, sigma: float,
+                    kernel: str = "gk_l2") -> torch.Tensor:
+    """Eq 2: A_ij = exp(-d(y_t_i, y_s_j)^2 / (2 sigma^2)) for pseudo-label vectors (M, K) -> (M, M).
+
+    gk_l2: d = Euclidean distance, so d^2 = sum_c (y_t_ic - y_s_jc)^2 (the printed Eq 2).
+    gk_l1: d = L1 distance sum_c |y_t_ic - y_s_jc|, squared inside the same Gaussian kernel.
+    """
+    diff = y_t[:, None, :] - y_s[None, :, :]
+    if kernel == "gk_l2":
+        squared = diff.pow(2).sum(-1)
+    elif kernel == "gk_l1":
+        squared = diff.abs().sum(-1).pow(2)
+    else:
+        raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+    return torch.exp(-squared / (2.0 * sigma**2))
+
+
+def affinity_graph_loss(affinity: torch.Tensor, gamma: float,
+                        use_nuclear: bool = True) -> dict[str, torch.Tensor]:
+    """Eq 3 with our inferred sign: L_PL_AGG = -Tr(A)/n + gamma ||A||_* / n, A (n, n).
+
+    Maximising the trace pulls each patch's student pseudo-label onto its teacher one; the nuclear
+    norm (sum of singular values, differentiable through torch.linalg.svdvals) favours a low-rank,
+    class-structured graph. Both terms are divided by n so the loss does not grow with the number of
+    sampled patches. Returns {"loss", "trace", "nuclear"} (the last two undivided, for logging).
+    """
+    n = affinity.shape[0]
+    trace = torch.diagonal(affinity).sum()
+    nuclear = torch.linalg.svdvals(affinity).sum() if use_nuclear else affinity.new_zeros(())
+    loss = (-trace + gamma * nuclear) / n if use_nuclear else -trace / n
+    return {"loss": loss, "trace": trace, "nuclear": nuclear}
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive terms (Eq 4, 6, 7)
+
+def info_nce_from_similarities(pos_sim: torch.Tensor, neg_sim: torch.Tensor, tau: float,
+                               negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over anchors of -log(e^{s+/tau} / (e^{s+/tau} + sum_n e^{s_n/tau})).
+
+    pos_sim (M,), neg_sim (M, N); negative_mask (M, N) bool, False drops that negative. An anchor
+    without any negative scores 0. Computed with logsumexp, so it is stable for small tau.
+    """
+    if pos_sim.numel() == 0:
+        return pos_sim.new_zeros(())
+    logits = torch.cat([pos_sim[:, None], neg_sim], dim=1) / tau
+    if negative_mask is not None:
+        keep = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def info_nce(q: torch.Tensor, k_pos: torch.Tensor, negatives: torch.Tensor, tau: float,
+             negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq 4 / Eq 7 InfoNCE; q, k_pos (M, D); negatives (N, D) shared or (M, N, D) per anchor.
+
+    All vectors are L2-normalised here, so similarities are cosines.
+    """
+    q, k_pos, negatives = (F.normalize(t, dim=-1) for t in (q, k_pos, negatives))
+    pos_sim = (q * k_pos).sum(-1)
+    if negatives.ndim == 2:
+        neg_sim = q @ negatives.T
+    else:
+        neg_sim = torch.einsum("md,mnd->mn", q, negatives)
+    return info_nce_from_similarities(pos_sim, neg_sim, tau, negative_mask)
+
+
+def mix_coefficients(mode: str, affinity_diag: torch.Tensor, n_mix: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq 6 coefficient c per (anchor, mixed negative) -> (M, n_mix).
+
+    affinity: c = A_ii of the anchor (the paper); half: c = 1/2; random: c ~ U(0, 1) drawn from
+    ``generator`` (the global RNG when None).
+    """
+    shape = (affinity_diag.shape[0], n_mix)
+    if mode == "affinity":
+        return affinity_diag.detach()[:, None].expand(shape)
+    if mode == "half":
+        return affinity_diag.new_full(shape, 0.5)
+    if mode == "random":
+        device = generator.device if generator is not None else affinity_diag.device
+        draws = torch.rand(shape, generator=generator, device=device)
+        return draws.to(device=affinity_diag.device, dtype=affinity_diag.dtype)
+    raise ValueError(f"mix_coefficient: expected one of {', '.join(MIX_COEFFICIENTS)}, "
+                     f"got {mode!r}")
+
+
+def mix_hard_negatives(n_i: torch.Tensor, n_j: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """Eq 6: h = (c n_i + (1 - c) n_j) / ||c n_i + (1 - c) n_j||_2 along the last axis.
+
+    ``coeff`` broadcasts against n_i without its last axis, e.g. (M, n_mix) for (M, n_mix, D).
+    """
+    coeff = coeff[..., None]
+    return F.normalize(coeff * n_i + (1.0 - coeff) * n_j, dim=-1)
+
+
+def hard_negative_pairs(sim: torch.Tensor, mask: torch.Tensor, n_candidates: int, n_mix: int,
+                        generator: torch.Generator | None = None):
+    """Pick the pairs (n_i, n_j) that Eq 6 mixes, as MoCHi: both among the anchor's hardest.
+
+    sim, mask (M, Q). For each anchor: the ``n_candidates`` allowed queue keys most similar to it,
+    then ``n_mix`` random ordered pairs of two different candidates. Returns queue indices
+    (idx_i, idx_j) and their validity, each (M, n_mix); invalid where a candidate was not allowed
+    (too few negatives in the queue yet).
+    """
+    count = min(n_candidates, sim.shape[1])
+    shape = (sim.shape[0], n_mix)
+    if count < 2:
+        empty = torch.zeros(shape, dtype=torch.long, device=sim.device)
+        return empty, empty, torch.zeros(shape, dtype=torch.bool, device=sim.device)
+    top = sim.detach().masked_fill(~mask, float("-inf")).topk(count, dim=1)
+    device = generator.device if generator is not None else sim.device
+    first = torch.randint(0, count, shape, generator=generator, device=device).to(sim.device)
+    offset = torch.randint(1, count, shape, generator=generator, device=device).to(sim.device)
+    second = (first + offset) % count  # never the same candidate twice
+    allowed = torch.isfinite(top.values)
+    return (top.indices.gather(1, first), top.indices.gather(1, second),
+            allowed.gather(1, first) & allowed.gather(1, second))
+
+
+# ---------------------------------------------------------------------------------------------
+# MoCo queue
+
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, queue_labels: torch.Tensor, pointer: torch.Tensor,
+            keys: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write keys (m, D) and their classes (m,) into the ring buffer at ``pointer``, in place.
+
+    queue (Q, D), queue_labels (Q,) (-1 = empty slot), pointer (1,) int64. Writing wraps around the
+    end; with m > Q only the last Q keys are kept. The pointer moves to the slot after the last key.
+    """
+    size = queue.shape[0]
+    if keys.shape[0] > size:
+        keys, labels = keys[-size:], labels[-size:]
+    count = keys.shape[0]
+    if count == 0:
+        return
+    slots = (pointer + torch.arange(count, device=queue.device)) % size
+    queue[slots] = keys.to(queue.dtype)
+    queue_labels[slots] = labels.to(queue_labels.dtype)
+    pointer.copy_((pointer + count) % size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copy-paste supervision (BCP base)
+
+def class_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """argmax over dim 1 (ties -> the lower class), as torch.argmax.
+
+    A loop of elementwise comparisons over the K <= 4 classes: on CPU, torch.argmax along the
+    strided class axis of a 3D map is ~10x slower than this.
+    """
+    best, index = probs[:, 0], torch.zeros_like(probs[:, 0], dtype=torch.long)
+    for k in range(1, probs.shape[1]):
+        better = probs[:, k] > best
+        best = torch.where(better, probs[:, k], best)
+        index = index.masked_fill(better, k)
+    return index
+
+
+def region_supervised_losses(logits: torch.Tensor, target: torch.Tensor,
+                             regions: list[torch.Tensor],
+                             include_background: bool) -> list[torch.Tensor]:
+    """0.5 x (CE + soft Dice) over the voxels where each region (B, 1, *spatial) is 1.
+
+    CE is averaged over the region's voxels; Dice sums intersection and volume over the region, per
+    class over the whole batch, as `agcl.methods.losses.soft_dice_loss` does over all voxels. The
+    softmax and CE map are shared by all regions (BCP scores a mixed image's two parts apart).
+    """
+    logits = logits.float()
+    ce_map = F.cross_entropy(logits, target.long(), reduction="none")
+    probs = torch.softmax(logits, dim=1)
+    first = 0 if include_background else 1
+    out = []
+    for region in regions:
+        weight = region[:, 0].to(probs.dtype)
+        ce = (ce_map * weight).sum() / weight.sum().clamp_min(1.0)
+        dice = []
+        for k in range(first, logits.shape[1]):  # per class: no one-hot copy of the volume
+            in_class = (target == k).to(probs.dtype) * weight
+            intersection = (probs[:, k] * in_class).sum()
+            volume = (probs[:, k] * weight).sum() + in_class.sum()
+            dice.append((2 * intersection + 1e-5) / (volume + 1e-5))
+        out.append(0.5 * (ce + 1.0 - torch.stack(dice).mean()))
+    return out

@@ -1,0 +1,420 @@
+"""Semi-AGCL: each loss piece against hand-computed numbers, then whole train steps on tiny nets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agcl.data.specs import get_spec
+from agcl.methods import agcl_losses as L
+from agcl.methods.base import Batch, HparamError
+from agcl.methods.losses import supervised_loss
+from agcl.methods.registry import get_method
+from agcl.methods.semi_agcl import box_mask, pair_masks, strong_intensity_view
+
+
+def h(p: float) -> float:
+    """Binary entropy in nats."""
+    return -sum(v * math.log(v) for v in (p, 1 - p) if v > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq 1
+
+def test_average_patch_entropy_on_a_hand_made_4x4_map():
+    p = torch.tensor([[0.5, 0.5, 0.1, 0.9],
+                      [0.5, 0.5, 0.1, 0.9],
+                      [1.0, 1.0, 0.2, 0.2],
+                      [1.0, 1.0, 0.5, 0.5]])
+    probs = torch.stack([1 - p, p])[None]  # (1, 2, 4, 4): class 0 = 1 - p
+    ent = L.average_patch_entropy(probs, 2)
+    expected = torch.tensor([h(0.5), h(0.1), 0.0, (h(0.2) + h(0.5)) / 2], dtype=torch.float32)
+    assert ent.shape == (1, 2, 4)
+    torch.testing.assert_close(ent[0, 1], expected)
+    torch.testing.assert_close(ent[0, 0], expected)  # binary entropy is symmetric in p, 1 - p
+
+
+def test_average_patch_entropy_weighted_and_3d():
+    p = torch.full((1, 1, 4, 4, 4), 0.5)
+    p[..., :2, :, :] = 0.1  # the first half of axis 0
+    probs = torch.cat([1 - p, p], dim=1)
+    ent = L.average_patch_entropy(probs, 2)
+    assert ent.shape == (1, 2, 8)
+    torch.testing.assert_close(ent[0, 1], torch.tensor([h(0.1)] * 4 + [h(0.5)] * 4))
+    # Weighted: only the voxels of weight 1 count, so a patch of a single p value keeps its entropy
+    # and a mixed patch averages over the weighted voxels only.
+    weight = torch.zeros(1, 1, 4, 4, 4)
+    weight[..., 1:3, :, :] = 1.0  # one slab of 0.1 and one of 0.5 inside each z-patch pair
+    ent_w = L.average_patch_entropy(probs, 4, weight)
+    torch.testing.assert_close(ent_w[0, 1], torch.tensor([(h(0.1) + h(0.5)) / 2]))
+
+
+def test_patch_size_larger_than_image_is_a_clear_error():
+    with pytest.raises(ValueError, match="patch_size"):
+        L.average_patch_entropy(torch.full((1, 2, 4, 4), 0.5), 8)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 12, 8), (2, 3, 16, 12, 9)])
+def test_patch_mean_equals_average_pooling_and_drops_partial_patches(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    pool = F.avg_pool2d if len(shape) == 4 else F.avg_pool3d
+    torch.testing.assert_close(L.patch_mean(x, 4), pool(x, 4, 4).flatten(2))
+
+
+def test_patch_coverage_counts_the_weighted_fraction():
+    weight = torch.zeros(1, 1, 4, 4)
+    weight[..., :3, :3] = 1.0
+    torch.testing.assert_close(L.patch_coverage(weight, 2), torch.tensor([[1.0, 0.5, 0.5, 0.25]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch sampling
+
+def test_sampling_scores_per_similarity():
+    y_t = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    labels = y_t.argmax(1)
+    entropy = torch.tensor([[0.2, 0.3], [0.5, 0.4]])
+    emb_s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    emb_t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    kw = {"labels": labels, "teacher_probs": y_t, "entropy": entropy, "student_emb": emb_s,
+          "teacher_emb": emb_t}
+    torch.testing.assert_close(L.sampling_scores("entropy", **kw), torch.tensor([-0.2, -0.4]))
+    torch.testing.assert_close(L.sampling_scores("class_confidence", **kw),
+                               torch.tensor([0.9, 0.7]))
+    torch.testing.assert_close(L.sampling_scores("cosine", **kw),
+                               torch.tensor([1.0, 1 / math.sqrt(2)]))
+    with pytest.raises(ValueError, match="patch_similarity: expected one of"):
+        L.sampling_scores("dot", **kw)
+
+
+def test_select_anchor_patches_takes_the_best_per_class_among_valid():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.3, 0.7, 0.95])
+    labels = torch.tensor([0, 0, 1, 1, 1, 0, 1])
+    valid = torch.tensor([True, True, True, True, True, True, False])  # 0.95 is not valid
+    anchors = L.select_anchor_patches(scores, labels, valid, per_class=2, num_classes=3)
+    assert anchors.tolist() == [1, 5, 3, 2]  # class 0: 0.9, 0.7; class 1: 0.8, 0.5; class 2: none
+    few = L.select_anchor_patches(scores, labels, valid, per_class=5, num_classes=2)
+    assert sorted(few.tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq 2, 3
+
+Y_T = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+Y_S = torch.tensor([[0.8, 0.2], [0.0, 1.0]])
+
+
+def test_affinity_matrix_gaussian_l2():
+    # squared L2 distances: [[0.08, 2], [0.18, 0.5]]; sigma 1 -> exp(-d^2 / 2)
+    expected = torch.exp(-torch.tensor([[0.04, 1.0], [0.09, 0.25]]))
+    torch.testing.assert_close(L.affinity_matrix(Y_T, Y_S, 1.0, "gk_l2"), expected)
+
+
+def test_affinity_matrix_gaussian_l1():
+    # L1 distances [[0.4, 2], [0.6, 1]], squared in the kernel: [[0.16, 4], [0.36, 1]]
+    expected = torch.exp(-torch.tensor([[0.08, 2.0], [0.18, 0.5]]))
+    torch.testing.assert_close(L.affinity_matrix(Y_T, Y_S, 1.0, "gk_l1"), expected)
+    with pytest.raises(ValueError, match="kernel"):
+        L.affinity_matrix(Y_T, Y_S, 1.0, "rbf")
+
+
+def test_affinity_graph_loss_value_and_gradient_by_hand():
+    # A = [[3, 1], [0, 2]]: ||A||_* = sqrt(||A||_F^2 + 2 det A) = sqrt(26) for 2x2, and
+    # d||A||_*/dA = U V^T = (A + det(A) A^-T) / ||A||_* = [[5, 1], [-1, 5]] / sqrt(26).
+    a = torch.tensor([[3.0, 1.0], [0.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    out = L.affinity_graph_loss(a, gamma=0.5)
+    root = math.sqrt(26)
+    assert out["trace"].item() == pytest.approx(5.0)
+    assert out["nuclear"].item() == pytest.approx(root)
+    assert out["loss"].item() == pytest.approx((-5 + 0.5 * root) / 2)
+    out["loss"].backward()
+    uv = torch.tensor([[5.0, 1.0], [-1.0, 5.0]], dtype=torch.float64) / root
+    torch.testing.assert_close(a.grad, (-torch.eye(2, dtype=torch.float64) + 0.5 * uv) / 2)
+
+
+def test_nuclear_gradient_is_u_vt_for_a_random_full_rank_matrix():
+    a = torch.rand(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    a = (a + torch.eye(5, dtype=torch.float64)).requires_grad_(True)
+    L.affinity_graph_loss(a, gamma=1.0)["loss"].backward()
+    u, _, vh = torch.linalg.svd(a.detach())
+    torch.testing.assert_close(a.grad, (-torch.eye(5, dtype=torch.float64) + u @ vh) / 5)
+
+
+def test_affinity_graph_loss_without_nuclear_norm():
+    a = torch.tensor([[3.0, 1.0], [0.0, 2.0]])
+    out = L.affinity_graph_loss(a, gamma=0.5, use_nuclear=False)
+    assert out["loss"].item() == pytest.approx(-2.5)
+    assert out["nuclear"].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq 4, 6, 7
+
+def direct_info_nce(q, k, negs, tau):
+    q, k, negs = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(negs, dim=-1)
+    out = []
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / tau)
+        neg = sum(math.exp(float(q[i] @ n) / tau) for n in (negs if negs.ndim == 2 else negs[i]))
+        out.append(-math.log(pos / (pos + neg)))
+    return sum(out) / len(out)
+
+
+def test_info_nce_matches_the_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, negs = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), \
+        torch.randn(6, 8, generator=g)
+    assert L.info_nce(q, k, negs, 0.5).item() == pytest.approx(direct_info_nce(q, k, negs, 0.5),
+                                                               rel=1e-5)
+    per_anchor = torch.randn(4, 3, 8, generator=g)
+    assert L.info_nce(q, k, per_anchor, 0.2).item() == pytest.approx(
+        direct_info_nce(q, k, per_anchor, 0.2), rel=1e-5)
+
+
+def test_info_nce_mask_drops_negatives_and_is_stable_at_small_tau():
+    g = torch.Generator().manual_seed(1)
+    q, k, negs = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g), \
+        torch.randn(5, 4, generator=g)
+    mask = torch.tensor([[True, False, True, False, False], [False] * 5])
+    masked = L.info_nce(q, k, negs, 0.3, mask)
+    first = direct_info_nce(q[:1], k[:1], negs[[0, 2]], 0.3)
+    assert masked.item() == pytest.approx(first / 2, rel=1e-5)  # anchor 2 has no negative: 0
+    tiny = L.info_nce(q, q, negs, 1e-4)  # the direct formula overflows at this tau
+    assert torch.isfinite(tiny) and tiny.item() >= 0
+
+
+def test_mixed_hard_negative_coefficient_and_unit_norm():
+    n_i = torch.tensor([[[1.0, 0.0]]])
+    n_j = torch.tensor([[[0.0, 1.0]]])
+    mixed = L.mix_hard_negatives(n_i, n_j, torch.tensor([[0.75]]))
+    torch.testing.assert_close(mixed, torch.tensor([[[3.0, 1.0]]]) / math.sqrt(10))
+    g = torch.Generator().manual_seed(0)
+    n_i, n_j = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    many = L.mix_hard_negatives(n_i, n_j, torch.rand(4, 3, generator=g))
+    torch.testing.assert_close(many.norm(dim=-1), torch.ones(4, 3))
+
+
+def test_mix_coefficient_modes():
+    diag = torch.tensor([0.9, 0.2, 0.6], requires_grad=True)
+    affinity = L.mix_coefficients("affinity", diag, 2)
+    torch.testing.assert_close(affinity, torch.tensor([[0.9, 0.9], [0.2, 0.2], [0.6, 0.6]]))
+    assert not affinity.requires_grad  # the coefficient is a weight, not a path for gradients
+    torch.testing.assert_close(L.mix_coefficients("half", diag, 2), torch.full((3, 2), 0.5))
+    first = L.mix_coefficients("random", diag, 4, torch.Generator().manual_seed(5))
+    again = L.mix_coefficients("random", diag, 4, torch.Generator().manual_seed(5))
+    assert torch.equal(first, again) and first.shape == (3, 4)
+    assert ((first >= 0) & (first <= 1)).all() and first.std() > 0
+    with pytest.raises(ValueError, match="mix_coefficient"):
+        L.mix_coefficients("third", diag, 2)
+
+
+def test_hard_negative_pairs_are_two_different_allowed_hardest_keys():
+    sim = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.95]])
+    mask = torch.tensor([[True, True, True, True, False]])  # 0.95 is a same-class key
+    idx_i, idx_j, ok = L.hard_negative_pairs(sim, mask, n_candidates=3, n_mix=50,
+                                             generator=torch.Generator().manual_seed(0))
+    assert ok.all()
+    assert set(idx_i.flatten().tolist()) | set(idx_j.flatten().tolist()) == {0, 1, 3}
+    assert (idx_i != idx_j).all()
+    # Only one allowed key: every pair needs a disallowed one, so none is valid.
+    _, _, none_ok = L.hard_negative_pairs(sim, torch.tensor([[True] + [False] * 4]), 3, 10)
+    assert not none_ok.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue, copy-paste, augmentation
+
+def test_enqueue_wraps_around_and_moves_the_pointer():
+    queue, labels, ptr = torch.zeros(5, 2), torch.full((5,), -1), torch.zeros(1, dtype=torch.long)
+    L.enqueue(queue, labels, ptr, torch.ones(3, 2), torch.tensor([0, 1, 0]))
+    assert ptr.item() == 3 and labels.tolist() == [0, 1, 0, -1, -1]
+    keys = torch.arange(8.0).view(4, 2)
+    L.enqueue(queue, labels, ptr, keys, torch.tensor([1, 1, 2, 2]))
+    assert ptr.item() == 2
+    assert labels.tolist() == [2, 2, 0, 1, 1]  # slots 3, 4, 0, 1
+    torch.testing.assert_close(queue[[3, 4, 0, 1]], keys)
+    L.enqueue(queue, labels, ptr, torch.arange(14.0).view(7, 2), torch.arange(7))
+    # Only the last 5 of 7 fit, written from slot 2; the pointer is after the last one, slot 2.
+    assert labels.tolist() == [5, 6, 2, 3, 4] and ptr.item() == 2
+
+
+def test_box_mask_zero_region_is_two_thirds_of_each_side():
+    mask = box_mask((12, 12), 2 / 3)
+    assert int((mask == 0).sum()) == 8 * 8
+    mask3 = box_mask((12, 12, 9), 2 / 3)
+    assert int((mask3 == 0).sum()) == 8 * 8 * 6
+    acdc = box_mask((256, 256), 2 / 3)
+    rows, cols = torch.nonzero(acdc == 0, as_tuple=True)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (170, 170)  # BCP ACDC
+
+
+def test_pair_masks_alternate_copy_paste_direction():
+    mask = box_mask((12, 12), 2 / 3)
+    pairs = pair_masks(mask, 3)
+    assert pairs.shape == (3, 1, 12, 12)
+    assert torch.equal(pairs[0, 0], mask) and torch.equal(pairs[1, 0], 1 - mask)
+    assert torch.equal(pairs[2, 0], mask)
+
+
+def test_class_argmax_equals_torch_argmax_with_ties():
+    probs = torch.softmax(torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)), 1)
+    probs[0, :, 0, 0] = torch.tensor([0.3, 0.3, 0.3, 0.1])  # tie -> the lowest class
+    assert torch.equal(L.class_argmax(probs), probs.argmax(1))
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+def test_region_loss_over_everything_equals_the_supervised_loss(include_background):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=g)
+    target = torch.randint(0, 3, (2, 8, 8), generator=g)
+    everywhere, nowhere = torch.ones(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    full, empty = L.region_supervised_losses(logits, target, [everywhere, nowhere],
+                                             include_background)
+    expected = supervised_loss(logits, target, include_background)["loss_sup"]
+    torch.testing.assert_close(full, expected)
+    assert empty.item() == pytest.approx(0.0, abs=1e-4)  # no voxel: CE 0, Dice (eps/eps) = 1
+
+
+def test_strong_view_keeps_positions_and_varies_per_image():
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(strong_intensity_view(x, 0.0, 0.0, 0.0), x)
+    torch.manual_seed(0)
+    y = strong_intensity_view(x, 0.2, 0.1, 0.0)  # affine per image: correlation stays 1
+    for i in range(2):
+        corr = torch.corrcoef(torch.stack([x[i].flatten(), y[i].flatten()]))[0, 1]
+        assert corr.item() == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(y, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+
+TINY = {
+    "acdc": ({"base_features": 2}, (32, 32)),
+    "la": ({"n_filters": 2}, (32, 32, 16)),
+}
+
+
+def tiny_method(dataset: str, **overrides):
+    cls = get_method("semi_agcl")
+    hparams = cls.hparams_for(dataset, {"patch_size": 8, "rampup": 0, "queue_length": 64,
+                                        **overrides})
+    torch.manual_seed(0)
+    method = cls(get_spec(dataset), hparams, TINY[dataset][0], 100)
+    method.train()
+    return method
+
+
+def tiny_batch(dataset: str, labeled: int = 2, unlabeled: int = 2) -> Batch:
+    spec = get_spec(dataset)
+    shape = TINY[dataset][1]
+    g = torch.Generator().manual_seed(1)
+    return Batch(torch.randn(labeled, 1, *shape, generator=g),
+                 torch.randint(0, spec.num_classes, (labeled, *shape), generator=g),
+                 torch.randn(unlabeled, 1, *shape, generator=g))
+
+
+def fill_queue(method) -> None:
+    """Keys of every class, so that each anchor has negatives from the first step on."""
+    method.queue_labels.copy_(torch.arange(method.queue_labels.numel()) % method.spec.num_classes)
+
+
+@pytest.mark.parametrize("dataset", ["acdc", "la"])
+def test_train_step_is_finite_and_every_term_reaches_head_and_student(dataset, monkeypatch):
+    method = tiny_method(dataset)
+    fill_queue(method)
+    loss, logs = method.train_step(tiny_batch(dataset), 0)
+    assert torch.isfinite(loss)
+    assert set(logs) >= {"loss_sup", "loss_reg", "loss_pl_agg", "loss_rw_agg", "n_anchors"}
+    assert all(math.isfinite(v) for v in logs.values())
+    assert logs["n_anchors"] > 0 and logs["loss_reg"] > 0 and logs["loss_rw_agg"] > 0
+    # Without L_sup, what is left (the AGCL terms) must still train the student and the head.
+    zero = torch.zeros(())
+    monkeypatch.setattr(L, "region_supervised_losses", lambda *a, **k: [zero, zero])
+    method.zero_grad()
+    loss, _ = method.train_step(tiny_batch(dataset), 1)
+    loss.backward()
+    for part in (method.student, method.head):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+@pytest.mark.parametrize("override", [
+    {"patch_similarity": "cosine"}, {"patch_similarity": "class_confidence"},
+    {"kernel": "gk_l1"}, {"nuclear_norm": False},
+    {"mix_coefficient": "half"}, {"mix_coefficient": "random"},
+    {"student_view": "separate"}, {"project_voxels": True}, {"pretrain_iterations": 5},
+])
+def test_ablation_switches_run(override):
+    method = tiny_method("acdc", **override)
+    fill_queue(method)
+    loss, logs = method.train_step(tiny_batch("acdc"), 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    if "pretrain_iterations" in override:
+        assert logs["loss_reg"] == 0.0 and logs["n_anchors"] == 0.0
+    else:
+        assert logs["n_anchors"] > 0
+
+
+def test_nuclear_switch_changes_the_graph_loss():
+    logs = {}
+    for flag in (True, False):
+        method = tiny_method("acdc", nuclear_norm=flag)
+        logs[flag] = method.train_step(tiny_batch("acdc"), 0)[1]
+    assert logs[True]["affinity_trace"] == pytest.approx(logs[False]["affinity_trace"])
+    n = logs[True]["n_anchors"]
+    assert logs[True]["loss_pl_agg"] == pytest.approx(
+        (-logs[True]["affinity_trace"] + 0.1 * logs[True]["affinity_nuclear"]) / n, rel=1e-5)
+    assert logs[False]["loss_pl_agg"] == pytest.approx(-logs[False]["affinity_trace"] / n, rel=1e-5)
+
+
+def test_queue_is_checkpointed_and_restored_exactly():
+    method = tiny_method("acdc")
+    method.train_step(tiny_batch("acdc"), 0)
+    state = method.state_dict()
+    assert {"queue", "queue_labels", "queue_ptr"} <= set(state)
+    assert state["queue_ptr"].item() > 0 and (state["queue_labels"] >= 0).any()
+    assert any(key.startswith("teacher_head.") for key in state)
+    restored = tiny_method("acdc")
+    restored.load_state_dict(state)
+    assert torch.equal(restored.queue, method.queue)
+    assert torch.equal(restored.queue_labels, method.queue_labels)
+    assert torch.equal(restored.queue_ptr, method.queue_ptr)
+
+
+def test_teacher_follows_student_in_pretraining_then_by_ema():
+    method = tiny_method("acdc", pretrain_iterations=2)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1)
+    head_ids = {id(p) for p in method.head.parameters()}
+    assert head_ids <= {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for step in range(3):
+        loss, _ = method.train_step(tiny_batch("acdc"), step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step)
+        pairs = zip(method.teacher.parameters(), method.student.parameters(), strict=True)
+        same = all(torch.equal(t, s) for t, s in pairs)
+        assert same == (step < 2)  # a copy during pre-training, an EMA afterwards
+
+
+def test_bad_hparams_and_batches_are_clear_errors():
+    cls = get_method("semi_agcl")
+    with pytest.raises(ValueError, match="semi_agcl hparam kernel: expected one of gk_l2, gk_l1"):
+        tiny_method("acdc", kernel="gaussian")
+    with pytest.raises(HparamError, match="no hyperparameter sigmaa"):
+        cls.hparams_for("acdc", {"sigmaa": 1.0})
+    with pytest.raises(ValueError, match="2 labeled and 1 unlabeled"):
+        tiny_method("acdc").train_step(tiny_batch("acdc", 2, 1), 0)
+
+
+def test_dataset_defaults():
+    cls = get_method("semi_agcl")
+    assert cls.hparams_for("la")["patch_size"] == 16 and cls.hparams_for("acdc")["patch_size"] == 32
+    assert cls.hparams_for("acdc")["dice_include_background"] is True
+    assert cls.hparams_for("la")["tau"] == 0.07 and cls.hparams_for("la")["ema_decay"] == 0.99
