@@ -11,6 +11,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("AGCL_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads; on a busy 2-core box 2 threads cost seconds a pass."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def shared_mirror() -> Path:
     """Root of the byte-exact mirror of the upstream raw-file URLs (…/mirror/<owner>/<repo>/<branch>/…)."""

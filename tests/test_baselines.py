@@ -25,13 +25,7 @@ LN2 = math.log(2)
 SHARPEN_06 = 57.6650390625 / 58.6650390625  # 0.6^10 / (0.6^10 + 0.4^10) = 1.5^10 / (1.5^10 + 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; on the shared 2-core box 2 threads cost 2 s a pass."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------- losses

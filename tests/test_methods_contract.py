@@ -31,13 +31,7 @@ LATE_STEP = TOTAL_ITERATIONS - 1  # every consistency ramp (<= 200 x 150 iterati
 GRADIENT_CHECK_HPARAMS = {"ua_mt": {"threshold_ceiling": 10.0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; on the shared 2-core box 2 threads cost 2 s a pass."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_method(name: str, dataset: str, seed: int = 0, method_cls=None, **overrides) -> nn.Module:

@@ -210,20 +210,14 @@ def object_metrics(pred_instances, gt_instances) -> dict:
             cache[ip, ig] = _hausdorff(preds, ip, gts, ig)
         return cache[ip, ig]
 
-    haus_pred_side = np.empty(n_pred)
-    for j in range(1, n_pred + 1):
-        partner = int(gt_of_pred[j - 1])
-        if partner:
-            haus_pred_side[j - 1] = hausdorff(j, partner)
-        else:
-            haus_pred_side[j - 1] = min(hausdorff(j, i) for i in range(1, n_gt + 1))
-    haus_gt_side = np.empty(n_gt)
-    for i in range(1, n_gt + 1):
-        partner = int(pred_of_gt[i - 1])
-        if partner:
-            haus_gt_side[i - 1] = hausdorff(partner, i)
-        else:
-            haus_gt_side[i - 1] = min(hausdorff(j, i) for j in range(1, n_pred + 1))
+    def side(partners: np.ndarray, n_others: int, distance) -> np.ndarray:
+        """Each object's Hausdorff to its partner, or to the nearest object if it has none."""
+        return np.array([distance(k, int(partner)) if partner
+                         else min(distance(k, o) for o in range(1, n_others + 1))
+                         for k, partner in enumerate(partners, start=1)], dtype=float)
+
+    haus_pred_side = side(gt_of_pred, n_gt, hausdorff)
+    haus_gt_side = side(pred_of_gt, n_pred, lambda ig, ip: hausdorff(ip, ig))
     object_hausdorff = 0.5 * (pred_weight @ haus_pred_side + gt_weight @ haus_gt_side)
 
     record.update(
