@@ -106,6 +106,7 @@ def test_report_renders_every_section_with_a_partial_grid(fixture_grid):
     assert "1 run(s) of the grid have no metrics yet" in html
     assert 'id="reference-policy-warning"' in html  # one run used the upstream policy
     assert "90.33" in html  # the published Semi-AGCL LA 10% Dice beside ours
+    assert 'id="synthetic-warning"' in html  # the fixture config says its LA is synthetic
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless chromium not installed")

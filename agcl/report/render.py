@@ -130,8 +130,10 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
     }
     env = Environment(loader=PackageLoader("agcl.report", "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
+    synthetic = sorted(d for d, c in config["datasets"].items() if c["source"] == "synthetic")
     html = env.get_template("index.html.j2").render(
         name=config["name"],
+        synthetic=synthetic,
         metric_titles=list(METRIC_TITLES.values()),
         paper_tables=paper_tables(published, ratios),
         label_efficiency=figures.label_efficiency(runs),
