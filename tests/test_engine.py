@@ -106,3 +106,19 @@ def test_train_keys_can_be_overridden_from_the_command_line(tiny_project):
         Trainer(config, "la", "supervised", 0.1, 0, Path("runs/bad"), overrides={"train.lrr": 1})
     with pytest.raises(HparamError, match="no hyperparameter lrr"):
         Trainer(config, "la", "supervised", 0.1, 0, Path("runs/bad"), overrides={"lrr": 1})
+
+
+def test_optional_tensorboard_scalars(tiny_project):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prepare(tiny_project, "la")
+    run = Path("runs/tb")
+    Trainer(load_config(tiny_project), "la", "supervised", 0.1, 0, run, progress=False,
+            overrides={"train.tensorboard": True}).run()
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    log = pd.read_csv(run / "train_log.csv")
+    assert [e.step for e in events.Scalars("loss")] == list(log["step"])
+    assert losses == pytest.approx(list(log["loss"]))

@@ -109,6 +109,15 @@ def _pop_train_overrides(overrides: dict[str, Any], dataset: str) -> dict[str, A
     return train
 
 
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise RuntimeError("train.tensorboard is true but the tensorboard package is missing "
+                           "(pip install tensorboard)") from exc
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
 def _to_device(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
     if array is None:
         return None
@@ -191,6 +200,7 @@ class Trainer:
         self._truncate_log(state["step"])
 
         fields = None
+        board = _tensorboard_writer(self.out) if self.train_cfg["tensorboard"] else None
         bar = tqdm(total=self.total, initial=state["step"], disable=not self.progress,
                    desc=f"{self.dataset}/{method.name}/r{self.ratio_tag}/s{self.seed}", unit="it")
         method.train()
@@ -214,6 +224,10 @@ class Trainer:
                 if state["step"] % self.train_cfg["log_every"] == 0 or "val_dice" in row:
                     writer.writerow(row)
                     log_file.flush()
+                    if board is not None:
+                        for key, value in row.items():
+                            if key != "step":
+                                board.add_scalar(key, value, state["step"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if state["step"] % self.train_cfg["checkpoint_every"] == 0 and state["step"] < self.total:
@@ -223,6 +237,8 @@ class Trainer:
                         "rng": checkpoint.rng_states(), "state": state,
                     })
         elapsed = time.perf_counter() - started
+        if board is not None:
+            board.close()
 
         checkpoint.save(self.out / FINAL, self._final_payload(method, state))
         meta = self._metadata(state, data, split, elapsed)
