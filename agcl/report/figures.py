@@ -31,11 +31,13 @@ def _labels(ratio: float) -> str:
     return f"{100 * ratio:g}%"
 
 
-def label_efficiency(runs: pd.DataFrame) -> str | None:
+def label_efficiency(runs: pd.DataFrame, methods: list[str], datasets: list[str]) -> str | None:
     """Dice vs labeled fraction, one line per method, 95 % CI band over seeds."""
     if runs.empty:
         return None
-    grid = sns.relplot(data=runs, x="ratio", y="dice", hue="method", col="dataset", kind="line",
+    grid = sns.relplot(data=runs, x="ratio", y="dice", hue="method", hue_order=methods,
+                       col="dataset", col_order=[d for d in datasets if d in set(runs["dataset"])],
+                       kind="line",
                        marker="o", errorbar=("ci", 95), height=3.2, aspect=1.1,
                        facet_kws={"sharey": False})
     for ax in grid.axes.flat:
@@ -47,38 +49,45 @@ def label_efficiency(runs: pd.DataFrame) -> str | None:
     return to_png(grid.figure)
 
 
-def per_case_distribution(case_means: pd.DataFrame) -> str | None:
+def per_case_distribution(case_means: pd.DataFrame, methods: list[str],
+                          datasets: list[str]) -> str | None:
     """Per-case Dice (mean over classes and seeds) per method, one panel per dataset."""
     if case_means.empty:
         return None
     data = case_means.assign(labels=case_means["ratio"].map(_labels))
-    grid = sns.catplot(data=data, x="labels", y="dice", hue="method", col="dataset", kind="box",
-                       height=3.2, aspect=1.1, sharey=False, fliersize=0)
-    grid.map_dataframe(sns.stripplot, x="labels", y="dice", hue="method", dodge=True,
-                       palette="dark:black", size=2, alpha=0.6, legend=False)
+    grid = sns.catplot(data=data, x="labels", y="dice", hue="method", hue_order=methods,
+                       col="dataset", kind="box", height=3.2,
+                       col_order=[d for d in datasets if d in set(case_means["dataset"])], aspect=1.1, sharey=False,
+                       fliersize=0)
+    grid.map_dataframe(sns.stripplot, x="labels", y="dice", hue="method", hue_order=methods,
+                       dodge=True, palette="dark:black", size=2, alpha=0.6, legend=False)
     grid.set_axis_labels("labeled fraction", "Dice per test case")
     return to_png(grid.figure)
 
 
-def training_curves(logs: pd.DataFrame) -> str | None:
+def training_curves(logs: pd.DataFrame, methods: list[str], datasets: list[str]) -> str | None:
     """Training loss (and val Dice where logged) per method, mean over seeds, per dataset."""
     if logs.empty:
         return None
-    datasets = sorted(logs["dataset"].unique())
+    datasets = [d for d in datasets if d in set(logs["dataset"])]
     has_val = "val_dice" in logs and logs["val_dice"].notna().any()
     rows = 2 if has_val else 1
     fig, axes = plt.subplots(rows, len(datasets), figsize=(3.6 * len(datasets), 2.8 * rows),
                              squeeze=False)
     for col, dataset in enumerate(datasets):
         part = logs[logs["dataset"] == dataset]
-        sns.lineplot(data=part, x="step", y="loss", hue="method", style="labels",
-                     errorbar=None, ax=axes[0, col], legend=col == len(datasets) - 1)
+        sns.lineplot(data=part, x="step", y="loss", hue="method", hue_order=methods,
+                     style="labels", errorbar=None, ax=axes[0, col],
+                     legend=col == len(datasets) - 1)
         axes[0, col].set_title(dataset)
         if has_val:
-            val = part.dropna(subset=["val_dice"])
-            if not val.empty:
-                sns.lineplot(data=val, x="step", y="val_dice", hue="method", style="labels",
-                             marker="o", errorbar=None, ax=axes[1, col], legend=False)
+            val = part.dropna(subset=["val_dice"]) if "val_dice" in part else part.iloc[:0]
+            if val.empty:  # no val set for this dataset (e.g. LA by default)
+                axes[1, col].set_visible(False)
+                continue
+            sns.lineplot(data=val, x="step", y="val_dice", hue="method", hue_order=methods,
+                         style="labels", marker="o", errorbar=None, ax=axes[1, col],
+                         legend=False)
             axes[1, col].set_ylabel("val Dice")
     if len(datasets):
         legend = axes[0, -1].get_legend()
@@ -104,7 +113,7 @@ def _display_slice(image: np.ndarray, label: np.ndarray, dataset: str):
 
 def qualitative_overlays(case_means: pd.DataFrame, dataset: str, ratio: float,
                          run_dirs: dict[str, Path], processed_dir: Path,
-                         rank_method: str) -> str | None:
+                         rank_method: str) -> str | None:  # columns follow run_dirs' order
     """Image, ground truth and each method's prediction for the best, median and worst case.
 
     Cases are ranked by `rank_method`'s per-case Dice; predictions are those of seed-0 runs
@@ -113,7 +122,7 @@ def qualitative_overlays(case_means: pd.DataFrame, dataset: str, ratio: float,
     ranked = case_means[(case_means["dataset"] == dataset) & (case_means["ratio"] == ratio)
                         & (case_means["method"] == rank_method)].sort_values("dice")
     predictions = {}
-    for method, run in sorted(run_dirs.items()):
+    for method, run in run_dirs.items():
         path = run / "predictions.npz"
         if path.exists():
             predictions[method] = np.load(path)

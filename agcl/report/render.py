@@ -131,14 +131,15 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
     env = Environment(loader=PackageLoader("agcl.report", "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
     synthetic = sorted(d for d, c in config["datasets"].items() if c["source"] == "synthetic")
+    methods, datasets = list(config["methods"]), list(config["datasets"])
     html = env.get_template("index.html.j2").render(
         name=config["name"],
         synthetic=synthetic,
         metric_titles=list(METRIC_TITLES.values()),
         paper_tables=paper_tables(published, ratios),
-        label_efficiency=figures.label_efficiency(runs),
-        per_case=figures.per_case_distribution(case_means),
-        training=figures.training_curves(training_logs(config, layout)),
+        label_efficiency=figures.label_efficiency(runs, methods, datasets),
+        per_case=figures.per_case_distribution(case_means, methods, datasets),
+        training=figures.training_curves(training_logs(config, layout), methods, datasets),
         overlays=overlays(config, layout, case_means),
         stats=stats_rows(stats),
         missing=missing.to_dict("records"),
