@@ -102,8 +102,10 @@ def test_train_keys_can_be_overridden_from_the_command_line(tiny_project):
     assert meta["train"]["lr"] == 0.5 and meta["iterations"] == 2
     log = pd.read_csv(Path("runs/lr") / "train_log.csv")
     assert list(log["lr"]) == [0.5, 0.5] and (log["it_per_s"] > 0).all()
-    with pytest.raises(ConfigError, match="train.lrr"):
+    with pytest.raises(ConfigError, match="'lrr' was unexpected"):
         Trainer(config, "la", "supervised", 0.1, 0, Path("runs/bad"), overrides={"train.lrr": 1})
+    with pytest.raises(ConfigError, match=r"datasets\.la\.train\.lr"):
+        Trainer(config, "la", "supervised", 0.1, 0, Path("runs/bad"), overrides={"train.lr": "x"})
     with pytest.raises(HparamError, match="no hyperparameter lrr"):
         Trainer(config, "la", "supervised", 0.1, 0, Path("runs/bad"), overrides={"lrr": 1})
 

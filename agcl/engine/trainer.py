@@ -6,6 +6,7 @@ and the per-iteration CSV log; the method only turns a batch into a loss.
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agcl.config import Layout, dataset_config, ratio_tag
+from agcl.config import Layout, dataset_config, ratio_tag, validate_config
 from agcl.data.loaders import PatchSampler, load_cases, load_training_set, read_split
 from agcl.data.specs import get_spec
 from agcl.engine import checkpoint
@@ -95,17 +96,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _pop_train_overrides(overrides: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """`--set train.lr=0.001` overrides datasets.<name>.train.lr; other keys are method hparams."""
+def _pop_train_overrides(config: dict, dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--set train.lr=0.001` overrides datasets.<name>.train.lr; other keys are method hparams.
+
+    The overridden config is validated like the file itself, so a wrong key or value is named.
+    """
     train = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("train.")}
     if train:
-        from agcl.config import ConfigError, load_schema
-
-        known = load_schema()["$defs"]["dataset"]["properties"]["train"]["properties"]
-        unknown = sorted(set(train) - set(known))
-        if unknown:
-            raise ConfigError(f"--set train.{unknown[0]}: datasets.{dataset}.train has no key "
-                              f"'{unknown[0]}' (known: {', '.join(sorted(known))})")
+        candidate = copy.deepcopy(config)
+        candidate["datasets"][dataset]["train"].update(train)
+        validate_config(candidate, source="--set train.*")
     return train
 
 
@@ -137,7 +137,7 @@ class Trainer:
         self.spec = get_spec(dataset)
         self.dcfg = dataset_config(config, dataset)
         overrides = dict(overrides or {})
-        self.train_cfg = {**self.dcfg["train"], **_pop_train_overrides(overrides, dataset)}
+        self.train_cfg = {**self.dcfg["train"], **_pop_train_overrides(config, dataset, overrides)}
         if iterations is not None:
             self.train_cfg["iterations"] = iterations
         self.total = self.train_cfg["iterations"]
