@@ -46,9 +46,13 @@ def test_dry_run_plans_every_training_run(configfile, jobs, tmp_path):
 
 
 def test_bad_config_stops_snakemake_naming_the_key(tmp_path):
-    text = (REPO / "config" / "demo.yaml").read_text().replace("iterations: 80", "iterations: -1")
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["datasets"]["la"]["train"]["iterations"] = -1
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
+    bad.write_text(yaml.safe_dump(config))
     out = snakemake("-n", "--configfile", str(bad), "--cores", "1")
     assert out.returncode != 0
-    assert "iterations" in out.stdout + out.stderr
+    # Snakemake's validate() names the key as a path into the config
+    assert "['datasets']['la']['train']['iterations']" in out.stdout + out.stderr
