@@ -69,7 +69,7 @@ def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
     out = TrainingSet([], [])
     if dataset == "la":
         labeled = labeled_entry["cases"]
-        unlabeled = [c for c in split["labeled_pool"] if c not in set(labeled)]
+        unlabeled = _rest_of_pool(split, labeled)
         for ids, is_labeled in ((labeled, True), (unlabeled, False)):
             for case in ids:
                 image, label = _load_volume(processed_dir, index["items"][case])
@@ -89,7 +89,7 @@ def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
                     _append(out, name, image[None], None)
     elif dataset == "crag":
         labeled = labeled_entry["images"]
-        unlabeled = [c for c in split["labeled_pool"] if c not in set(labeled)]
+        unlabeled = _rest_of_pool(split, labeled)
         with h5py.File(processed_dir / index["data_file"], "r") as h5:
             for ids, is_labeled in ((labeled, True), (unlabeled, False)):
                 for name in ids:
@@ -100,6 +100,12 @@ def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
     if not out.labeled_images:
         raise ValueError(f"{processed_dir}: ratio {ratio_tag} of seed {split['seed']} has no labeled image")
     return out
+
+
+def _rest_of_pool(split: dict, labeled: list[str]) -> list[str]:
+    """Unlabeled training ids: the labeled pool minus the labeled subset (val is never in it)."""
+    chosen = set(labeled)
+    return [item for item in split["labeled_pool"] if item not in chosen]
 
 
 def _append(out: TrainingSet, item_id: str, image: np.ndarray, label: np.ndarray | None) -> None:
