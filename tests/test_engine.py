@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -124,3 +125,15 @@ def test_optional_tensorboard_scalars(tiny_project):
     log = pd.read_csv(run / "train_log.csv")
     assert [e.step for e in events.Scalars("loss")] == list(log["step"])
     assert losses == pytest.approx(list(log["loss"]))
+
+
+def test_fp16_with_gradient_scaler_on_cpu(tiny_project):
+    """The fp16 branch (GradScaler on) is the one older GPUs take; run it here too."""
+    prepare(tiny_project, "la")
+    trainer = Trainer(load_config(tiny_project), "la", "supervised", 0.1, 0, Path("runs/fp16"),
+                      progress=False, overrides={"train.amp": "fp16"})
+    assert trainer.amp_dtype == torch.float16
+    meta = trainer.run()
+    assert meta["amp"] == "float16"
+    log = pd.read_csv(Path("runs/fp16") / "train_log.csv")
+    assert np.isfinite(log["loss"]).all()
