@@ -45,10 +45,17 @@ def read_split(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path} is missing: run `agcl splits` first") from None
 
 
-def _resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour zoom of the last two axes, as the ACDC references (zoom order 0)."""
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour zoom of the last two axes to `size`, as the ACDC references (order 0)."""
     factors = [1.0] * (array.ndim - 2) + [size[0] / array.shape[-2], size[1] / array.shape[-1]]
-    return ndimage.zoom(array, factors, order=0)
+    out = ndimage.zoom(array, factors, order=0)
+    if out.shape[-2:] != tuple(size):  # zoom's rounding missed: nearest by index instead
+        rows = np.minimum((np.arange(size[0]) * array.shape[-2] / size[0]).astype(int),
+                          array.shape[-2] - 1)
+        cols = np.minimum((np.arange(size[1]) * array.shape[-1] / size[1]).astype(int),
+                          array.shape[-1] - 1)
+        out = array[..., rows, :][..., cols]
+    return out
 
 
 def _load_volume(processed_dir: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -82,9 +89,9 @@ def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
             for name in index["train_slices"]:
                 if name.rsplit("_slice_", 1)[0] not in train_frames:
                     continue
-                image = _resize_nearest(h5[name]["image"][()], size)
+                image = resize_nearest(h5[name]["image"][()], size)
                 if name in labeled_slices:
-                    _append(out, name, image[None], _resize_nearest(h5[name]["label"][()], size))
+                    _append(out, name, image[None], resize_nearest(h5[name]["label"][()], size))
                 else:
                     _append(out, name, image[None], None)
     elif dataset == "crag":

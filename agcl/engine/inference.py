@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
+
+from agcl.data.loaders import resize_nearest
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -21,6 +22,13 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
         return [0]
     count = math.ceil((size - patch) / stride) + 1
     return [min(stride * i, size - patch) for i in range(count)]
+
+
+def eval_window(eval_cfg: dict, train_patch: list[int]) -> tuple[list[int], list[int]]:
+    """Window size and stride of validation and test: eval.patch (else the training patch) and
+    eval.stride (else one patch, i.e. no overlap)."""
+    patch = eval_cfg.get("patch", train_patch)
+    return patch, eval_cfg.get("stride", patch)
 
 
 def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
@@ -73,21 +81,14 @@ def predict_slices(net: nn.Module, volume: np.ndarray, size: list[int], device: 
     volume (1, S, H, W) -> labels (S, H, W).
     """
     _, depth, height, width = volume.shape
-    zoom_in = (1.0, size[0] / height, size[1] / width)
-    resized = ndimage.zoom(volume[0], zoom_in, order=0).astype(np.float32)
+    resized = resize_nearest(volume[0], tuple(size)).astype(np.float32)
     labels = np.empty((depth, *size), dtype=np.uint8)
     for first in range(0, depth, batch):
         chunk = torch.from_numpy(resized[first:first + batch, None]).to(device)
         with autocast_context(device, amp_dtype):
             logits = net(chunk)
         labels[first:first + batch] = logits.float().argmax(dim=1).cpu().numpy()
-    zoom_out = (1.0, height / size[0], width / size[1])
-    restored = ndimage.zoom(labels, zoom_out, order=0)
-    if restored.shape != (depth, height, width):  # zoom rounding; nearest resize by index instead
-        rows = np.minimum((np.arange(height) * size[0] / height).astype(int), size[0] - 1)
-        cols = np.minimum((np.arange(width) * size[1] / width).astype(int), size[1] - 1)
-        restored = labels[:, rows][:, :, cols]
-    return restored
+    return resize_nearest(labels, (height, width))
 
 
 def predict_case(net: nn.Module, image: np.ndarray, eval_mode: str, num_classes: int,

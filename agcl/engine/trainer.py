@@ -24,7 +24,7 @@ from agcl.config import Layout, dataset_config, ratio_tag, validate_config
 from agcl.data.loaders import PatchSampler, load_cases, load_training_set, read_split
 from agcl.data.specs import get_spec
 from agcl.engine import checkpoint
-from agcl.engine.inference import dice_per_class, predict_case
+from agcl.engine.inference import dice_per_class, eval_window, predict_case
 from agcl.methods.base import Batch
 from agcl.methods.registry import get_method
 from agcl.utils import code_version, write_json
@@ -286,8 +286,7 @@ class Trainer:
 
     def _validate(self, method, cases) -> float:
         eval_cfg = self.dcfg["eval"]
-        patch = eval_cfg.get("patch", self.train_cfg["patch"])
-        stride = eval_cfg.get("stride", patch)
+        patch, stride = eval_window(eval_cfg, self.train_cfg["patch"])
         scores = []
         for case in cases:
             pred = predict_case(method.inference_net(), case.image, self.spec.eval_mode,

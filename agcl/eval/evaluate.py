@@ -17,7 +17,7 @@ from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
 from agcl.engine import checkpoint
-from agcl.engine.inference import predict_case
+from agcl.engine.inference import eval_window, predict_case
 from agcl.engine.trainer import BEST, FINAL, RUN_JSON, resolve_amp, resolve_device
 from agcl.eval.metrics import largest_connected_component, multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
@@ -101,8 +101,7 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
     split = read_split(layout.splits(dataset, meta["seed"]))
     processed = layout.processed(dataset)
     index = load_index(processed)
-    patch = eval_cfg.get("patch", dcfg["train"]["patch"])
-    stride = eval_cfg.get("stride", patch)
+    patch, stride = eval_window(eval_cfg, dcfg["train"]["patch"])
     spacing = _spacing(dataset, eval_cfg["spacing"])
     classes = list(range(1, spec.num_classes))
 
