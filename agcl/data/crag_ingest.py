@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from agcl.data.formats import natural_key
 from agcl.utils import code_version, write_json
 
 LOGGER = logging.getLogger("agcl.crag")
@@ -155,7 +156,7 @@ def _pair_split(source: _Source, root: str, split: str, folder: str, expected: i
 
     images, other_images = pngs(IMAGE_FOLDER)
     annotations, other_annotations = pngs(annotation_folder)
-    missing = sorted((stem for stem in images if stem not in annotations), key=_natural_key)
+    missing = sorted((stem for stem in images if stem not in annotations), key=natural_key)
     problems = []
     if len(images) != expected:
         problems.append(f"expected {expected} {split} images, found {len(images)}")
@@ -165,17 +166,10 @@ def _pair_split(source: _Source, root: str, split: str, folder: str, expected: i
                         f"(looked in {source.describe(f'{base}/{annotation_folder}')})")
     if problems:
         raise CragIngestError(f"CRAG {split} ({where}): " + "; ".join(problems))
-    ignored = sorted((annotations[s] for s in annotations if s not in images), key=_natural_key)
-    pairs = {stem: (images[stem], annotations[stem]) for stem in sorted(images, key=_natural_key)}
+    ignored = sorted((annotations[s] for s in annotations if s not in images), key=natural_key)
+    pairs = {stem: (images[stem], annotations[stem]) for stem in sorted(images, key=natural_key)}
     return _SplitPairs(split, folder, annotation_folder, pairs, ignored,
                        sorted(other_images + other_annotations))
-
-
-def _natural_key(text: str) -> tuple[Any, ...]:
-    """Sort train_2 before train_10."""
-    digits = "".join(c if c.isdigit() else " " for c in text).split()
-    words = "".join(" " if c.isdigit() else c for c in text).split()
-    return tuple(words), tuple(int(d) for d in digits)
 
 
 def _open_png(data: bytes, label: str) -> Image.Image:

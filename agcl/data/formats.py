@@ -27,6 +27,11 @@ class FormatError(ValueError):
     """A dataset file exists but does not hold what the upstream format promises."""
 
 
+def natural_key(name: str) -> list:
+    """Sort key that puts train_2 before train_10 (digit runs compare as numbers)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def read_list(path: str | os.PathLike) -> list[str]:
     """Read a split list: one id a line, whitespace stripped, blank lines skipped."""
     path = Path(path)

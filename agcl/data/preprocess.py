@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import h5py
@@ -35,10 +34,6 @@ class PreprocessError(ValueError):
 
 def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(Path(path).resolve(), Path(start).resolve())
-
-
-def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def preprocess_la(src: Path, out: Path) -> dict:
@@ -123,7 +118,8 @@ def preprocess_crag(src: Path, out: Path, scale: float = 1.0) -> dict:
             image_dir = src / split / "images"
             if not image_dir.is_dir():
                 raise PreprocessError(f"{src}: expected folder {split}/images (run agcl ingest-crag first)")
-            for image_path in sorted(image_dir.glob("*.png"), key=lambda p: _natural_key(p.name)):
+            images = sorted(image_dir.glob("*.png"), key=lambda p: formats.natural_key(p.name))
+            for image_path in images:
                 rgb, instances = formats.read_crag_pair(
                     image_path, src / split / "instances" / image_path.name
                 )
