@@ -54,10 +54,14 @@ def worst_distance(shape, spacing) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape) * spacing) ** 2)))
 
 
+DISTANCE_METRICS = ("hd95", "asd", "object_hausdorff")
+
+
 def aggregated_value(record: dict, metric: str) -> float:
-    """A per-case value as aggregates use it: an undefined distance counts as the worst case."""
+    """A per-case value as aggregates use it: an undefined distance (a mask or object set empty
+    on one side only) counts as the case's worst case, the diagonal of its grid."""
     value = record[metric]
-    if metric in ("hd95", "asd") and math.isnan(value):
+    if metric in DISTANCE_METRICS and math.isnan(value):
         return record["worst_distance"]
     return value
 
@@ -74,10 +78,8 @@ def aggregate_records(records: list[dict]) -> dict:
     out = {"mean": mean, "foreground_mean": foreground}
     with_objects = [r for r in records if "object_f1" in r]
     if with_objects:
-        # An undefined object Hausdorff (objects on one side only) counts as the case's diagonal.
-        out["object_mean"] = {m: float(np.mean([
-            r["worst_distance"] if m == "object_hausdorff" and math.isnan(r[m]) else r[m]
-            for r in with_objects])) for m in OBJECT_METRICS}
+        out["object_mean"] = {m: float(np.mean([aggregated_value(r, m) for r in with_objects]))
+                              for m in OBJECT_METRICS}
     return out
 
 
