@@ -10,6 +10,7 @@ file of every item and the facts later stages record with results (resolution, s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -177,8 +178,6 @@ def preprocess(dataset: str, src: str | Path, out: str | Path, scale: float = 1.
 
 
 def load_index(processed_dir: str | Path) -> dict:
-    import json
-
     path = Path(processed_dir) / "index.json"
     try:
         return json.loads(path.read_text())
