@@ -1,7 +1,9 @@
 """`agcl`: one console script whose subcommands are the workflow's stages.
 
-Every Snakemake rule calls one of these; each also works by hand. Exit status is non-zero on any
-failure, with a one-line message naming what was wrong (`--debug` shows the traceback).
+Every Snakemake rule calls one of these; each also works by hand. One convention throughout: the
+dataset (la, acdc, crag) is the first positional argument of every command that works on one
+dataset; files are options; `-v` and `--debug` go before or after the subcommand. Exit status is
+non-zero on any failure, with one line naming what was wrong (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
-from agcl import __version__
+from agcl.data.specs import SPECS
+
+DATASETS = list(SPECS)
 
 
 def _csv_list(text: str) -> list[str]:
@@ -23,6 +27,43 @@ def _int_pair(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"expected TRAIN,TEST counts such as 173,40, got '{text}'")
     return int(parts[0]), int(parts[1])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'")
+    return int(text)
+
+
+def _label_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a labeled fraction in (0, 1] such as 0.05, "
+                                         f"got '{text}'")
+    return value
+
+
+def _load_checked_config(path: str) -> dict:
+    """The config file, validated by the schema and against the method and net registries."""
+    from agcl.config import load_config
+    from agcl.methods.registry import check_config
+
+    config = load_config(path)
+    check_config(config, source=path)
+    return config
 
 
 def _set_threads(threads: int | None) -> None:
@@ -46,7 +87,8 @@ def cmd_ingest_crag(args) -> None:
     from agcl.data.crag_ingest import ingest_crag
 
     train, test = args.expect
-    summary = ingest_crag(args.path, args.dest, expected_train=train, expected_test=test)
+    summary = ingest_crag(args.path, args.dest, expected_train=train, expected_test=test,
+                          max_member_bytes=int(args.max_member_mb * 2**20))
     counts = summary["counts"]
     print(f"CRAG: {counts['train']} train + {counts['test']} test images in {args.dest}")
 
@@ -97,35 +139,41 @@ def cmd_splits(args) -> None:
     print(f"{args.dataset} seed {args.seed}: labeled {split['unit']}s per ratio {counts} -> {out}")
 
 
-def cmd_train(args) -> None:
-    from agcl.methods.registry import list_methods
+def cmd_methods(args) -> None:
+    from agcl.methods.registry import get_method, list_methods
 
-    if args.list_methods:
-        print("\n".join(list_methods()))
-        return
-    missing = [f"--{n}" for n in ("config", "dataset", "method", "labels", "seed", "out")
-               if getattr(args, n) is None]
-    if missing:
-        raise SystemExit(f"agcl train: error: missing {', '.join(missing)}")
-    from agcl.config import load_config
+    for name in list_methods():
+        cls = get_method(name)
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:14s} {doc[0] if doc else ''}".rstrip())
+
+
+def cmd_train(args) -> None:
     from agcl.engine.trainer import Trainer, parse_overrides
 
     _set_threads(args.threads)
-    trainer = Trainer(load_config(args.config), args.dataset, args.method, args.labels, args.seed,
-                      args.out, iterations=args.iterations, device=args.device,
+    trainer = Trainer(_load_checked_config(args.config), args.dataset, args.method, args.labels,
+                      args.seed, args.out, iterations=args.iterations, device=args.device,
                       overrides=parse_overrides(args.set), force=args.force,
                       progress=not args.no_progress)
     meta = trainer.run()
-    print(f"trained {meta['method']} on {meta['dataset']} r{args.labels} s{args.seed}: "
-          f"{meta['iterations']} iterations in {meta['train_seconds']:.1f} s -> {args.out}")
+    print(f"trained {meta['method']} on {meta['dataset']} r{args.labels:g} s{args.seed}: "
+          f"{meta['iterations']} iterations in {meta['train_seconds']:.1f} s -> {trainer.out}")
 
 
 def cmd_evaluate(args) -> None:
-    from agcl.config import load_config
+    from agcl.config import Layout
     from agcl.eval.evaluate import evaluate_run
 
+    config = _load_checked_config(args.config)
+    if args.run is None:
+        identity = (args.method, args.labels, args.seed)
+        if any(v is None for v in identity):
+            raise SystemExit("agcl evaluate: error: give --run RUN_DIR, or --method, --labels and "
+                             "--seed to use the config's run folder")
+        args.run = Layout(config).run(args.dataset, *identity)
     _set_threads(args.threads)
-    summary = evaluate_run(load_config(args.config), args.dataset, args.run, device=args.device,
+    summary = evaluate_run(config, args.dataset, args.run, device=args.device,
                            save_predictions=args.save_predictions)
     fg = summary["foreground_mean"]
     print(f"{args.run}: Dice {fg['dice']:.4f} Jaccard {fg['jaccard']:.4f} "
@@ -149,91 +197,121 @@ def cmd_report(args) -> None:
 
 
 # --- parser -----------------------------------------------------------------------------------
+def _global_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show tracebacks on errors")
+
+
+def _dataset(p: argparse.ArgumentParser, choices=DATASETS) -> None:
+    p.add_argument("dataset", choices=choices, help=f"one of {', '.join(choices)}")
+
+
+def _run_identity(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--method", required=required, help="registered method (agcl methods)")
+    p.add_argument("--labels", type=_label_fraction, required=required,
+                   help="labeled fraction, e.g. 0.05")
+    p.add_argument("--seed", type=_seed, required=required)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from agcl.utils import code_version
+
     parser = argparse.ArgumentParser(prog="agcl", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"agcl {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"agcl {code_version()}")
+    _global_options(parser, default=False)
+    # Subcommands accept the same options after their name; SUPPRESS keeps a value given before.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("download", help="fetch LA or ACDC files, verified against sha256 manifests")
-    p.add_argument("dataset", choices=["la", "acdc"])
+    def command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("download", "fetch LA or ACDC files, verified against sha256 manifests", cmd_download)
+    _dataset(p, ["la", "acdc"])
     p.add_argument("--dest", required=True, help="dataset folder to fill")
     p.add_argument("--base-url", default="https://raw.githubusercontent.com",
                    help="raw-file host; file://<abs path> reads a local mirror")
     p.add_argument("--cases", help="comma-separated case ids (LA ids, ACDC patientXXX) to restrict to")
-    p.add_argument("--workers", type=int, default=4, help="parallel fetches")
+    p.add_argument("--workers", type=_positive_int, default=4, help="parallel fetches")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("ingest-crag", help="verify a user-supplied CRAG zip or folder and copy it")
+    p = command("ingest-crag", "verify a user-supplied CRAG zip or folder and copy it", cmd_ingest_crag)
     p.add_argument("path", help="CRAG zip or unpacked folder")
     p.add_argument("--dest", required=True)
     p.add_argument("--expect", type=_int_pair, default=(173, 40), metavar="TRAIN,TEST",
                    help="expected image counts (default 173,40)")
-    p.set_defaults(func=cmd_ingest_crag)
+    p.add_argument("--max-member-mb", type=float, default=64.0, metavar="MB",
+                   help="largest file accepted from the zip or folder (default 64)")
 
-    p = sub.add_parser("synth", help="write a synthetic dataset in the upstream on-disk format")
-    p.add_argument("dataset", choices=["la", "acdc", "crag"])
+    p = command("synth", "write a synthetic dataset in the upstream on-disk format", cmd_synth)
+    _dataset(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--config", help="take sizes and counts from datasets.<name>.synth")
     p.add_argument("--zip", action="store_true", help="CRAG: write CRAG.zip like the download")
-    p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("preprocess", help="dataset folder -> processed arrays and index.json")
-    p.add_argument("dataset", choices=["la", "acdc", "crag"])
+    p = command("preprocess", "dataset folder -> processed arrays and index.json", cmd_preprocess)
+    _dataset(p)
     p.add_argument("--src", required=True, help="dataset folder (downloaded, ingested, synthetic)")
     p.add_argument("--out", required=True)
     p.add_argument("--scale", type=float, help="CRAG resampling factor (default 1)")
     p.add_argument("--config", help="take the scale from datasets.<name>.scale")
-    p.set_defaults(func=cmd_preprocess)
 
-    p = sub.add_parser("splits", help="train/val/test ids and nested labeled subsets for one seed")
+    p = command("splits", "train/val/test ids and nested labeled subsets for one seed", cmd_splits)
+    _dataset(p)
     p.add_argument("--config", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=_seed, required=True)
     p.add_argument("--out", help="default: <results_dir>/<name>/splits/<dataset>/seed<k>.json")
-    p.set_defaults(func=cmd_splits)
 
-    p = sub.add_parser("train", help="train one dataset x method x label ratio x seed")
-    p.add_argument("--list-methods", action="store_true", help="print registered methods and exit")
-    p.add_argument("--config")
-    p.add_argument("--dataset")
-    p.add_argument("--method")
-    p.add_argument("--labels", type=float, help="labeled fraction, e.g. 0.05")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--iterations", type=int, help="override datasets.<name>.train.iterations")
+    command("methods", "list the registered methods", cmd_methods)
+
+    p = command("train", "train one dataset x method x label ratio x seed", cmd_train)
+    _dataset(p)
+    p.add_argument("--config", required=True)
+    _run_identity(p, required=True)
+    p.add_argument("--out", help="run folder (default: the config's, "
+                                 "<results_dir>/<name>/runs/<dataset>/<method>/r<labels>/s<seed>)")
+    p.add_argument("--iterations", type=_positive_int,
+                   help="override datasets.<name>.train.iterations")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter, or train.KEY of the dataset's "
                         "training config (repeatable)")
-    p.add_argument("--force", action="store_true", help="retrain a finished run from scratch")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--force", action="store_true",
+                   help="retrain from scratch, removing the run's checkpoints, log and metrics")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test-set metrics of one finished run -> metrics.json")
+    p = command("evaluate", "test-set metrics of one finished run -> metrics.json", cmd_evaluate)
+    _dataset(p)
     p.add_argument("--config", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--run", required=True, help="run directory written by agcl train")
+    p.add_argument("--run", help="run folder; or give --method, --labels and --seed")
+    _run_identity(p, required=False)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_positive_int)
     p.add_argument("--save-predictions", action="store_true",
                    help="also write predictions.npz (label maps per test case, for the report)")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("aggregate", help="every run's metrics.json -> tidy CSV tables")
+    p = command("aggregate", "every run's metrics.json -> tidy CSV tables", cmd_aggregate)
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="default: <results_dir>/<name>/summary")
-    p.set_defaults(func=cmd_aggregate)
 
-    p = sub.add_parser("report", help="tables + plots -> <reports_dir>/<name>/index.html")
+    p = command("report", "tables + plots -> <reports_dir>/<name>/index.html", cmd_report)
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="default: <reports_dir>/<name>/index.html")
-    p.set_defaults(func=cmd_report)
     return parser
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for users: a KeyError's text without the quotes str() puts around it."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one clear line for users; the traceback with --debug
         if args.debug:
             raise
-        print(f"agcl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"agcl {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def onednn_disabled():
+    """Run CPU bf16 through PyTorch's own kernels instead of oneDNN's.
+
+    On CPUs with AVX512-BF16 or AMX, torch hands bf16 convolutions to oneDNN, whose kernels are
+    wrong for some shapes (pytorch#169688, pytorch#188426: an innermost output size of 1 with a
+    stride > 1, which a 16-deep 3D patch reaches at the nets' fourth downsampling); on such CPUs
+    the 3D bf16 tests got non-finite gradients. Without oneDNN the same autocast code paths run
+    on kernels every CPU has, so these tests check our AMP code rather than one vendor's kernel.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a TF32-on-Intel-GPU notice from flags()
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
+@contextlib.contextmanager
+def cpu_bf16_autocast():
+    """bf16 autocast on CPU, on kernels that are correct on every CPU (see onednn_disabled)."""
+    import torch
+
+    with onednn_disabled(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
 
 
 @pytest.fixture(scope="session")

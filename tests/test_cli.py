@@ -7,8 +7,8 @@ import pytest
 
 from agcl.cli import build_parser, main
 
-COMMANDS = ["download", "ingest-crag", "synth", "preprocess", "splits", "train", "evaluate",
-            "aggregate", "report"]
+COMMANDS = ["download", "ingest-crag", "synth", "preprocess", "splits", "methods", "train",
+            "evaluate", "aggregate", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -20,9 +20,10 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 def test_console_entry_point_runs_as_module():
-    out = subprocess.run([sys.executable, "-m", "agcl", "train", "--list-methods"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert "supervised" in out and out == sorted(out)
+    lines = subprocess.run([sys.executable, "-m", "agcl", "methods"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert "supervised" in names and names == sorted(names)
 
 
 def test_download_form_and_second_run(tmp_path, shared_mirror, capsys):
@@ -50,10 +51,81 @@ def test_synth_form(tmp_path):
 def test_bad_config_exits_nonzero_naming_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nseeds: [0]\nmethods: [supervised]\nratios: [2]\ndatasets: {}\n")
-    assert main(["splits", "--config", str(bad), "--dataset", "la", "--seed", "0"]) == 1
+    assert main(["splits", "la", "--config", str(bad), "--seed", "0"]) == 1
     assert "ratios.0" in capsys.readouterr().err
 
 
-def test_train_requires_its_arguments():
-    with pytest.raises(SystemExit, match="--config"):
-        main(["train", "--dataset", "la"])
+def test_train_requires_its_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "la"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: --config, --method, --labels, --seed" in err
+
+
+# --- one convention ---------------------------------------------------------------------------
+DATASET_COMMANDS = {"download": ["la", "acdc"], "synth": ["la", "acdc", "crag"],
+                    "preprocess": ["la", "acdc", "crag"], "splits": ["la", "acdc", "crag"],
+                    "train": ["la", "acdc", "crag"], "evaluate": ["la", "acdc", "crag"]}
+
+
+@pytest.mark.parametrize("command", sorted(DATASET_COMMANDS))
+def test_dataset_is_the_first_positional_everywhere(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "{" + ",".join(DATASET_COMMANDS[command]) + "}" in usage
+    assert "--dataset" not in usage
+
+
+def test_train_help_shows_its_required_options_as_required(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+    for option in ("--config CONFIG", "--method METHOD", "--labels LABELS", "--seed SEED"):
+        assert option in usage and f"[{option}]" not in usage
+    assert "[--out OUT]" in usage and "--list-methods" not in usage
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_verbose_and_debug_work_before_or_after_the_subcommand(position):
+    args = ["methods"]
+    args = ["-v", "--debug", *args] if position == "before" else [*args, "-v", "--debug"]
+    parsed = build_parser().parse_args(args)
+    assert parsed.verbose is True and parsed.debug is True
+    assert build_parser().parse_args(["methods"]).verbose is False
+
+
+def test_version_names_the_code_version(capsys):
+    from agcl.utils import code_version
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"agcl {code_version()}"
+
+
+def test_key_errors_print_without_stray_quotes(tmp_path, capsys):
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config()))
+    code = main(["train", "la", "--config", str(config), "--method", "nope", "--labels", "0.1",
+                 "--seed", "0", "--out", str(tmp_path / "run")])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agcl train: error: unknown method 'nope' (registered: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_readme_documents_the_command_forms():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for form in ("agcl splits {la,acdc,crag} --config FILE --seed N",
+                 "agcl train {la,acdc,crag} --config FILE --method NAME --labels RATIO --seed N",
+                 "agcl evaluate {la,acdc,crag} --config FILE",
+                 "agcl methods"):
+        assert form in readme, form
+    assert "--list-methods" not in readme and "--dataset NAME" not in readme

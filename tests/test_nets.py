@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from agcl.nets import ProjectionHead, build, list_nets, register_net, registry
+from tests.conftest import cpu_bf16_autocast
 
 # (in_channels, num_classes) -> parameter count of the reference implementations.
 REFERENCE_COUNTS = {
@@ -97,10 +98,11 @@ def test_dropout_only_in_train_mode_and_only_when_enabled(name):
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_bf16_autocast_forward_on_cpu(name):
     net, x, num_classes = small_net(name)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), cpu_bf16_autocast():
         outs = net.forward_all(x)
     for out in outs:
         assert out.shape == (2, num_classes, *x.shape[2:])
+        assert out.dtype == torch.bfloat16  # the convolutions really ran in bf16
         assert torch.isfinite(out.float()).all()
 
 

@@ -13,7 +13,8 @@ import torch
 from agcl.cli import main
 from agcl.config import Layout, load_config
 from agcl.engine import trainer as trainer_module
-from agcl.engine.trainer import FINAL, LAST, Trainer
+from agcl.engine.trainer import Trainer
+from agcl.runfolder import FINAL, LAST
 
 
 def run_cli(*args: str) -> None:
@@ -32,7 +33,7 @@ def prepare(config_path: Path, dataset: str, seeds=(0,)) -> Layout:
     run_cli("preprocess", dataset, "--src", layout.raw(dataset), "--out", layout.processed(dataset),
             "--config", config_path)
     for seed in seeds:
-        run_cli("splits", "--config", config_path, "--dataset", dataset, "--seed", seed)
+        run_cli("splits", dataset, "--config", config_path, "--seed", seed)
     return layout
 
 
@@ -44,7 +45,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_stages_end_to_end(tiny_project, dataset):
     layout = prepare(tiny_project, dataset)
     run = layout.run(dataset, "supervised", 0.1, 0)
-    run_cli("train", "--config", tiny_project, "--dataset", dataset, "--method", "supervised",
+    run_cli("train", dataset, "--config", tiny_project, "--method", "supervised",
             "--labels", "0.1", "--seed", "0", "--out", run, "--no-progress")
     meta = json.loads((run / "run.json").read_text())
     assert meta["n_labeled"] >= 1 and meta["iterations"] == 4
@@ -53,7 +54,7 @@ def test_stages_end_to_end(tiny_project, dataset):
     assert list(log["step"]) == [1, 2, 3, 4] and np.isfinite(log["loss"]).all()
     assert not (run / LAST).exists()
 
-    run_cli("evaluate", "--config", tiny_project, "--dataset", dataset, "--run", run)
+    run_cli("evaluate", dataset, "--config", tiny_project, "--run", run)
     metrics = json.loads((run / "metrics.json").read_text())
     n_classes = {"la": 1, "acdc": 3, "crag": 1}[dataset]
     n_test = {"la": 2, "acdc": 4, "crag": 2}[dataset]  # ACDC: 2 test patients x 2 frames
@@ -79,7 +80,7 @@ def test_stages_end_to_end(tiny_project, dataset):
 def test_finished_run_is_not_overwritten(tiny_project):
     layout = prepare(tiny_project, "la")
     run = layout.run("la", "supervised", 0.1, 0)
-    args = ["train", "--config", tiny_project, "--dataset", "la", "--method", "supervised",
+    args = ["train", "la", "--config", tiny_project, "--method", "supervised",
             "--labels", "0.1", "--seed", "0", "--out", run, "--no-progress"]
     run_cli(*args)
     assert main([str(a) for a in args]) == 1
@@ -131,9 +132,9 @@ def test_aggregate_and_report_with_missing_runs(tiny_project):
     layout = prepare(tiny_project, "la", seeds=(0, 1))
     for seed in (0, 1):
         run = layout.run("la", "supervised", 0.1, seed)
-        run_cli("train", "--config", tiny_project, "--dataset", "la", "--method", "supervised",
+        run_cli("train", "la", "--config", tiny_project, "--method", "supervised",
                 "--labels", "0.1", "--seed", seed, "--out", run, "--no-progress")
-        run_cli("evaluate", "--config", tiny_project, "--dataset", "la", "--run", run,
+        run_cli("evaluate", "la", "--config", tiny_project, "--run", run,
                 "--save-predictions")
     run_cli("aggregate", "--config", tiny_project)
     summary = pd.read_csv(layout.results / "summary" / "summary.csv")
@@ -151,4 +152,5 @@ def test_aggregate_and_report_with_missing_runs(tiny_project):
     # label efficiency, per case, training curves and the LA overlays (from predictions.npz)
     assert html.count("data:image/png;base64,") == 4
     assert "Best, median and worst test case by supervised" in html
-    assert "10 run(s) of the grid have no metrics yet" in html
+    assert "10 run(s) of the grid are not counted in any table" in html
+    assert "not evaluated (no metrics.json)" in html

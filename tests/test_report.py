@@ -15,6 +15,7 @@ import pytest
 from agcl.config import Layout, validate_config
 from agcl.report.aggregate import aggregate
 from agcl.report.render import render_report
+from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON
 from agcl.utils import write_json
 
 CASES = [f"case{i:02d}" for i in range(8)]
@@ -52,6 +53,14 @@ def fake_metrics(method: str, ratio: float, seed: int, empty_policy: str) -> dic
             "code_version": "0.1.0+test"}
 
 
+def write_evaluated_run(run, metrics: dict, run_id: str = "fixture-run") -> None:
+    """A run folder as training + evaluation leave it: final model, run.json, metrics.json."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / FINAL).write_bytes(b"weights")  # aggregation reads only the two JSON files
+    write_json(run / RUN_JSON, {"run_id": run_id})
+    write_json(run / METRICS_JSON, {**metrics, "run_id": run_id})
+
+
 @pytest.fixture
 def fixture_grid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -65,7 +74,7 @@ def fixture_grid(tmp_path, monkeypatch):
                 run = layout.run("la", method, ratio, seed)
                 policy = "reference" if (method, ratio, seed) == ("supervised", 0.1, 1) else \
                     "metrics_reloaded"
-                write_json(run / "metrics.json", fake_metrics(method, ratio, seed, policy))
+                write_evaluated_run(run, fake_metrics(method, ratio, seed, policy))
                 pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.5],
                               "val_dice": [np.nan, np.nan, np.nan]}).to_csv(
                     run / "train_log.csv", index=False)
@@ -103,7 +112,9 @@ def test_report_renders_every_section_with_a_partial_grid(fixture_grid):
         assert f'id="{anchor}"' in html
     assert 'id="table-la"' in html and 'id="stats-table"' in html
     assert html.count("data:image/png;base64,") == 3  # efficiency, per case, training
-    assert "1 run(s) of the grid have no metrics yet" in html
+    assert "1 run(s) of the grid are not counted in any table" in html
+    # semi_agcl at 10 % has one of its two seeds: the table says so beside the mean
+    assert "ours over 1 of 2 seeds (see Missing runs)" in html
     assert 'id="reference-policy-warning"' in html  # one run used the upstream policy
     assert "90.33" in html  # the published Semi-AGCL LA 10% Dice beside ours
     assert 'id="synthetic-warning"' in html  # the fixture config says its LA is synthetic

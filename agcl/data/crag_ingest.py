@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from agcl.data.formats import natural_key
 from agcl.utils import code_version, write_json
@@ -33,6 +33,11 @@ IMAGE_FOLDER = "Images"
 # Pillow modes of a single-channel integer image; "P" keeps the stored indices as the ids.
 _INSTANCE_MODES = frozenset({"L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N"})
 _JUNK_PREFIXES = ("__MACOSX/",)
+# Largest file accepted from the source. CRAG's images are 1512x1516 RGB PNGs (a few MB each);
+# the cap stops a malformed or hostile zip (a small archive declaring a huge member) from being
+# read into memory. Checked on the declared sizes before anything is read, and again while reading.
+MAX_MEMBER_BYTES = 64 * 2**20
+_CHUNK = 2**20
 
 
 class CragIngestError(ValueError):
@@ -42,8 +47,9 @@ class CragIngestError(ValueError):
 class _Source:
     """Read-only view of a zip or a folder as posix relative paths -> bytes."""
 
-    def __init__(self, src: Path):
+    def __init__(self, src: Path, max_member_bytes: int = MAX_MEMBER_BYTES):
         self.path = src
+        self.max_member_bytes = max_member_bytes
         if src.is_dir():
             self.kind = "folder"
             self._zip = None
@@ -64,11 +70,40 @@ class _Source:
         else:
             raise CragIngestError(f"CRAG source {src} does not exist")
         self.files = [f for f in self.files if not _is_junk(f)]
+        try:
+            self._check_declared_sizes()
+        except CragIngestError:
+            self.close()
+            raise
+
+    def _declared_size(self, relpath: str) -> int:
+        if self._zip is not None:
+            return self._zip.getinfo(self._zip_names[relpath]).file_size
+        return (self.path / relpath).stat().st_size
+
+    def _too_large(self, relpath: str, size: str) -> CragIngestError:
+        return CragIngestError(
+            f"CRAG: {self.describe(relpath)} is {size} (the cap is "
+            f"{self.max_member_bytes / 2**20:g} MiB per file; a CRAG image is a few MB): "
+            "not a CRAG file, or a damaged archive")
+
+    def _check_declared_sizes(self) -> None:
+        for relpath in self.files:
+            size = self._declared_size(relpath)
+            if size > self.max_member_bytes:
+                raise self._too_large(relpath, f"{size / 2**20:.1f} MiB")
 
     def read(self, relpath: str) -> bytes:
-        if self._zip is not None:
-            return self._zip.read(self._zip_names[relpath])
-        return (self.path / relpath).read_bytes()
+        """The file's bytes, read in chunks and never more than the cap."""
+        chunks, total = [], 0
+        with (self._zip.open(self._zip_names[relpath]) if self._zip is not None
+              else open(self.path / relpath, "rb")) as handle:
+            while chunk := handle.read(_CHUNK):
+                total += len(chunk)
+                if total > self.max_member_bytes:
+                    raise self._too_large(relpath, "larger than declared")
+                chunks.append(chunk)
+        return b"".join(chunks)
 
     def describe(self, relpath: str) -> str:
         return f"{self.path}:{relpath}" if self.kind == "zip" else str(self.path / relpath)
@@ -157,16 +192,23 @@ def _pair_split(source: _Source, root: str, split: str, folder: str, expected: i
     images, other_images = pngs(IMAGE_FOLDER)
     annotations, other_annotations = pngs(annotation_folder)
     missing = sorted((stem for stem in images if stem not in annotations), key=natural_key)
+    unpaired = sorted((stem for stem in annotations if stem not in images), key=natural_key)
     problems = []
     if len(images) != expected:
         problems.append(f"expected {expected} {split} images, found {len(images)}")
+        if unpaired and len(images) < expected:
+            # An annotation without its image usually means the image itself is what is missing.
+            names = ", ".join(f"{s}.png" for s in unpaired)
+            problems.append(f"missing image(s) {names} in "
+                            f"{source.describe(f'{base}/{IMAGE_FOLDER}')} (their annotation(s) "
+                            f"{', '.join(annotations[s] for s in unpaired)} have no image)")
     if missing:
         names = ", ".join(PurePosixPath(images[s]).name for s in missing)
         problems.append(f"missing annotation for {names} "
                         f"(looked in {source.describe(f'{base}/{annotation_folder}')})")
     if problems:
         raise CragIngestError(f"CRAG {split} ({where}): " + "; ".join(problems))
-    ignored = sorted((annotations[s] for s in annotations if s not in images), key=natural_key)
+    ignored = sorted((annotations[s] for s in unpaired), key=natural_key)
     pairs = {stem: (images[stem], annotations[stem]) for stem in sorted(images, key=natural_key)}
     return _SplitPairs(split, folder, annotation_folder, pairs, ignored,
                        sorted(other_images + other_annotations))
@@ -176,6 +218,9 @@ def _open_png(data: bytes, label: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode fully so a truncated file fails here, not in preprocessing
+    except UnidentifiedImageError:
+        raise CragIngestError(f"CRAG: {label} is not an image Pillow can read (expected a PNG "
+                              "file)") from None
     except Exception as error:  # Pillow raises many types for broken files
         raise CragIngestError(f"CRAG: cannot read PNG {label}: {error}") from error
     if image.format != "PNG":
@@ -253,14 +298,14 @@ def _existing_matches(dest: Path, source_hashes: dict[str, str]) -> dict | None:
 
 
 def ingest_crag(src: str | os.PathLike, dest: str | os.PathLike, expected_train: int = 173,
-                expected_test: int = 40) -> dict:
+                expected_test: int = 40, max_member_bytes: int = MAX_MEMBER_BYTES) -> dict:
     """Verify a CRAG zip/folder and copy it into `dest` (canonical layout); return ingest.json.
 
     Nothing is written unless every file pairs, counts and decodes; if dest already holds the
     same files (same hashes) it is left untouched and its ingest.json is returned.
     """
     src, dest = Path(src).resolve(), Path(dest).resolve()
-    source = _Source(src)
+    source = _Source(src, max_member_bytes)
     try:
         root = _find_root(source)
         root_children = _children(source.files, root)

@@ -45,6 +45,19 @@ def read_list(path: str | os.PathLike) -> list[str]:
     return ids
 
 
+def check_finite(array: np.ndarray, where: str) -> np.ndarray:
+    """Raise FormatError naming `where` when a float array holds NaN or Inf; return the array."""
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = np.argwhere(~finite)
+            first = tuple(int(i) for i in bad[0])
+            raise FormatError(f"{where} holds {len(bad)} non-finite value(s) (NaN or Inf; the first "
+                              f"at index {first}, value {array[first]}): expected finite "
+                              "intensities; re-create or re-download this file")
+    return array
+
+
 def la_case_path(dataset_dir: str | os.PathLike, case: str) -> Path:
     return Path(dataset_dir) / LA_CASE_TEMPLATE.format(case=case)
 
@@ -85,7 +98,7 @@ def read_h5_volume(
             raise FormatError(f"{path}: key 'image' has dtype {image_ds.dtype} (expected float)")
         if not np.issubdtype(label_ds.dtype, np.integer):
             raise FormatError(f"{path}: key 'label' has dtype {label_ds.dtype} (expected integer)")
-        image = image_ds[()].astype(np.float32, copy=False)
+        image = check_finite(image_ds[()].astype(np.float32, copy=False), f"{path}: key 'image'")
         label = label_ds[()]
     present = {int(v) for v in np.unique(label)}
     allowed = set(range(256)) if label_values is None else set(label_values)

@@ -89,7 +89,7 @@ def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
             for name in index["train_slices"]:
                 if name.rsplit("_slice_", 1)[0] not in train_frames:
                     continue
-                image = resize_nearest(h5[name]["image"][()], size)
+                image = resize_nearest(_finite(h5, name, "image"), size)
                 if name in labeled_slices:
                     _append(out, name, image[None], resize_nearest(h5[name]["label"][()], size))
                 else:
@@ -100,13 +100,18 @@ def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
         with h5py.File(processed_dir / index["data_file"], "r") as h5:
             for ids, is_labeled in ((labeled, True), (unlabeled, False)):
                 for name in ids:
-                    _append(out, name, h5[name]["image"][()],
+                    _append(out, name, _finite(h5, name, "image"),
                             h5[name]["label"][()] if is_labeled else None)
     else:
         raise ValueError(f"{processed_dir}: unknown dataset '{dataset}' in index.json")
     if not out.labeled_images:
         raise ValueError(f"{processed_dir}: ratio {ratio_tag} of seed {split['seed']} has no labeled image")
     return out
+
+
+def _finite(h5: h5py.File, group: str, key: str) -> np.ndarray:
+    """One array of a processed h5 file, checked finite (the error names file, group and key)."""
+    return formats.check_finite(h5[group][key][()], f"{h5.filename}: {group}/{key}")
 
 
 def _rest_of_pool(split: dict, labeled: list[str]) -> list[str]:
@@ -139,7 +144,8 @@ def load_cases(processed_dir: str | Path, case_ids: list[str]) -> list[Case]:
         with h5py.File(processed_dir / index["data_file"], "r") as h5:
             for case_id in case_ids:
                 grp = h5[case_id]
-                cases.append(Case(case_id, grp["image"][()], grp["label"][()], grp["instances"][()]))
+                cases.append(Case(case_id, _finite(h5, case_id, "image"), grp["label"][()],
+                                  grp["instances"][()]))
     return cases
 
 

@@ -1,7 +1,8 @@
 """The one training loop every method goes through.
 
-It owns the device, AMP, the optimiser and schedule, backward, checkpoints (resume), validation
-and the per-iteration CSV log; the method only turns a batch into a loss.
+It owns the device, AMP, the optimiser and schedule, backward, the non-finite policy, checkpoints
+(resume), validation and the per-iteration CSV log; the method only turns a batch into a loss.
+What the run folder holds and when a run counts as finished is agcl.runfolder's business.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,45 +22,40 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agcl.config import Layout, dataset_config, ratio_tag, validate_config
+from agcl.config import ConfigError, Layout, dataset_config, ratio_tag, validate_config
 from agcl.data.loaders import PatchSampler, load_cases, load_training_set, read_split
+from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
+from agcl.devices import amp_name, resolve_amp, resolve_device
 from agcl.engine import checkpoint
-from agcl.engine.inference import dice_per_class, eval_window, predict_case
+from agcl.inference import dice_per_class, eval_window, predict_case
 from agcl.methods.base import Batch
-from agcl.methods.registry import get_method
+from agcl.methods.registry import check_config, get_method
+from agcl.runfolder import (
+    BEST,
+    FINAL,
+    LAST,
+    LOG_CSV,
+    RUN_JSON,
+    RunExistsError,
+    RunFolder,
+    RunMismatchError,
+    identity_differences,
+    run_identity,
+)
 from agcl.utils import code_version, write_json
 
 log = logging.getLogger("agcl.train")
 
-FINAL = "ckpt_final.pt"
-LAST = "ckpt_last.pt"  # rolling resume point, deleted once the run is final
-BEST = "ckpt_best.pt"
-LOG_CSV = "train_log.csv"
-RUN_JSON = "run.json"
+# Training-config keys that change what is logged or saved, not the weights a run ends with;
+# they stay out of the settings hash, so changing them never blocks a resume.
+LOGGING_KEYS = ("log_every", "checkpoint_every", "tensorboard")
+# How many skipped steps run.json lists by number (all are counted).
+LISTED_SKIPS = 50
 
 
-class RunExistsError(RuntimeError):
-    pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA where supported, fp16 (with a scaler) on older GPUs, off on CPU."""
-    if setting == "off" or (setting == "auto" and device.type == "cpu"):
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or gradient and the policy says stop."""
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -127,11 +124,20 @@ def _to_device(array: np.ndarray | None, device: torch.device) -> torch.Tensor |
     return tensor
 
 
+def positive_iterations(value: Any, where: str = "--iterations") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
 class Trainer:
+    """One run. The constructor checks everything it can (config, method, hparams, net options,
+    split, data, device) and touches no file; `run()` then trains, resumes or refuses."""
+
     def __init__(self, config: dict, dataset: str, method: str, ratio: float, seed: int,
-                 out: str | Path, *, iterations: int | None = None, device: str | None = None,
-                 overrides: dict[str, Any] | None = None, force: bool = False,
-                 progress: bool = True, root: str | Path = "."):
+                 out: str | Path | None = None, *, iterations: int | None = None,
+                 device: str | None = None, overrides: dict[str, Any] | None = None,
+                 force: bool = False, progress: bool = True, root: str | Path = "."):
         self.config = config
         self.dataset = dataset
         self.spec = get_spec(dataset)
@@ -139,25 +145,17 @@ class Trainer:
         overrides = dict(overrides or {})
         self.train_cfg = {**self.dcfg["train"], **_pop_train_overrides(config, dataset, overrides)}
         if iterations is not None:
-            self.train_cfg["iterations"] = iterations
+            self.train_cfg["iterations"] = positive_iterations(iterations)
         self.total = self.train_cfg["iterations"]
-        self.ratio = ratio
+        self.ratio = float(ratio)
         self.ratio_tag = ratio_tag(ratio)
         self.seed = seed
-        self.out = Path(out)
         self.progress = progress
+        self.force = force
         self.layout = Layout(config, root)
-        self.device = resolve_device(device or config.get("device", "auto"))
-        self.amp_dtype = resolve_amp(self.train_cfg["amp"], self.device)
-
-        if (self.out / FINAL).exists():
-            if not force:
-                raise RunExistsError(f"{self.out / FINAL} exists: this run is finished "
-                                     "(pass --force to train it again from scratch)")
-            for name in (FINAL, LAST, BEST, LOG_CSV, RUN_JSON):
-                (self.out / name).unlink(missing_ok=True)
 
         self.method_cls = get_method(method)
+        check_config({**config, "methods": [method]}, source="config")
         self.hparams = self.method_cls.hparams_for(
             dataset,
             config.get("hparams", {}).get(method, {}),
@@ -165,56 +163,128 @@ class Trainer:
             overrides,
         )
         self.selection = self.dcfg["selection"]
+        self.split_path = self.layout.splits(dataset, seed)
+        split = read_split(self.split_path)
+        if self.ratio_tag not in split["labeled"]:
+            raise ConfigError(f"{self.split_path} has no labeled subset for ratio {self.ratio_tag} "
+                              f"(has {', '.join(split['labeled'])}): add it to the config's ratios "
+                              "and rerun `agcl splits`")
+        if self.selection == "best_val" and not split["val"]:
+            raise ConfigError(f"datasets.{dataset}.selection is best_val but {self.split_path} has "
+                              f"no val cases (set datasets.{dataset}.val_cases > 0)")
+        load_index(self.layout.processed(dataset))  # fails now, naming the file, if missing
+        self.device = resolve_device(device or config.get("device", "auto"))
+        self.amp_dtype = resolve_amp(self.train_cfg["amp"], self.device)
+        self.folder = RunFolder(out if out is not None
+                                else self.layout.run(dataset, method, self.ratio, seed))
+        self.out = self.folder.path
+        self.settings = self._settings()
+        self.identity = run_identity(dataset, method, self.ratio, seed, self.settings)
+        self._warn_degenerate_bf16_cpu()
+
+    def _settings(self) -> dict:
+        """Everything that decides the weights a run ends with (hashed into its identity)."""
+        eval_patch, eval_stride = eval_window(self.dcfg["eval"], self.train_cfg["patch"])
+        return {
+            "train": {k: v for k, v in sorted(self.train_cfg.items()) if k not in LOGGING_KEYS},
+            "hparams": dict(sorted(self.hparams.items())),
+            "net": {"name": self.method_cls.net_name(self.spec), **self.dcfg["net"]},
+            "selection": self.selection,
+            "validation_window": {"patch": eval_patch, "stride": eval_stride},
+        }
+
+    def _warn_degenerate_bf16_cpu(self) -> None:
+        # oneDNN's bf16 convolution on AVX512-BF16/AMX CPUs is wrong when the innermost output
+        # size is 1 with a stride > 1 (pytorch#169688): a 3D patch whose last side is 16 reaches
+        # exactly that at the net's fourth downsampling. The non-finite guard catches NaNs, not
+        # silently wrong values, so say it up front.
+        if (self.device.type == "cpu" and self.amp_dtype == torch.bfloat16
+                and len(self.train_cfg["patch"]) == 3 and self.train_cfg["patch"][-1] // 16 == 1):
+            log.warning("bf16 autocast on CPU with a patch whose last side is 16: some CPUs' "
+                        "oneDNN bf16 kernels compute this shape wrongly; prefer amp: off on CPU")
 
     # ----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        with self.folder.lock():
+            self.folder.remove_temporaries()
+            if self.folder.is_finished() and not self.force:
+                self.folder.finished_meta()  # restores run.json if a kill left it out
+                raise RunExistsError(f"{self.folder.file(FINAL)} exists: this run is finished "
+                                     "(pass --force to train it again from scratch)")
+            resuming = self.folder.file(LAST).exists() and not self.force
+            if resuming:
+                saved = self.folder.load_checkpoint(LAST, mmap=True)
+                diffs = identity_differences(saved.get("identity", {}), self.identity,
+                                             saved.get("settings"), self.settings)
+                if diffs:
+                    raise RunMismatchError(
+                        f"{self.folder.file(LAST)} belongs to another run: {'; '.join(diffs)}. "
+                        "Use another --out folder, or pass --force to discard it and start over")
+            parts = self._prepare()
+            # Only now, with data, method and optimiser ready, is anything old removed: a fresh
+            # start (or --force) leaves nothing stale beside the new run.
+            if not resuming:
+                self.folder.clear()
+            resume = self.folder.load_checkpoint(LAST, map_location=self.device) if resuming else None
+            return self._train(parts, resume)
+
+    def _prepare(self) -> dict:
         seed_everything(self.seed, self.device)
-        split = read_split(self.layout.splits(self.dataset, self.seed))
+        split = read_split(self.split_path)
         processed = self.layout.processed(self.dataset)
         data = load_training_set(processed, split, self.ratio_tag, self.train_cfg["patch"])
         val_cases = load_cases(processed, split["val"]) if split["val"] else []
-        if self.selection == "best_val" and not val_cases:
-            raise ValueError(f"datasets.{self.dataset}.selection is best_val but the split has no "
-                             f"val cases (set datasets.{self.dataset}.val_cases > 0)")
-
         method = self.method_cls(self.spec, self.hparams, self.dcfg["net"], self.total).to(self.device)
         labeled_bs = self.train_cfg["labeled_batch_size"]
         unlabeled_bs = self.train_cfg["batch_size"] - labeled_bs if method.uses_unlabeled else 0
-        sampler = PatchSampler(data, self.train_cfg["patch"], labeled_bs, unlabeled_bs, self.seed)
-        optimizer = torch.optim.SGD(method.trainable_parameters(), lr=self.train_cfg["lr"],
-                                    momentum=self.train_cfg["momentum"],
-                                    weight_decay=self.train_cfg["weight_decay"])
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        state = {"step": 0, "best_val": -math.inf, "best_step": None}
+        return {
+            "split": split, "data": data, "val_cases": val_cases, "method": method,
+            "sampler": PatchSampler(data, self.train_cfg["patch"], labeled_bs, unlabeled_bs, self.seed),
+            "optimizer": torch.optim.SGD(method.trainable_parameters(), lr=self.train_cfg["lr"],
+                                         momentum=self.train_cfg["momentum"],
+                                         weight_decay=self.train_cfg["weight_decay"]),
+            "scaler": torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16),
+        }
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        if (self.out / LAST).exists():
-            ckpt = checkpoint.load(self.out / LAST, map_location=self.device)
-            method.load_state_dict(ckpt["method"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            sampler.load_state_dict(ckpt["sampler"])
-            checkpoint.set_rng_states(ckpt["rng"])
-            state = ckpt["state"]
+    def _train(self, parts: dict, resume: dict | None) -> dict:
+        split, data, val_cases, method = (parts[k] for k in ("split", "data", "val_cases", "method"))
+        sampler, optimizer, scaler = parts["sampler"], parts["optimizer"], parts["scaler"]
+        state = {"step": 0, "best_val": -math.inf, "best_step": None, "run_id": uuid.uuid4().hex,
+                 "train_seconds": 0.0, "resumed_at": [], "skipped": 0, "skipped_steps": [],
+                 "consecutive_skips": 0}
+        if resume is not None:
+            method.load_state_dict(resume["method"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scaler.load_state_dict(resume["scaler"])
+            sampler.load_state_dict(resume["sampler"])
+            checkpoint.set_rng_states(resume["rng"])
+            state = resume["state"]
+            state["resumed_at"].append(state["step"])
             log.info("resuming %s at step %d", self.out, state["step"])
         self._truncate_log(state["step"])
+        names = {id(p): n for n, p in method.named_parameters()}
+        trainable = [(names.get(id(p), "?"), p) for p in method.trainable_parameters()]
 
         fields = None
         board = _tensorboard_writer(self.out) if self.train_cfg["tensorboard"] else None
         bar = tqdm(total=self.total, initial=state["step"], disable=not self.progress,
                    desc=f"{self.dataset}/{method.name}/r{self.ratio_tag}/s{self.seed}", unit="it")
         method.train()
-        started = time.perf_counter()
+        segment_start, seconds_before = time.perf_counter(), state["train_seconds"]
+        saved_step = state["step"]  # the step a failed write would resume from
         with open(self.out / LOG_CSV, "a", newline="") as log_file, bar:
             for step in range(state["step"], self.total):
-                row = self._step(method, sampler, optimizer, scaler, step)
+                row = self._step(method, trainable, sampler, optimizer, scaler, step, state)
                 state["step"] = step + 1
+                state["train_seconds"] = seconds_before + time.perf_counter() - segment_start
                 if val_cases and (state["step"] % self.train_cfg["val_every"] == 0
                                   or state["step"] == self.total):
                     row["val_dice"] = self._validate(method, val_cases)
                     if row["val_dice"] > state["best_val"]:
                         state["best_val"], state["best_step"] = row["val_dice"], state["step"]
-                        checkpoint.save(self.out / BEST, self._final_payload(method, state))
+                        self.folder.save_checkpoint(BEST, self._inference_payload(method, state),
+                                                    resume_step=saved_step)
                     method.train()
                 if fields is None:  # columns fixed by the first row; val_dice only with a val set
                     fields = [f for f in row if f != "val_dice"] + (["val_dice"] if val_cases else [])
@@ -231,24 +301,28 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if state["step"] % self.train_cfg["checkpoint_every"] == 0 and state["step"] < self.total:
-                    checkpoint.save(self.out / LAST, {
+                    self.folder.save_checkpoint(LAST, {
+                        "identity": self.identity, "settings": self.settings,
                         "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
                         "rng": checkpoint.rng_states(), "state": state,
-                    })
-        elapsed = time.perf_counter() - started
+                    }, resume_step=saved_step)
+                    saved_step = state["step"]
         if board is not None:
             board.close()
 
-        checkpoint.save(self.out / FINAL, self._final_payload(method, state))
-        meta = self._metadata(state, data, split, elapsed)
+        meta = self._metadata(state, data, split)
+        # The rename of ckpt_final.pt is what makes the run finished; it carries the metadata, so
+        # run.json (written next) can always be restored from it.
+        self.folder.save_checkpoint(FINAL, {**self._inference_payload(method, state), "run": meta},
+                                    resume_step=saved_step)
         write_json(self.out / RUN_JSON, meta)
         (self.out / LAST).unlink(missing_ok=True)
         return meta
 
     # ----------------------------------------------------------------------------------------
-    def _step(self, method, sampler, optimizer, scaler, step: int) -> dict:
-        """One optimiser step; returns the log row."""
+    def _step(self, method, trainable, sampler, optimizer, scaler, step: int, state: dict) -> dict:
+        """One optimiser step (or a skipped one, by the non-finite policy); returns the log row."""
         tic = time.perf_counter()
         x_l, y_l, x_u = sampler.next_batch()
         batch = Batch(_to_device(x_l, self.device), _to_device(y_l, self.device),
@@ -259,16 +333,43 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, logs = method.train_step(batch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {step}: {logs}")
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_optimizer_step(step)
+        problem = None
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
+            problem = f"the loss is {float(loss)} ({terms})"
+        else:
+            scaler.scale(loss).backward()
+            if not scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN itself
+                bad = first_nonfinite_gradient(trainable)
+                if bad is not None:
+                    problem = (f"the gradient of {bad} is not finite (the loss is "
+                               f"{float(loss.detach()):.4g})")
+        if problem is None:
+            scaler.step(optimizer)
+            scaler.update()
+            method.after_optimizer_step(step)
+            state["consecutive_skips"] = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self._non_finite(step, problem, state)
         seconds = time.perf_counter() - tic
         return {"step": step + 1, "lr": lr, "loss": float(loss.detach()), **logs,
-                "seconds": seconds, "it_per_s": 1.0 / seconds}
+                "skipped": int(problem is not None), "seconds": seconds, "it_per_s": 1.0 / seconds}
+
+    def _non_finite(self, step: int, problem: str, state: dict) -> None:
+        where = f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} s{self.seed}, step {step + 1}"
+        if self.train_cfg["nonfinite"] == "stop":
+            raise NonFiniteError(f"{where}: {problem}; stopping (train.nonfinite: stop)")
+        state["skipped"] += 1
+        state["consecutive_skips"] += 1
+        if len(state["skipped_steps"]) < LISTED_SKIPS:
+            state["skipped_steps"].append(step + 1)
+        limit = self.train_cfg["max_consecutive_skips"]
+        if state["consecutive_skips"] >= limit:
+            raise NonFiniteError(f"{where}: {problem}; {limit} steps in a row skipped, stopping "
+                                 "(train.max_consecutive_skips)")
+        log.warning("%s: %s; step skipped (train.nonfinite: skip)", where, problem)
 
     def _truncate_log(self, step: int) -> None:
         """Drop log rows written after the checkpoint we resume from (they will be redone)."""
@@ -295,8 +396,8 @@ class Trainer:
             scores.append(np.mean(dice_per_class(pred, case.label, self.spec.num_classes)))
         return float(np.mean(scores))
 
-    def _final_payload(self, method, state: dict) -> dict:
-        """What evaluation needs: the inference network alone, and how to rebuild it."""
+    def _inference_payload(self, method, state: dict) -> dict:
+        """What evaluation needs: the inference network alone, how to rebuild it, whose it is."""
         return {
             "net_name": method.net_name(self.spec),
             "net_kwargs": dict(self.dcfg["net"]),
@@ -305,10 +406,14 @@ class Trainer:
             "state_dict": method.inference_net().state_dict(),
             "step": state["step"],
             "method": method.name,
+            "identity": self.identity,
+            "run_id": state["run_id"],
         }
 
-    def _metadata(self, state: dict, data, split: dict, elapsed: float) -> dict:
+    def _metadata(self, state: dict, data, split: dict) -> dict:
         return {
+            "run_id": state["run_id"],
+            "identity": self.identity,
             "dataset": self.dataset,
             "method": self.method_cls.name,
             "ratio": self.ratio,
@@ -325,9 +430,24 @@ class Trainer:
             "best_val_dice": None if state["best_step"] is None else state["best_val"],
             "best_val_step": state["best_step"],
             "device": str(self.device),
-            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
-            "train_seconds": elapsed,
+            "amp": amp_name(self.amp_dtype),
+            "train_seconds": state["train_seconds"],
+            "resumed_at_steps": state["resumed_at"],
+            "nonfinite_policy": self.train_cfg["nonfinite"],
+            "skipped_steps": state["skipped"],
+            "skipped_step_numbers": state["skipped_steps"],
             "code_version": code_version(),
             "config_name": self.config["name"],
             "config": self.config,
         }
+
+
+def first_nonfinite_gradient(named_params) -> str | None:
+    """Name of the first parameter whose gradient holds NaN/Inf; one host sync per step."""
+    grads = [(name, p.grad) for name, p in named_params if p.grad is not None]
+    if not grads:
+        return None
+    finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
+    if bool(finite.all()):
+        return None
+    return grads[int((~finite).nonzero()[0])][0]

@@ -6,7 +6,6 @@ set only ever gets scored, never consulted.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,12 +15,12 @@ from agcl.config import ConfigError, Layout, dataset_config
 from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
-from agcl.engine import checkpoint
-from agcl.engine.inference import eval_window, predict_case
-from agcl.engine.trainer import BEST, FINAL, RUN_JSON, resolve_amp, resolve_device
+from agcl.devices import resolve_amp, resolve_device
 from agcl.eval.metrics import largest_connected_component, multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
+from agcl.inference import eval_window, predict_case
 from agcl.nets import build
+from agcl.runfolder import BEST, FINAL, METRICS_JSON, PREDICTIONS, RunFolder, RunFolderError
 from agcl.utils import atomic_path, code_version, write_json
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -85,15 +84,22 @@ def aggregate_records(records: list[dict]) -> dict:
 
 def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str | None = None,
                  root: str | Path = ".", save_predictions: bool = False) -> dict:
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     spec = get_spec(dataset)
     dcfg = dataset_config(config, dataset)
     eval_cfg = dcfg["eval"]
     layout = Layout(config, root)
-    meta = json.loads((run_dir / RUN_JSON).read_text())
+    meta = folder.finished_meta()
+    if meta["dataset"] != dataset:
+        raise ConfigError(f"{folder.path} holds a {meta['dataset']} run but it is being evaluated "
+                          f"as {dataset}: pass {meta['dataset']} as the dataset")
     policy = meta["selection"]
     ckpt_name = BEST if policy == "best_val" else FINAL
-    ckpt = checkpoint.load(run_dir / ckpt_name)
+    ckpt = folder.load_checkpoint(ckpt_name)
+    if ckpt.get("run_id") != meta.get("run_id"):
+        raise RunFolderError(f"{folder.file(ckpt_name)} belongs to another training of this run "
+                             f"(run_id {ckpt.get('run_id')} vs {meta.get('run_id')} in run.json): "
+                             "train it again with --force")
     torch_device = resolve_device(device or config.get("device", "auto"))
     net = build(ckpt["net_name"], ckpt["in_channels"], ckpt["num_classes"], **ckpt["net_kwargs"])
     net.load_state_dict(ckpt["state_dict"])
@@ -130,6 +136,7 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
         raise ValueError(f"{dataset}: the test split of seed {meta['seed']} is empty")
 
     summary = {
+        "run_id": meta.get("run_id"),
         "dataset": dataset,
         "method": meta["method"],
         "ratio": meta["ratio"],
@@ -155,8 +162,9 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
         **aggregate_records(records),
         "config": config,
     }
-    write_json(run_dir / "metrics.json", summary)
+    # Predictions first: metrics.json is what marks the run evaluated, so it comes last.
     if save_predictions:
-        with atomic_path(run_dir / "predictions.npz") as tmp, open(tmp, "wb") as handle:
+        with atomic_path(folder.file(PREDICTIONS)) as tmp, open(tmp, "wb") as handle:
             np.savez_compressed(handle, **predictions)
+    write_json(folder.file(METRICS_JSON), summary)
     return summary

@@ -1,7 +1,7 @@
 """Method registry: every method is one file with `@register_method("name")` on its class.
 
 Methods are found by importing every module of `agcl.methods` and of the top-level `baselines`
-package, so a new file in `baselines/` appears in `agcl train --list-methods` and in the workflow
+package, so a new file in `baselines/` appears in `agcl methods` and in the workflow
 without an edit anywhere else. Import errors are re-raised, never swallowed.
 """
 
@@ -51,3 +51,42 @@ def get_method(name: str) -> type:
         return _METHODS[name]
     except KeyError:
         raise KeyError(f"unknown method '{name}' (registered: {', '.join(sorted(_METHODS))})") from None
+
+
+def check_config(config: dict, source: str = "<config>") -> None:
+    """Config errors that need the registry, found before any job runs: every name in `methods:`
+    is registered, every `hparams:` block names a registered method and only its hyperparameters,
+    and every `datasets.<d>.net` option exists on the net each configured method builds."""
+    from agcl.config import ConfigError
+    from agcl.data.specs import get_spec
+    from agcl.methods.base import HparamError
+    from agcl.nets.registry import check_kwargs
+
+    _scan()
+    registered = ", ".join(sorted(_METHODS))
+    problems = [f"methods[{i}]: '{name}' is not a registered method (registered: {registered})"
+                for i, name in enumerate(config["methods"]) if name not in _METHODS]
+    blocks = [("hparams", config.get("hparams", {}), None)]
+    blocks += [(f"datasets.{d}.hparams", dcfg.get("hparams", {}), d)
+               for d, dcfg in config["datasets"].items()]
+    for where, block, dataset in blocks:
+        for name, values in block.items():
+            if name not in _METHODS:
+                problems.append(f"{where}.{name}: '{name}' is not a registered method "
+                                f"(registered: {registered})")
+                continue
+            try:
+                for d in [dataset] if dataset else list(config["datasets"]):
+                    _METHODS[name].hparams_for(d, values)
+            except HparamError as exc:
+                problems.append(f"{where}.{name}: {exc.args[0]}")
+    for dataset, dcfg in config["datasets"].items():
+        spec = get_spec(dataset)
+        nets = sorted({_METHODS[m].net_name(spec) for m in config["methods"] if m in _METHODS})
+        for net in nets:
+            try:
+                check_kwargs(net, dcfg.get("net", {}), where=f"datasets.{dataset}.net")
+            except ValueError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(dict.fromkeys(problems)))

@@ -11,6 +11,7 @@ and returns a module with the uniform interface that methods and the engine rely
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,6 +43,18 @@ def register_net(name: str) -> Callable[[Builder], Builder]:
 
 def list_nets() -> list[str]:
     return sorted(_NETS)
+
+
+def check_kwargs(name: str, kwargs: dict, where: str = "net") -> None:
+    """Raise ValueError naming `where` when `kwargs` has a key the builder of `name` does not take."""
+    if name not in _NETS:
+        raise KeyError(f"unknown net {name!r}; known nets: {', '.join(list_nets()) or '(none)'}")
+    params = inspect.signature(_NETS[name]).parameters
+    accepted = sorted(k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{where}: net {name!r} has no option {', '.join(unknown)} "
+                         f"(its options: {', '.join(accepted) or 'none'})")
 
 
 def build(name: str, in_channels: int, num_classes: int, **kw) -> nn.Module:

@@ -1,8 +1,13 @@
-"""Every run's metrics.json -> tidy tables (pandas): per case, per run, mean +- std over seeds."""
+"""Every run's metrics.json -> tidy tables (pandas): per case, per run, mean +- std over seeds.
+
+A run counts only when its finished model, run.json and metrics.json belong together and every
+value it contributes is finite; any other run is listed in missing.csv with the reason, and the
+summary says how many of the expected seeds each mean is over.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -12,23 +17,46 @@ from agcl.eval.evaluate import METRICS as METRIC_NAMES
 from agcl.eval.evaluate import aggregated_value
 from agcl.report.published import compare_with_published
 from agcl.report.stats import case_means, paired_comparisons
+from agcl.runfolder import METRICS_JSON, RunFolder
 from agcl.utils import atomic_path
 
 KEYS = ["dataset", "method", "ratio", "seed"]
 METRICS = list(METRIC_NAMES)
 
 
+def non_finite_values(summary: dict) -> list[str]:
+    """Fields of a metrics.json whose value, as aggregates use it, is not a finite number."""
+    bad = []
+    for i, rec in enumerate(summary["metric_per_case"]):
+        for m in METRICS:
+            value = aggregated_value(rec, m)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad.append(f"metric_per_case[{i}].{m} = {value} (case {rec.get('case')}, "
+                           f"class {rec.get('class')})")
+    for m in METRICS:
+        value = summary.get("foreground_mean", {}).get(m)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad.append(f"foreground_mean.{m} = {value}")
+    return bad
+
+
 def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(per-case rows, per-run rows, missing runs) for the config's grid."""
+    """(per-case rows, per-run rows, missing or rejected runs with the reason) for the grid."""
     layout = Layout(config, root)
     case_rows, run_rows, missing = [], [], []
     for dataset, method, ratio, seed in expected_runs(config):
-        path = layout.run(dataset, method, ratio, seed) / "metrics.json"
+        folder = RunFolder(layout.run(dataset, method, ratio, seed))
         key = {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": seed}
-        if not path.exists():
-            missing.append({**key, "expected": str(path)})
+        summary, reason = folder.evaluated()
+        if summary is not None:
+            bad = non_finite_values(summary)
+            if bad:
+                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                summary, reason = None, (f"non-finite values in metrics.json: {'; '.join(bad[:3])}"
+                                         f"{more}; evaluate the run again")
+        if summary is None:
+            missing.append({**key, "expected": str(folder.file(METRICS_JSON)), "reason": reason})
             continue
-        summary = json.loads(path.read_text())
         for rec in summary["metric_per_case"]:
             row = {**key, "case": rec["case"], "class": rec["class"], "class_name": rec["class_name"]}
             for m in METRICS:
@@ -48,18 +76,20 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
             pd.DataFrame(run_rows, columns=KEYS + METRICS + ["selection", "checkpoint_step", "units",
                                                             "empty_policy", "policy_applied_count",
                                                             "code_version"]),
-            pd.DataFrame(missing, columns=KEYS + ["expected"]))
+            pd.DataFrame(missing, columns=KEYS + ["expected", "reason"]))
 
 
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std (ddof 1; nan with one seed) over seeds of the per-run foreground means."""
+def summarise(runs: pd.DataFrame, n_expected_seeds: int | None = None) -> pd.DataFrame:
+    """Mean and std (ddof 1; nan with one seed) over seeds of the per-run foreground means;
+    n_seeds beside n_expected_seeds shows a mean over fewer seeds than the grid asks for."""
     if runs.empty:
-        return pd.DataFrame(columns=["dataset", "method", "ratio", "n_seeds",
+        return pd.DataFrame(columns=["dataset", "method", "ratio", "n_seeds", "n_expected_seeds",
                                      *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
     grouped = runs.groupby(["dataset", "method", "ratio"], sort=True)
     out = grouped[METRICS].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
     out.insert(0, "n_seeds", grouped.size())
+    out.insert(1, "n_expected_seeds", n_expected_seeds if n_expected_seeds else grouped.size())
     return out.reset_index()
 
 
@@ -75,7 +105,7 @@ def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path 
     published (ours beside the published numbers)."""
     out_dir = Path(out_dir) if out_dir else Layout(config, root).results / "summary"
     cases, runs, missing = collect(config, root)
-    summary = summarise(runs)
+    summary = summarise(runs, len(config["seeds"]))
     tables = {"per_case": cases, "runs": runs, "summary": summary, "missing": missing,
               "case_means": case_means(cases) if not cases.empty else pd.DataFrame(),
               "stats": paired_comparisons(cases) if not cases.empty else pd.DataFrame(),

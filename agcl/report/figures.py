@@ -16,6 +16,7 @@ import seaborn as sns
 
 from agcl.data.loaders import load_cases
 from agcl.data.preprocess import CRAG_MEAN, CRAG_STD
+from agcl.runfolder import PREDICTIONS
 
 sns.set_theme(style="whitegrid", context="paper")
 
@@ -123,7 +124,7 @@ def qualitative_overlays(case_means: pd.DataFrame, dataset: str, ratio: float,
                         & (case_means["method"] == rank_method)].sort_values("dice")
     predictions = {}
     for method, run in run_dirs.items():
-        path = run / "predictions.npz"
+        path = run / PREDICTIONS
         if path.exists():
             predictions[method] = np.load(path)
     if ranked.empty or not predictions:

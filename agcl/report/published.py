@@ -110,6 +110,7 @@ def _ours(summary: pd.DataFrame) -> pd.DataFrame:
     out = summary[KEYS].copy()
     out["ratio"] = out["ratio"].astype(float)
     out["n_seeds"] = summary.get("n_seeds", pd.NA)
+    out["n_expected_seeds"] = summary.get("n_expected_seeds", out["n_seeds"])
     for metric in METRICS:
         scale = 100.0 if metric in PERCENT_METRICS else 1.0
         mean = summary[f"{metric}_mean"].astype(float)
@@ -141,11 +142,12 @@ def compare_with_published(summary: pd.DataFrame,
     merged = ours.merge(theirs, on=KEYS, how="outer", indicator="present")
     merged["present"] = merged["present"].map(
         {"both": "both", "left_only": "ours_only", "right_only": "published_only"}).astype(str)
-    merged["n_seeds"] = merged["n_seeds"].astype("Int64")  # stays an integer next to nan rows
+    for count in ("n_seeds", "n_expected_seeds"):  # stay integers next to nan rows
+        merged[count] = merged[count].astype("Int64")
     for metric in METRICS:
         merged[f"{metric}_diff"] = merged[f"{metric}_ours"] - merged[f"{metric}_published"]
     per_metric = [f"{m}_{part}" for m in METRICS
                   for part in ("ours", "ours_std", "published", "diff")]
-    columns = [*KEYS, "n_seeds", "present", "source", "flag", "note", *per_metric]
+    columns = [*KEYS, "n_seeds", "n_expected_seeds", "present", "source", "flag", "note", *per_metric]
     return (merged[columns].sort_values([*KEYS, "source"], kind="stable", na_position="first")
             .reset_index(drop=True))

@@ -16,6 +16,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from agcl.config import Layout, expected_runs
 from agcl.report import figures
 from agcl.report.published import dice_jaccard_consistency, load_published
+from agcl.runfolder import LOG_CSV
 from agcl.utils import code_version, write_text
 
 METRIC_TITLES = {"dice": "DSC %", "jaccard": "Jaccard %", "hd95": "HD95", "asd": "ASD"}
@@ -49,10 +50,13 @@ def paper_tables(published: pd.DataFrame, ratios: list[float]) -> dict[str, list
     for dataset, part in shown.groupby("dataset", sort=False):
         rows = []
         for rec in part.sort_values(["ratio", "method"]).to_dict("records"):
+            flags = [rec["flag"]] if isinstance(rec["flag"], str) and rec["flag"] else []
+            seeds, expected = rec.get("n_seeds"), rec.get("n_expected_seeds")
+            if not pd.isna(seeds) and not pd.isna(expected) and seeds < expected:
+                flags.insert(0, f"ours over {int(seeds)} of {int(expected)} seeds (see Missing runs)")
             row = {"method": rec["method"], "labels": f"{100 * rec['ratio']:g}%",
                    "source": rec["source"] if isinstance(rec["source"], str) else "",
-                   "flag": rec["flag"] if isinstance(rec["flag"], str) else "",
-                   "present": rec["present"], "cells": []}
+                   "flag": "; ".join(flags), "present": rec["present"], "cells": []}
             for m in METRIC_TITLES:
                 row["cells"].append({"ours": _mean_std(rec[f"{m}_ours"], rec[f"{m}_ours_std"]),
                                      "theirs": _num(rec[f"{m}_published"]),
@@ -81,7 +85,7 @@ def stats_rows(stats: pd.DataFrame) -> list[dict]:
 def training_logs(config: dict, layout: Layout) -> pd.DataFrame:
     frames = []
     for dataset, method, ratio, seed in expected_runs(config):
-        path = layout.run(dataset, method, ratio, seed) / "train_log.csv"
+        path = layout.run(dataset, method, ratio, seed) / LOG_CSV
         if path.exists():
             log = pd.read_csv(path)
             frames.append(log.assign(dataset=dataset, method=method, seed=seed,

@@ -7,13 +7,18 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-# Paths and the run grid come from the package itself (agcl.config needs only PyYAML and
-# jsonschema, both Snakemake dependencies), so rules, CLI and aggregation never disagree.
+# Paths, the run grid and the method registry come from the package itself, so rules, CLI and
+# aggregation never disagree (the registry imports torch: Snakemake runs in the agcl env).
 REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))
 from agcl.config import Layout, expected_runs, validate_config  # noqa: E402
+from agcl.methods.registry import check_config  # noqa: E402
+from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
 
 validate_config(config, source=str(workflow.configfiles[-1]))
+# Unregistered methods, hparams of a misspelt method, unknown net options: errors now, not
+# when the first job of that kind runs.
+check_config(config, source=str(workflow.configfiles[-1]))
 
 if workflow.config_settings.config:
     raise WorkflowError(
@@ -54,7 +59,7 @@ def run_dir(wildcards=None):
 
 
 def all_metrics():
-    return [LAYOUT.run(*run) / "metrics.json" for run in RUNS]
+    return [LAYOUT.run(*run) / METRICS_JSON for run in RUNS]
 
 
 def crag_source(wildcards):

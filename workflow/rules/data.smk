@@ -100,5 +100,5 @@ rule splits:
     conda:
         ENV
     shell:
-        "{params.agcl} splits --config {params.config:q} --dataset {wildcards.dataset}"
+        "{params.agcl} splits {wildcards.dataset} --config {params.config:q}"
         " --seed {wildcards.seed} --out {output} > {log} 2>&1"

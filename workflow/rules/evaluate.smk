@@ -1,10 +1,10 @@
 rule evaluate:
     input:
-        ckpt=run_dir() / "ckpt_final.pt",
-        meta=run_dir() / "run.json",
+        ckpt=run_dir() / FINAL,
+        meta=run_dir() / RUN_JSON,
         split=LAYOUT.splits("{dataset}", "{seed}"),
     output:
-        run_dir() / "metrics.json",
+        run_dir() / METRICS_JSON,
     params:
         agcl=AGCL,
         config=CONFIGFILE,
@@ -15,5 +15,5 @@ rule evaluate:
     conda:
         ENV
     shell:
-        "{params.agcl} evaluate --config {params.config:q} --dataset {wildcards.dataset}"
+        "{params.agcl} evaluate {wildcards.dataset} --config {params.config:q}"
         " --run {params.run} --threads {threads} --save-predictions > {log} 2>&1"

@@ -3,8 +3,8 @@ rule train:
         split=LAYOUT.splits("{dataset}", "{seed}"),
         index=LAYOUT.processed("{dataset}") / "index.json",
     output:
-        ckpt=run_dir() / "ckpt_final.pt",
-        meta=run_dir() / "run.json",
+        ckpt=run_dir() / FINAL,
+        meta=run_dir() / RUN_JSON,
     params:
         agcl=AGCL,
         config=CONFIGFILE,
@@ -17,6 +17,6 @@ rule train:
     conda:
         ENV
     shell:
-        "{params.agcl} train --config {params.config:q} --dataset {wildcards.dataset}"
+        "{params.agcl} train {wildcards.dataset} --config {params.config:q}"
         " --method {wildcards.method} --labels {wildcards.ratio} --seed {wildcards.seed}"
         " --out {params.out} --threads {threads} --no-progress > {log} 2>&1"
