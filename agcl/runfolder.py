@@ -6,6 +6,8 @@ The trainer writes it, evaluation and aggregation read it; all three go through 
     <results_dir>/<name>/runs/<dataset>/<method>/r<ratio>/s<seed>/
       ckpt_last.pt     resume point (the whole training state); removed once the run is finished
       ckpt_best.pt     best-on-validation inference weights (selection: best_val)
+      ckpt_pretrain_best.pt  best-on-validation state of a pre-training stage, handed to the
+                       main stage under best_val; removed once the run is finished
       ckpt_final.pt    inference weights plus the run's metadata. Its atomic rename is the one
                        fact that makes a run finished.
       run.json         readable copy of that metadata; restored from ckpt_final.pt when missing
@@ -38,6 +40,7 @@ log = logging.getLogger("agcl.runfolder")
 
 LAST = "ckpt_last.pt"
 BEST = "ckpt_best.pt"
+PRETRAIN_BEST = "ckpt_pretrain_best.pt"
 FINAL = "ckpt_final.pt"
 RUN_JSON = "run.json"
 LOG_CSV = "train_log.csv"
@@ -46,7 +49,7 @@ PREDICTIONS = "predictions.npz"
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 # Everything a forced retrain removes: the model, its training record and what was derived from it.
-OWNED_FILES = (LAST, BEST, FINAL, RUN_JSON, LOG_CSV, METRICS_JSON, PREDICTIONS)
+OWNED_FILES = (LAST, BEST, PRETRAIN_BEST, FINAL, RUN_JSON, LOG_CSV, METRICS_JSON, PREDICTIONS)
 IDENTITY_KEYS = ("dataset", "method", "ratio", "seed")
 # atomic_path's temporaries: ".<name>.<random>.tmp" beside the file they will replace.
 TEMPORARY_GLOB = ".*.tmp"

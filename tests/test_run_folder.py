@@ -57,10 +57,11 @@ def killed_at_step(monkeypatch, step_number: int):
     """Make the trainer die when it starts step `step_number` (1-based)."""
     original = trainer_module.Trainer._step
 
-    def step(self, method, trainable, sampler, optimizer, scaler, step, state):
-        if step + 1 == step_number:
+    def step(self, *args):
+        state = args[-1]
+        if state["step"] + 1 == step_number:
             raise Killed
-        return original(self, method, trainable, sampler, optimizer, scaler, step, state)
+        return original(self, *args)
 
     monkeypatch.setattr(trainer_module.Trainer, "_step", step)
     with pytest.raises(Killed):
@@ -335,7 +336,7 @@ def test_unknown_net_option_names_the_config_key(la_project):
 
 def test_a_second_trainer_in_the_same_folder_is_refused(la_project):
     run = Path("runs/a")
-    with RunFolder(run).lock():
-        with pytest.raises(runfolder.RunBusyError, match="another `agcl train` is working in"):
-            trainer(la_project, run).run()
+    with RunFolder(run).lock(), pytest.raises(runfolder.RunBusyError,
+                                              match="another `agcl train` is working in"):
+        trainer(la_project, run).run()
     trainer(la_project, run).run()  # the lock is released with its holder

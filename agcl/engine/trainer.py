@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -36,6 +38,7 @@ from agcl.runfolder import (
     FINAL,
     LAST,
     LOG_CSV,
+    PRETRAIN_BEST,
     RUN_JSON,
     RunExistsError,
     RunFolder,
@@ -124,6 +127,38 @@ def _to_device(array: np.ndarray | None, device: torch.device) -> torch.Tensor |
     return tensor
 
 
+class TrainingLog:
+    """train_log.csv: one row per logged step. Stages log different terms (BCP's pre-training
+    has no mix losses), so a row with new columns rewrites the file once under the union header;
+    a resumed run continues under the header already on disk."""
+
+    def __init__(self, path: Path, trailing: list[str]):
+        self.path = path
+        self.trailing = trailing  # columns kept last (val_dice)
+        self.fields = None
+        if path.exists() and path.stat().st_size:
+            with open(path, newline="") as f:
+                self.fields = next(csv.reader(f), None)
+
+    def write(self, row: dict) -> None:
+        if self.fields is None:
+            self.fields = [k for k in row if k not in self.trailing] + self.trailing
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, self.fields).writeheader()
+        new = [k for k in row if k not in self.fields]
+        if new:
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            head = [k for k in self.fields + new if k not in self.trailing]
+            self.fields = head + [k for k in self.trailing if k in self.fields + new]
+            with open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow(row)
+
+
 def positive_iterations(value: Any, where: str = "--iterations") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where} must be a positive integer, got {value!r}")
@@ -146,7 +181,6 @@ class Trainer:
         self.train_cfg = {**self.dcfg["train"], **_pop_train_overrides(config, dataset, overrides)}
         if iterations is not None:
             self.train_cfg["iterations"] = positive_iterations(iterations)
-        self.total = self.train_cfg["iterations"]
         self.ratio = float(ratio)
         self.ratio_tag = ratio_tag(ratio)
         self.seed = seed
@@ -163,6 +197,11 @@ class Trainer:
             overrides,
         )
         self.selection = self.dcfg["selection"]
+        self.stages = self.method_cls.stages(self.hparams, self.train_cfg)
+        for stage in self.stages:
+            positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
+        self.stage_starts = list(itertools.accumulate([0] + [s.iterations for s in self.stages]))
+        self.total = self.stage_starts[-1]
         self.split_path = self.layout.splits(dataset, seed)
         split = read_split(self.split_path)
         if self.ratio_tag not in split["labeled"]:
@@ -191,6 +230,7 @@ class Trainer:
             "net": {"name": self.method_cls.net_name(self.spec), **self.dcfg["net"]},
             "selection": self.selection,
             "validation_window": {"patch": eval_patch, "stride": eval_stride},
+            "stages": [dataclasses.asdict(stage) for stage in self.stages],
         }
 
     def _warn_degenerate_bf16_cpu(self) -> None:
@@ -234,7 +274,8 @@ class Trainer:
         processed = self.layout.processed(self.dataset)
         data = load_training_set(processed, split, self.ratio_tag, self.train_cfg["patch"])
         val_cases = load_cases(processed, split["val"]) if split["val"] else []
-        method = self.method_cls(self.spec, self.hparams, self.dcfg["net"], self.total).to(self.device)
+        method = self.method_cls(self.spec, self.hparams, self.dcfg["net"],
+                                 self.stages[-1].iterations).to(self.device)
         labeled_bs = self.train_cfg["labeled_batch_size"]
         unlabeled_bs = self.train_cfg["batch_size"] - labeled_bs if method.uses_unlabeled else 0
         return {
@@ -250,9 +291,9 @@ class Trainer:
     def _train(self, parts: dict, resume: dict | None) -> dict:
         split, data, val_cases, method = (parts[k] for k in ("split", "data", "val_cases", "method"))
         sampler, optimizer, scaler = parts["sampler"], parts["optimizer"], parts["scaler"]
-        state = {"step": 0, "best_val": -math.inf, "best_step": None, "run_id": uuid.uuid4().hex,
-                 "train_seconds": 0.0, "resumed_at": [], "skipped": 0, "skipped_steps": [],
-                 "consecutive_skips": 0}
+        state = {"step": 0, "stage": 0, "best_val": -math.inf, "best_step": None,
+                 "run_id": uuid.uuid4().hex, "train_seconds": 0.0, "resumed_at": [],
+                 "skipped": 0, "skipped_steps": [], "consecutive_skips": 0, "stages": []}
         if resume is not None:
             method.load_state_dict(resume["method"])
             optimizer.load_state_dict(resume["optimizer"])
@@ -262,44 +303,44 @@ class Trainer:
             state = resume["state"]
             state["resumed_at"].append(state["step"])
             log.info("resuming %s at step %d", self.out, state["step"])
+            method.start_stage(self.stages[state["stage"]].name, fresh=False)
+        else:
+            method.start_stage(self.stages[0].name, fresh=True)
         self._truncate_log(state["step"])
         names = {id(p): n for n, p in method.named_parameters()}
         trainable = [(names.get(id(p), "?"), p) for p in method.trainable_parameters()]
 
-        fields = None
+        train_log = TrainingLog(self.out / LOG_CSV, ["val_dice"] if val_cases else [])
         board = _tensorboard_writer(self.out) if self.train_cfg["tensorboard"] else None
         bar = tqdm(total=self.total, initial=state["step"], disable=not self.progress,
                    desc=f"{self.dataset}/{method.name}/r{self.ratio_tag}/s{self.seed}", unit="it")
         method.train()
         segment_start, seconds_before = time.perf_counter(), state["train_seconds"]
         saved_step = state["step"]  # the step a failed write would resume from
-        with open(self.out / LOG_CSV, "a", newline="") as log_file, bar:
+        with bar:
             for step in range(state["step"], self.total):
-                row = self._step(method, trainable, sampler, optimizer, scaler, step, state)
+                if step == self.stage_starts[state["stage"] + 1]:  # the previous stage is done
+                    self._next_stage(method, optimizer, state)
+                stage = self.stages[state["stage"]]
+                local = step - self.stage_starts[state["stage"]]
+                row = self._step(method, trainable, sampler, optimizer, scaler, stage, local, state)
                 state["step"] = step + 1
                 state["train_seconds"] = seconds_before + time.perf_counter() - segment_start
-                if val_cases and (state["step"] % self.train_cfg["val_every"] == 0
-                                  or state["step"] == self.total):
+                stage_done = local + 1 == stage.iterations
+                if val_cases and ((local + 1) % self.train_cfg["val_every"] == 0 or stage_done):
                     row["val_dice"] = self._validate(method, val_cases)
                     if row["val_dice"] > state["best_val"]:
                         state["best_val"], state["best_step"] = row["val_dice"], state["step"]
-                        self.folder.save_checkpoint(BEST, self._inference_payload(method, state),
-                                                    resume_step=saved_step)
+                        self._save_best(method, state, saved_step)
                     method.train()
-                if fields is None:  # columns fixed by the first row; val_dice only with a val set
-                    fields = [f for f in row if f != "val_dice"] + (["val_dice"] if val_cases else [])
-                    writer = csv.DictWriter(log_file, fieldnames=fields, extrasaction="ignore")
-                    if log_file.tell() == 0:
-                        writer.writeheader()
                 if state["step"] % self.train_cfg["log_every"] == 0 or "val_dice" in row:
-                    writer.writerow(row)
-                    log_file.flush()
+                    train_log.write(row)
                     if board is not None:
                         for key, value in row.items():
-                            if key != "step":
+                            if key not in ("step", "stage"):
                                 board.add_scalar(key, value, state["step"])
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", stage=stage.name)
                 if state["step"] % self.train_cfg["checkpoint_every"] == 0 and state["step"] < self.total:
                     self.folder.save_checkpoint(LAST, {
                         "identity": self.identity, "settings": self.settings,
@@ -311,23 +352,65 @@ class Trainer:
         if board is not None:
             board.close()
 
+        state["stages"].append(self._stage_record(state))
         meta = self._metadata(state, data, split)
         # The rename of ckpt_final.pt is what makes the run finished; it carries the metadata, so
         # run.json (written next) can always be restored from it.
         self.folder.save_checkpoint(FINAL, {**self._inference_payload(method, state), "run": meta},
                                     resume_step=saved_step)
         write_json(self.out / RUN_JSON, meta)
-        (self.out / LAST).unlink(missing_ok=True)
+        for name in (LAST, PRETRAIN_BEST):
+            (self.out / name).unlink(missing_ok=True)
         return meta
 
+    def _save_best(self, method, state: dict, saved_step: int) -> None:
+        if state["stage"] < len(self.stages) - 1:  # a pre-training stage: the whole method state
+            if self.selection == "best_val":
+                self.folder.save_checkpoint(PRETRAIN_BEST, {
+                    "method": method.state_dict(), "step": state["step"], "run_id": state["run_id"],
+                    "identity": self.identity}, resume_step=saved_step)
+        else:
+            self.folder.save_checkpoint(BEST, self._inference_payload(method, state),
+                                        resume_step=saved_step)
+
+    def _stage_record(self, state: dict) -> dict:
+        """What run.json says of the stage that just ended, and which weights it handed on."""
+        stage = self.stages[state["stage"]]
+        best = self.selection == "best_val" and state["best_step"] is not None
+        return {"name": stage.name, "iterations": stage.iterations, **stage.schedule,
+                "first_step": self.stage_starts[state["stage"]] + 1,
+                "last_step": self.stage_starts[state["stage"] + 1],
+                "selection": self.selection,
+                "selected_step": state["best_step"] if best else state["step"],
+                "selected_val_dice": state["best_val"] if best else None}
+
+    def _next_stage(self, method, optimizer, state: dict) -> None:
+        """Hand the selected weights of the finished stage to the next one, which restarts its
+        schedule and, unless it keeps it, the optimiser's momentum; the selection policy (last,
+        or best on val, never test) picks the weights."""
+        state["stages"].append(self._stage_record(state))
+        if self.selection == "best_val" and state["best_step"] is not None:
+            saved = self.folder.load_checkpoint(PRETRAIN_BEST, map_location=self.device)
+            method.load_state_dict(saved["method"])
+        state["stage"] += 1
+        if not self.stages[state["stage"]].keep_optimizer_state:
+            optimizer.state.clear()
+        state["best_val"], state["best_step"] = -math.inf, None
+        method.start_stage(self.stages[state["stage"]].name, fresh=True)
+        method.train()
+        log.info("%s: stage '%s' starts at step %d", self.out, self.stages[state["stage"]].name,
+                 state["step"] + 1)
+
     # ----------------------------------------------------------------------------------------
-    def _step(self, method, trainable, sampler, optimizer, scaler, step: int, state: dict) -> dict:
-        """One optimiser step (or a skipped one, by the non-finite policy); returns the log row."""
+    def _step(self, method, trainable, sampler, optimizer, scaler, stage, step: int,
+              state: dict) -> dict:
+        """One optimiser step at `step` of `stage` (or a skipped one, by the non-finite policy);
+        returns the log row."""
         tic = time.perf_counter()
         x_l, y_l, x_u = sampler.next_batch()
         batch = Batch(_to_device(x_l, self.device), _to_device(y_l, self.device),
                       _to_device(x_u, self.device))
-        lr = learning_rate(self.train_cfg, step, self.total)
+        lr = learning_rate(stage.schedule, step, stage.iterations)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -354,17 +437,19 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             self._non_finite(step, problem, state)
         seconds = time.perf_counter() - tic
-        return {"step": step + 1, "lr": lr, "loss": float(loss.detach()), **logs,
+        return {"step": state["step"] + 1, "stage": stage.name, "stage_step": step + 1, "lr": lr,
+                "loss": float(loss.detach()), **logs,
                 "skipped": int(problem is not None), "seconds": seconds, "it_per_s": 1.0 / seconds}
 
     def _non_finite(self, step: int, problem: str, state: dict) -> None:
-        where = f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} s{self.seed}, step {step + 1}"
+        where = (f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} s{self.seed}, "
+                 f"step {state['step'] + 1}")
         if self.train_cfg["nonfinite"] == "stop":
             raise NonFiniteError(f"{where}: {problem}; stopping (train.nonfinite: stop)")
         state["skipped"] += 1
         state["consecutive_skips"] += 1
         if len(state["skipped_steps"]) < LISTED_SKIPS:
-            state["skipped_steps"].append(step + 1)
+            state["skipped_steps"].append(state["step"] + 1)
         limit = self.train_cfg["max_consecutive_skips"]
         if state["consecutive_skips"] >= limit:
             raise NonFiniteError(f"{where}: {problem}; {limit} steps in a row skipped, stopping "
@@ -419,6 +504,7 @@ class Trainer:
             "ratio": self.ratio,
             "seed": self.seed,
             "iterations": self.total,
+            "stages": state["stages"],
             "hparams": self.hparams,
             "train": self.train_cfg,
             "net": {"name": self.method_cls.net_name(self.spec), **self.dcfg["net"]},

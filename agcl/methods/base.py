@@ -8,7 +8,7 @@ checkpoints and validation, so method files never call `.backward()` (USB's spli
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +29,27 @@ class Batch:
 
 class HparamError(KeyError):
     pass
+
+
+PRETRAIN, MAIN = "pretrain", "main"
+SCHEDULE_KEYS = ("lr", "schedule", "step_size", "gamma")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its own iteration count and lr schedule, restarted at its start.
+
+    The engine runs a method's stages in order (a run's iterations are their sum), passes each
+    `train_step` the step counted from the start of the current stage, and checkpoints across
+    the boundary. `schedule` holds what the engine's learning_rate() reads (SCHEDULE_KEYS).
+    """
+
+    name: str
+    iterations: int
+    schedule: dict[str, Any] = field(default_factory=dict)
+    # False: the optimiser's momentum starts afresh at this stage (a new optimiser, as BCP's LA
+    # code); True: carried over from the previous stage (BCP's ACDC code loads it).
+    keep_optimizer_state: bool = False
 
 
 class Method(nn.Module):
@@ -57,6 +78,18 @@ class Method(nn.Module):
     def net_name(cls, spec: DatasetSpec) -> str:
         return spec.default_net
 
+    @classmethod
+    def stages(cls, hparams: dict[str, Any], train_cfg: dict[str, Any]) -> list[Stage]:
+        """The stages a run of this method trains, in order; the last is the main stage, whose
+        length is the dataset's train.iterations. Methods with a pre-training stage (BCP) prepend
+        it here."""
+        return [Stage(MAIN, train_cfg["iterations"], {k: train_cfg[k] for k in SCHEDULE_KEYS})]
+
+    def start_stage(self, name: str, fresh: bool) -> None:
+        """Called by the engine before the first step of every stage, and again after a resume
+        (fresh=False: the weights come from the checkpoint, only the mode is set)."""
+        self.stage = name
+
     def __init__(self, spec: DatasetSpec, hparams: dict[str, Any], net_kwargs: dict[str, Any],
                  total_iterations: int):
         super().__init__()
@@ -64,6 +97,7 @@ class Method(nn.Module):
         self.hparams = hparams
         self.total_iterations = total_iterations
         self.student = build(self.net_name(spec), spec.in_channels, spec.num_classes, **net_kwargs)
+        self.stage = MAIN
 
     def train_step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -1,0 +1,313 @@
+"""BCP: bidirectional copy-paste mean teacher (Bai et al., CVPR 2023), as its code trains it
+(DeepMed-Lab-ECNU/BCP, code/LA_BCP_train.py and code/ACDC_BCP_train.py).
+
+Two stages, run by the engine:
+- pretrain (LA 2000, ACDC 10000 iterations, constant lr 0.01): the labeled half-batches a and b
+  are mixed, x = x_a M + x_b (1 - M), with M = 1 outside one random box whose side is
+  `mask_ratio` of every axis; LA scores the mixed label as a whole, ACDC scores the two regions
+  apart (`pretrain_loss`).
+- main (the dataset's recipe, lr schedule restarted): teacher and student start from the weights
+  the pre-training stage hands on. The EMA teacher labels the two unlabeled half-batches (LA:
+  foreground probability >= 0.5; ACDC: argmax), keeping the largest connected component per
+  class and sample. Pair a and pair b are mixed in opposite directions with one box M per step:
+      LA   a: x_la M + x_ua (1 - M)      b: x_ub M + x_lb (1 - M)
+      ACDC a: x_ua M + x_la (1 - M)      b: x_lb M + x_ub (1 - M)
+  and each mix is scored on its two regions apart, ground truth with weight 1 and pseudo-label
+  with `u_weight`: mix_loss = (Dice_M w_M + Dice_1-M w_1-M + CE_M w_M + CE_1-M w_1-M) / 2,
+  CE averaged over its region; the two mixes' losses are ADDED. EMA 0.99 without warm-up
+  (LA over parameters, ACDC over the whole state incl. BatchNorm statistics).
+Dice: LA mask_DiceLoss (per sample and class, linear denominator, smooth 1e-5, both classes);
+ACDC DiceLoss (per class over the batch, squared denominator, smooth 1e-10, 4 classes).
+The upstream consistency ramp is computed but never used, so there is none here.
+
+Where ours differs from upstream, and why:
+- Randomness comes from torch's RNG (one box per step, as upstream), not numpy's.
+- The pre-trained weights the main stage starts from follow the run's selection policy
+  (last, or best on val): upstream LA takes its best checkpoint on the TEST set (BCP #19).
+- `separate_forwards: false` runs both mixes (and both teacher halves) as one batch: faster,
+  but BatchNorm then sees one batch where upstream sees two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from agcl.methods.base import MAIN, PRETRAIN, SCHEDULE_KEYS, Batch, Method, Stage, make_ema_teacher
+from agcl.methods.registry import register_method
+
+PSEUDO_LABELS = ("threshold", "argmax")
+DICE_FORMS = ("per_sample_linear", "batch_squared")
+PRETRAIN_LOSSES = ("whole", "regions")
+FIRST_MIX = ("labeled_outside_box", "unlabeled_outside_box")
+
+
+# --- the reference's pieces, each on its own --------------------------------------------------
+def bcp_box_mask(spatial: tuple[int, ...], ratio: float, device=None) -> torch.Tensor:
+    """Ones with one zero box of side int(size * ratio) per axis; start in [0, size - side)
+    (numpy's exclusive randint upstream), one box for the whole batch."""
+    mask = torch.ones(spatial, device=device)
+    box = []
+    for size in spatial:
+        side = int(size * ratio)
+        start = int(torch.randint(0, max(1, size - side), (1,)))
+        box.append(slice(start, start + side))
+    mask[tuple(box)] = 0.0
+    return mask
+
+
+def dice_per_sample_linear(probs: torch.Tensor, target: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BCP's LA mask_DiceLoss: 1 - mean over samples and classes of
+    (2 sum(p t m) + 1e-5) / (sum((p + t) m) + 1e-5)."""
+    n, k = probs.shape[:2]
+    onehot = F.one_hot(target.long(), k).movedim(-1, 1).to(probs.dtype)
+    weight = torch.ones_like(probs[:, :1]) if mask is None else mask.to(probs.dtype)
+    inter = (probs * onehot * weight).reshape(n, k, -1).sum(2)
+    union = ((probs + onehot) * weight).reshape(n, k, -1).sum(2)
+    return 1.0 - ((2 * inter + 1e-5) / (union + 1e-5)).mean()
+
+
+def dice_batch_squared(probs: torch.Tensor, target: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BCP's ACDC DiceLoss: mean over classes of 1 - (2 sum(p t m) + 1e-10) /
+    (sum(p^2 m) + sum(t^2 m) + 1e-10), sums over the whole batch."""
+    k = probs.shape[1]
+    onehot = F.one_hot(target.long(), k).movedim(-1, 1).to(probs.dtype)
+    weight = torch.ones_like(probs[:, :1]) if mask is None else mask.to(probs.dtype)
+    dims = (0, *range(2, probs.ndim))
+    inter = (probs * onehot * weight).sum(dims)
+    denominator = (probs * probs * weight).sum(dims) + (onehot * weight).sum(dims)
+    return (1.0 - (2 * inter + 1e-10) / (denominator + 1e-10)).mean()
+
+
+DICE = {"per_sample_linear": dice_per_sample_linear, "batch_squared": dice_batch_squared}
+
+
+def masked_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the region, divided by its size (+1e-16), as mix_loss."""
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    weight = mask[:, 0].to(ce.dtype)
+    return (ce * weight).sum() / (weight.sum() + 1e-16)
+
+
+def mix_loss(logits: torch.Tensor, target_in: torch.Tensor, target_out: torch.Tensor,
+             mask: torch.Tensor, weight_in: float, weight_out: float, dice_form: str
+             ) -> torch.Tensor:
+    """(Dice + CE) / 2 of a mixed image: `target_in` scored where mask is 1 (outside the box)
+    with weight_in, `target_out` inside the box with weight_out. mask: (B, 1, *spatial)."""
+    probs = torch.softmax(logits.float(), dim=1)
+    dice = DICE[dice_form]
+    inside = 1 - mask
+    loss_dice = dice(probs, target_in, mask) * weight_in + dice(probs, target_out, inside) * weight_out
+    loss_ce = (masked_ce(logits, target_in, mask) * weight_in
+               + masked_ce(logits, target_out, inside) * weight_out)
+    return (loss_dice + loss_ce) / 2
+
+
+def largest_component_per_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per sample and foreground class, keep the largest connected component (full
+    connectivity, as skimage.measure.label); a class with no voxel stays empty."""
+    array = labels.detach().cpu().numpy()
+    out = np.zeros_like(array)
+    structure = ndimage.generate_binary_structure(array.ndim - 1, array.ndim - 1)
+    for i in range(array.shape[0]):
+        for k in range(1, num_classes):
+            components, count = ndimage.label(array[i] == k, structure=structure)
+            if count:
+                sizes = np.bincount(components.ravel())[1:]
+                out[i][components == int(np.argmax(sizes)) + 1] = k
+    return torch.from_numpy(out).to(labels.device)
+
+
+@dataclass
+class MixedPair:
+    """One copy-paste mix of the main stage and what scores it; methods built on BCP
+    (Semi-AGCL) read the rest."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    outside: torch.Tensor  # (B, 1, *spatial): the box mask M, 1 outside the box
+    labeled_outside: bool  # the labeled image fills M (else the box)
+    y_labeled: torch.Tensor
+    pseudo: torch.Tensor  # the teacher's pseudo-label of the unlabeled image
+    teacher_probs: torch.Tensor  # teacher softmax on the unlabeled half it came from
+    teacher_features: torch.Tensor
+
+    @property
+    def unlabeled_region(self) -> torch.Tensor:
+        return 1 - self.outside if self.labeled_outside else self.outside
+
+
+@register_method("bcp")
+class BCP(Method):
+    default_hparams = {
+        "pretrain_iterations": 2000,  # LA_BCP_train.py --pre_max_iteration 2000
+        "pretrain_lr": 0.01,  # pre_train(): base_lr, never changed
+        "pretrain_schedule": "constant",
+        "ema_decay": 0.99,  # update_ema_variables(model, ema_model, 0.99), no warm-up
+        "ema_buffers": False,  # LA: parameters only; ACDC update_model_ema: whole state_dict
+        "u_weight": 0.5,  # --u_weight 0.5: weight of the pseudo-labeled region
+        "mask_ratio": 2 / 3,  # --mask_ratio 2/3 (LA), 2/3 of each side in generate_mask (ACDC)
+        "pseudo_label": "threshold",  # LA get_cut_mask: softmax[:, 1] >= 0.5
+        "foreground_threshold": 0.5,
+        "largest_component": True,  # LA get_cut_mask(nms=1), ACDC get_ACDC_masks(nms=1)
+        "dice_form": "per_sample_linear",  # LA mask_DiceLoss
+        "pretrain_loss": "whole",  # LA: (CE + Dice) of the mixed label as a whole
+        "first_mix": "labeled_outside_box",  # LA mixl = img_a * M + unimg_a * (1 - M)
+        "keep_optimizer_state": False,  # LA self_train builds a new SGD optimiser
+        "separate_forwards": True,  # upstream calls the nets once per half-batch
+    }
+    dataset_hparams = {
+        "acdc": {"pretrain_iterations": 10000, "ema_buffers": True, "pseudo_label": "argmax",
+                 "dice_form": "batch_squared", "pretrain_loss": "regions",
+                 "first_mix": "unlabeled_outside_box",
+                 "keep_optimizer_state": True},  # ACDC self_train: load_net_opt(model, optimizer)
+        # No reference ships CRAG: the 2D (ACDC) recipe, binary threshold labels as LA.
+        "crag": {"pretrain_iterations": 10000, "ema_buffers": True, "dice_form": "batch_squared",
+                 "pretrain_loss": "regions", "first_mix": "unlabeled_outside_box",
+                 "keep_optimizer_state": True},
+    }
+    _CHOICES = {"pseudo_label": PSEUDO_LABELS, "dice_form": DICE_FORMS,
+                "pretrain_loss": PRETRAIN_LOSSES, "first_mix": FIRST_MIX}
+
+    @classmethod
+    def stages(cls, hparams, train_cfg):
+        main = Stage(MAIN, train_cfg["iterations"], {k: train_cfg[k] for k in SCHEDULE_KEYS},
+                     keep_optimizer_state=hparams["keep_optimizer_state"])
+        if hparams["pretrain_iterations"] == 0:
+            return [main]
+        schedule = {**main.schedule, "lr": hparams["pretrain_lr"],
+                    "schedule": hparams["pretrain_schedule"]}
+        return [Stage(PRETRAIN, hparams["pretrain_iterations"], schedule), main]
+
+    def __init__(self, spec, hparams, net_kwargs, total_iterations):
+        super().__init__(spec, hparams, net_kwargs, total_iterations)
+        for key, allowed in self._CHOICES.items():
+            if hparams[key] not in allowed:
+                raise ValueError(f"{self.name} hparam {key}: expected one of "
+                                 f"{', '.join(allowed)}, got {hparams[key]!r}")
+        if hparams["pseudo_label"] == "threshold" and spec.num_classes != 2:
+            raise ValueError(f"{self.name}: pseudo_label threshold needs 2 classes, "
+                             f"{spec.name} has {spec.num_classes} (use argmax)")
+        self.teacher = make_ema_teacher(self.student)
+
+    # --- stages ---------------------------------------------------------------------------
+    def start_stage(self, name: str, fresh: bool) -> None:
+        super().start_stage(name, fresh)
+        if name == MAIN and fresh:  # teacher and student both start from the handed-on weights
+            self.teacher.load_state_dict(self.student.state_dict())
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        if self.stage != MAIN:
+            return
+        decay = self.hparams["ema_decay"]
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+        if self.hparams["ema_buffers"]:
+            for t, s in zip(self.teacher.buffers(), self.student.buffers()):
+                if t.is_floating_point():
+                    t.mul_(decay).add_(s, alpha=1.0 - decay)
+                else:
+                    t.copy_(s)
+
+    # --- steps ----------------------------------------------------------------------------
+    def train_step(self, batch: Batch, step: int):
+        if self.stage == PRETRAIN:
+            return self.pretrain_step(batch)
+        pairs = self.mixed_pairs(batch)
+        losses = [self.pair_loss(pair) for pair in pairs]
+        loss_bcp = losses[0] + losses[1]
+        extra, logs = self.extra_loss(pairs, step)
+        logs = {"loss_mix_a": float(losses[0].detach()), "loss_mix_b": float(losses[1].detach()),
+                "loss_bcp": float(loss_bcp.detach()), **logs}
+        return loss_bcp + extra if extra is not None else loss_bcp, logs
+
+    def extra_loss(self, pairs: list[MixedPair], step: int):
+        """Methods built on BCP add their own terms here; BCP has none."""
+        return None, {}
+
+    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = x.shape[0] // 2
+        return x[:half], x[half:]
+
+    def pretrain_step(self, batch: Batch):
+        x_a, x_b = self._halves(batch.x_labeled)
+        y_a, y_b = self._halves(batch.y_labeled)
+        if x_a.shape[0] == 0 or x_a.shape[0] != x_b.shape[0]:
+            raise ValueError(f"{self.name} pre-training mixes two labeled halves: the labeled batch "
+                             f"needs an even size >= 2, got {batch.x_labeled.shape[0]}")
+        mask = bcp_box_mask(tuple(x_a.shape[2:]), self.hparams["mask_ratio"], x_a.device)
+        x = x_a * mask + x_b * (1 - mask)
+        logits = self.student(x)
+        if self.hparams["pretrain_loss"] == "whole":
+            y = torch.where(mask > 0.5, y_a, y_b)
+            probs = torch.softmax(logits.float(), dim=1)
+            ce = F.cross_entropy(logits.float(), y.long())
+            dice = DICE[self.hparams["dice_form"]](probs, y)
+            loss = (ce + dice) / 2
+        else:
+            region = mask.expand(x_a.shape[0], 1, *mask.shape)
+            loss = mix_loss(logits, y_a, y_b, region, 1.0, 1.0, self.hparams["dice_form"])
+        return loss, {"loss_pretrain": float(loss.detach())}
+
+    @torch.no_grad()
+    def pseudo_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=1)
+        if self.hparams["pseudo_label"] == "threshold":
+            labels = (probs[:, 1] >= self.hparams["foreground_threshold"]).long()
+        else:
+            labels = probs.argmax(dim=1)
+        if self.hparams["largest_component"]:
+            labels = largest_component_per_class(labels, self.spec.num_classes)
+        return labels
+
+    def _forward(self, net, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.hparams["separate_forwards"]:
+            return [net.forward_features(x) for x in inputs]
+        logits, feats = net.forward_features(torch.cat(inputs))
+        sizes = [x.shape[0] for x in inputs]
+        return list(zip(logits.split(sizes), feats.split(sizes)))
+
+    def mixed_pairs(self, batch: Batch) -> list[MixedPair]:
+        x_u = batch.x_unlabeled
+        if x_u is None or x_u.shape[0] != batch.x_labeled.shape[0] or x_u.shape[0] < 2:
+            got = 0 if x_u is None else x_u.shape[0]
+            raise ValueError(f"{self.name} mixes labeled and unlabeled halves: the batch needs as "
+                             f"many unlabeled as labeled images, at least 2 each, got "
+                             f"{batch.x_labeled.shape[0]} labeled and {got} unlabeled")
+        xl, yl, xu = (self._halves(t) for t in (batch.x_labeled, batch.y_labeled, x_u))
+        with torch.no_grad():
+            teacher_out = self._forward(self.teacher, list(xu))
+            pseudo = [self.pseudo_labels(logits) for logits, _ in teacher_out]
+            mask = bcp_box_mask(tuple(xl[0].shape[2:]), self.hparams["mask_ratio"], xl[0].device)
+        outside = mask.expand(xl[0].shape[0], 1, *mask.shape)
+        # Pair a and pair b are mixed in opposite directions (the "bidirectional" of BCP).
+        first = self.hparams["first_mix"] == "labeled_outside_box"
+        labeled_outside = [first, not first]
+        views = [self.student_view(x) for x in xu]
+        mixes = [xl[i] * outside + views[i] * (1 - outside) if labeled_outside[i]
+                 else views[i] * outside + xl[i] * (1 - outside) for i in range(2)]
+        student_out = self._forward(self.student, mixes)
+        return [MixedPair(student_out[i][0], student_out[i][1], outside, labeled_outside[i],
+                          yl[i], pseudo[i], torch.softmax(teacher_out[i][0].float(), 1),
+                          teacher_out[i][1]) for i in range(2)]
+
+    def student_view(self, x_unlabeled: torch.Tensor) -> torch.Tensor:
+        """The unlabeled images as the student sees them in a mix (BCP: unchanged)."""
+        return x_unlabeled
+
+    def pair_loss(self, pair: MixedPair) -> torch.Tensor:
+        """mix_loss of one pair: ground truth with weight 1, pseudo-label with u_weight."""
+        u = self.hparams["u_weight"]
+        if pair.labeled_outside:
+            t_in, w_in, t_out, w_out = pair.y_labeled, 1.0, pair.pseudo, u
+        else:
+            t_in, w_in, t_out, w_out = pair.pseudo, u, pair.y_labeled, 1.0
+        return mix_loss(pair.logits, t_in, t_out, pair.outside, w_in, w_out,
+                        self.hparams["dice_form"])
