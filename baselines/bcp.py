@@ -137,6 +137,7 @@ class MixedPair:
     pseudo: torch.Tensor  # the teacher's pseudo-label of the unlabeled image
     teacher_probs: torch.Tensor  # teacher softmax on the unlabeled half it came from
     teacher_features: torch.Tensor
+    unlabeled: torch.Tensor  # that unlabeled half as sampled (before student_view)
 
     @property
     def unlabeled_region(self) -> torch.Tensor:
@@ -296,7 +297,7 @@ class BCP(Method):
         student_out = self._forward(self.student, mixes)
         return [MixedPair(student_out[i][0], student_out[i][1], outside, labeled_outside[i],
                           yl[i], pseudo[i], torch.softmax(teacher_out[i][0].float(), 1),
-                          teacher_out[i][1]) for i in range(2)]
+                          teacher_out[i][1], xu[i]) for i in range(2)]
 
     def student_view(self, x_unlabeled: torch.Tensor) -> torch.Tensor:
         """The unlabeled images as the student sees them in a mix (BCP: unchanged)."""

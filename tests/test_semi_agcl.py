@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from agcl.data.specs import get_spec
 from agcl.methods import agcl_losses as L
-from agcl.methods.base import Batch, HparamError
+from agcl.methods.base import MAIN, PRETRAIN, Batch, HparamError
 from agcl.methods.losses import supervised_loss
 from agcl.methods.registry import get_method
-from agcl.methods.semi_agcl import box_mask, pair_masks, strong_intensity_view
+from agcl.methods.semi_agcl import strong_intensity_view
+from baselines import bcp as bcp_module
 
 
 def h(p: float) -> float:
@@ -241,24 +242,6 @@ def test_enqueue_wraps_around_and_moves_the_pointer():
     assert labels.tolist() == [5, 6, 2, 3, 4] and ptr.item() == 2
 
 
-def test_box_mask_zero_region_is_two_thirds_of_each_side():
-    mask = box_mask((12, 12), 2 / 3)
-    assert int((mask == 0).sum()) == 8 * 8
-    mask3 = box_mask((12, 12, 9), 2 / 3)
-    assert int((mask3 == 0).sum()) == 8 * 8 * 6
-    acdc = box_mask((256, 256), 2 / 3)
-    rows, cols = torch.nonzero(acdc == 0, as_tuple=True)
-    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (170, 170)  # BCP ACDC
-
-
-def test_pair_masks_alternate_copy_paste_direction():
-    mask = box_mask((12, 12), 2 / 3)
-    pairs = pair_masks(mask, 3)
-    assert pairs.shape == (3, 1, 12, 12)
-    assert torch.equal(pairs[0, 0], mask) and torch.equal(pairs[1, 0], 1 - mask)
-    assert torch.equal(pairs[2, 0], mask)
-
-
 def test_class_argmax_equals_torch_argmax_with_ties():
     probs = torch.softmax(torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)), 1)
     probs[0, :, 0, 0] = torch.tensor([0.3, 0.3, 0.3, 0.1])  # tie -> the lowest class
@@ -328,12 +311,11 @@ def test_train_step_is_finite_and_every_term_reaches_head_and_student(dataset, m
     fill_queue(method)
     loss, logs = method.train_step(tiny_batch(dataset), 0)
     assert torch.isfinite(loss)
-    assert set(logs) >= {"loss_sup", "loss_reg", "loss_pl_agg", "loss_rw_agg", "n_anchors"}
+    assert set(logs) >= {"loss_bcp", "loss_reg", "loss_pl_agg", "loss_rw_agg", "n_anchors"}
     assert all(math.isfinite(v) for v in logs.values())
     assert logs["n_anchors"] > 0 and logs["loss_reg"] > 0 and logs["loss_rw_agg"] > 0
-    # Without L_sup, what is left (the AGCL terms) must still train the student and the head.
-    zero = torch.zeros(())
-    monkeypatch.setattr(L, "region_supervised_losses", lambda *a, **k: [zero, zero])
+    # Without BCP's loss, what is left (the AGCL terms) must still train the student and the head.
+    monkeypatch.setattr(bcp_module, "mix_loss", lambda *a, **k: torch.zeros(()))
     method.zero_grad()
     loss, _ = method.train_step(tiny_batch(dataset), 1)
     loss.backward()
@@ -347,7 +329,7 @@ def test_train_step_is_finite_and_every_term_reaches_head_and_student(dataset, m
     {"patch_similarity": "cosine"}, {"patch_similarity": "class_confidence"},
     {"kernel": "gk_l1"}, {"nuclear_norm": False},
     {"mix_coefficient": "half"}, {"mix_coefficient": "random"},
-    {"student_view": "separate"}, {"project_voxels": True}, {"pretrain_iterations": 5},
+    {"agcl_view": "separate"}, {"project_voxels": True},
 ])
 def test_ablation_switches_run(override):
     method = tiny_method("acdc", **override)
@@ -355,10 +337,14 @@ def test_ablation_switches_run(override):
     loss, logs = method.train_step(tiny_batch("acdc"), 0)
     loss.backward()
     assert torch.isfinite(loss)
-    if "pretrain_iterations" in override:
-        assert logs["loss_reg"] == 0.0 and logs["n_anchors"] == 0.0
-    else:
-        assert logs["n_anchors"] > 0
+    assert logs["n_anchors"] > 0
+
+
+def test_pretraining_is_bcp_alone():
+    method = tiny_method("acdc")
+    method.start_stage(PRETRAIN, fresh=True)
+    loss, logs = method.train_step(tiny_batch("acdc"), 0)
+    assert set(logs) == {"loss_pretrain"} and torch.isfinite(loss)
 
 
 def test_nuclear_switch_changes_the_graph_loss():
@@ -387,20 +373,33 @@ def test_queue_is_checkpointed_and_restored_exactly():
     assert torch.equal(restored.queue_ptr, method.queue_ptr)
 
 
-def test_teacher_follows_student_in_pretraining_then_by_ema():
-    method = tiny_method("acdc", pretrain_iterations=2)
+def test_teachers_start_from_the_pretrained_student_then_follow_by_ema():
+    method = tiny_method("acdc")
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1)
     head_ids = {id(p) for p in method.head.parameters()}
     assert head_ids <= {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for step in range(3):
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+    method.start_stage(PRETRAIN, fresh=True)
+    teacher_before = [p.clone() for p in method.teacher.parameters()]
+    for step in range(2):
         loss, _ = method.train_step(tiny_batch("acdc"), step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         method.after_optimizer_step(step)
-        pairs = zip(method.teacher.parameters(), method.student.parameters(), strict=True)
-        same = all(torch.equal(t, s) for t, s in pairs)
-        assert same == (step < 2)  # a copy during pre-training, an EMA afterwards
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, method.teacher.parameters()))
+    method.start_stage(MAIN, fresh=True)  # the engine's stage boundary
+    assert same(method.teacher, method.student) and same(method.teacher_head, method.head)
+    loss, _ = method.train_step(tiny_batch("acdc"), 0)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    method.after_optimizer_step(0)
+    assert not same(method.teacher, method.student)  # an EMA from now on
+    assert not same(method.teacher_head, method.head)
 
 
 def test_bad_hparams_and_batches_are_clear_errors():
@@ -416,5 +415,32 @@ def test_bad_hparams_and_batches_are_clear_errors():
 def test_dataset_defaults():
     cls = get_method("semi_agcl")
     assert cls.hparams_for("la")["patch_size"] == 16 and cls.hparams_for("acdc")["patch_size"] == 32
-    assert cls.hparams_for("acdc")["dice_include_background"] is True
+    assert cls.hparams_for("acdc")["pretrain_iterations"] == 10000  # BCP's, inherited
     assert cls.hparams_for("la")["tau"] == 0.07 and cls.hparams_for("la")["ema_decay"] == 0.99
+
+
+def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_project):
+    from pathlib import Path
+
+    from agcl.config import load_config
+    from agcl.engine.trainer import Trainer
+    from agcl.runfolder import FINAL
+    from tests.test_pipeline import prepare
+
+    prepare(tiny_project, "la")
+    config = load_config(tiny_project)
+    off = {"w_reg": 0.0, "w_pl": 0.0, "w_rw": 0.0, "pretrain_iterations": 2}
+    runs = {"bcp": {"pretrain_iterations": 2}, "semi_agcl": off}
+    for name, overrides in runs.items():
+        Trainer(config, "la", name, 0.2, 0, Path(f"runs/{name}"), progress=False,
+                overrides=overrides).run()
+    ours, base = (torch.load(Path(f"runs/{n}") / FINAL, weights_only=False)["state_dict"]
+                  for n in ("semi_agcl", "bcp"))
+    assert ours.keys() == base.keys()
+    for key, value in base.items():
+        assert torch.equal(ours[key], value), key
+    # and the AGCL terms do change training when they are on
+    Trainer(config, "la", "semi_agcl", 0.2, 0, Path("runs/on"), progress=False,
+            overrides={"pretrain_iterations": 2}).run()
+    on = torch.load(Path("runs/on") / FINAL, weights_only=False)["state_dict"]
+    assert any(not torch.equal(on[k], v) for k, v in base.items())

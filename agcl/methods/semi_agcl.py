@@ -1,33 +1,30 @@
-"""Semi-AGCL: affinity-graph-guided contrastive learning on a BCP copy-paste mean teacher.
+"""Semi-AGCL: affinity-graph-guided contrastive learning on BCP (baselines/bcp.py).
 
 Base (assumed, ../shared/paper.md "Setup"): the paper's ACDC settings (mask 170x170 of 256, batch
-24, 10k + 30k iterations, EMA 0.99) are BCP's defaults, so the base is BCP's bidirectional
-copy-paste. Each labeled image i is paired with unlabeled image i; one random box (side
-``mask_ratio`` of every axis) is drawn per step; pair i is mixed "inward" (labeled outside the box,
-unlabeled inside) for even i and "outward" for odd i. The mixed image is supervised by the mixed
-label: the ground truth where it came from the labeled image (weight 1), the EMA teacher's argmax
-pseudo-label elsewhere (weight ``u_weight``). BCP's supervised pre-training (2000 / 10000
-iterations) is a separate stage upstream; here it is ``pretrain_iterations`` steps of plain L_sup
-on labeled images (teacher = student meanwhile), 0 by default.
+24, 10k + 30k iterations, EMA 0.99) are BCP's defaults, so Semi-AGCL is BCP, stages and all (its
+copy-paste pre-training, then self-training with the EMA teacher), plus the AGCL terms below.
+Nothing of BCP is repeated here: this class only adds to it. With every AGCL weight 0 it trains
+bit-identically to `bcp` (no strong view, no extra random numbers; tested).
 
-AGCL terms on the unlabeled voxels (Eq 1-7): the teacher sees the weak view (the sampler's
-flip/rotate/crop only), the student the strong view (`strong_intensity_view`: contrast, brightness
-and noise; intensity-only so voxel positions match across views). With ``student_view: mixed`` (the
-default) the strong view is the unlabeled part of the copy-paste image itself, so the student runs
-once per step (the paper's cost, 1.33x V-Net, leaves no room for a second student pass); with
-``separate`` the student also runs on whole strong-view unlabeled images. Patch pseudo-labels are
-the mean softmax over a patch's unlabeled voxels; patch embeddings are the decoder features
-averaged over the same voxels, then the ProjectionHead (the teacher's keys through an EMA copy of
-the head). ``project_voxels: true`` projects every voxel first and averages after, the literal
-reading, at the cost of about one more forward pass. Anchors are sampled by
-`agcl_losses.select_anchor_patches`; per step:
+AGCL terms on the unlabeled voxels of both copy-paste mixes (Eq 1-7): the teacher sees the weak
+view (the sampler's flip/rotate/crop only), the student the strong view (`strong_intensity_view`:
+contrast, brightness and noise; intensity-only so voxel positions match across views). With
+``agcl_view: mixed`` (the default) the strong view is the unlabeled part of the copy-paste images
+themselves, so the student runs once per mix (the paper's cost, 1.33x V-Net, leaves no room for a
+second student pass); with ``separate`` the mixes keep BCP's plain images and the student also
+runs on whole strong-view unlabeled images. Patch pseudo-labels are the mean softmax over a
+patch's unlabeled voxels; patch embeddings are the decoder features averaged over the same voxels,
+then the ProjectionHead (the teacher's keys through an EMA copy of the head). ``project_voxels:
+true`` projects every voxel first and averages after, the literal reading, at the cost of about
+one more forward pass. Anchors are sampled by `agcl_losses.select_anchor_patches`; per step of
+the main stage:
 
-  L_all = L_sup + ramp * (w_reg L_reg + w_pl L_PL_AGG + w_rw L_RW_AGG)
+  L_all = L_BCP + ramp * (w_reg L_reg + w_pl L_PL_AGG + w_rw L_RW_AGG)
 
-L_sup: the copy-paste loss above; L_reg: Eq 4 InfoNCE (queue negatives of other classes), our
+L_BCP: BCP's two mix losses, added; L_reg: Eq 4 InfoNCE (queue negatives of other classes), our
 reading of the undefined L_reg; L_PL_AGG: Eq 3 on the Eq 2 affinity of teacher vs student patch
 pseudo-labels; L_RW_AGG: Eq 7 = Eq 4 plus the Eq 6 mixed hard negatives. ramp = sigmoid ramp-up
-over (step - pretrain_iterations) // 150.
+over main-stage step // 150 (the engine counts steps from the start of the main stage).
 """
 
 from __future__ import annotations
@@ -38,33 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from agcl.methods import agcl_losses as L
-from agcl.methods.base import Batch, Method, ema_update, make_ema_teacher
-from agcl.methods.losses import sigmoid_rampup, supervised_loss
+from agcl.methods.base import MAIN, make_ema_teacher
+from agcl.methods.losses import sigmoid_rampup
 from agcl.methods.registry import register_method
 from agcl.nets import ProjectionHead
+from baselines.bcp import BCP, MixedPair
 
-STUDENT_VIEWS = ("mixed", "separate")
-LOG_KEYS = ("loss_sup", "loss_sup_labeled", "loss_sup_unlabeled", "loss_reg", "loss_pl_agg",
-            "loss_rw_agg", "affinity_trace", "affinity_nuclear", "n_anchors", "queue_fill",
-            "rampup")
-
-
-def box_mask(spatial: tuple[int, ...], ratio: float, device=None) -> torch.Tensor:
-    """BCP's mask: ones, with a zero box of int(side * ratio) per axis at a random place."""
-    mask = torch.ones(spatial, device=device)
-    box = []
-    for size in spatial:
-        side = int(size * ratio)
-        start = int(torch.randint(0, size - side + 1, (1,)))
-        box.append(slice(start, start + side))
-    mask[tuple(box)] = 0.0
-    return mask
-
-
-def pair_masks(mask: torch.Tensor, n_pairs: int) -> torch.Tensor:
-    """Per-pair "labeled" masks (n, 1, *spatial): mask for even pairs, 1 - mask for odd ones."""
-    inward = (torch.arange(n_pairs, device=mask.device) % 2 == 0).view(-1, *[1] * (mask.ndim + 1))
-    return torch.where(inward, mask, 1.0 - mask)
+AGCL_VIEWS = ("mixed", "separate")
+AGCL_WEIGHTS = ("w_reg", "w_pl", "w_rw")
+# A fixed offset from the run's seed for the head and queue initialisation, drawn on a forked
+# RNG: the run's own random stream (masks, dropout) is the same as BCP's.
+HEAD_SEED_OFFSET = 7919
 
 
 def strong_intensity_view(x: torch.Tensor, contrast: float, brightness: float,
@@ -86,17 +67,13 @@ def strong_intensity_view(x: torch.Tensor, contrast: float, brightness: float,
 
 
 @register_method("semi_agcl")
-class SemiAGCL(Method):
-    default_hparams = {
-        "ema_decay": 0.99,  # BCP / paper
-        "u_weight": 0.5,  # BCP: weight of the pseudo-labeled region of a mixed image
-        "mask_ratio": 2 / 3,  # BCP: zero box side = 2/3 of each axis (170 of 256 on ACDC)
-        "pretrain_iterations": 0,  # BCP pre-trains in a separate run; 0 keeps the demo short
+class SemiAGCL(BCP):
+    agcl_hparams = {
         "rampup": 40,  # ramp-up length in 150-iteration "epochs" (UA-MT LA value)
         "w_reg": 1.0,  # Eq 8 prints no weights
         "w_pl": 1.0,  # Eq 8 prints no weights
         "w_rw": 1.0,  # Eq 8 prints no weights
-        "student_view": "mixed",  # one student pass per step, as the paper's 1.33x cost implies
+        "agcl_view": "mixed",  # one student pass per mix, as the paper's 1.33x cost implies
         "strong_contrast": 0.2,  # contrast factor in [0.8, 1.2]: mild, keeps anatomy readable
         "strong_brightness": 0.1,  # shift of +-0.1 image std
         "strong_noise": 0.1,  # Gaussian noise 0.1 std clipped at 0.2 (UA-MT's teacher noise)
@@ -119,93 +96,83 @@ class SemiAGCL(Method):
         "proj_hidden_channels": None,  # None = 4 x decoder feature channels (64 at width 16)
         "proj_dim": None,  # None = 2 x decoder feature channels (32 at width 16)
     }
+    default_hparams = {**BCP.default_hparams, **agcl_hparams}
     dataset_hparams = {
-        "acdc": {"dice_include_background": True, "patch_size": 32, "rampup": 200},
-        "crag": {"patch_size": 32, "rampup": 200},
+        "la": dict(BCP.dataset_hparams.get("la", {})),
+        "acdc": {**BCP.dataset_hparams["acdc"], "patch_size": 32, "rampup": 200},
+        "crag": {**BCP.dataset_hparams["crag"], "patch_size": 32, "rampup": 200},
     }
-    _CHOICES = {"student_view": STUDENT_VIEWS, "patch_similarity": L.PATCH_SIMILARITIES,
+    _CHOICES = {**BCP._CHOICES, "agcl_view": AGCL_VIEWS, "patch_similarity": L.PATCH_SIMILARITIES,
                 "kernel": L.KERNELS, "mix_coefficient": L.MIX_COEFFICIENTS}
 
     def __init__(self, spec, hparams, net_kwargs, total_iterations):
         super().__init__(spec, hparams, net_kwargs, total_iterations)
-        for field, allowed in self._CHOICES.items():
-            if hparams[field] not in allowed:
-                raise ValueError(f"semi_agcl hparam {field}: expected one of "
-                                 f"{', '.join(allowed)}, got {hparams[field]!r}")
         width = self.student.feature_channels
         hidden = hparams["proj_hidden_channels"] or 4 * width
         dim = hparams["proj_dim"] or 2 * width
-        self.head = ProjectionHead(width, hidden, dim, spatial_dims=self.student.spatial_dims)
-        self.teacher = make_ema_teacher(self.student)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed() + HEAD_SEED_OFFSET)
+            self.head = ProjectionHead(width, hidden, dim, spatial_dims=self.student.spatial_dims)
+            queue = F.normalize(torch.randn(hparams["queue_length"], dim), dim=1)
         self.teacher_head = make_ema_teacher(self.head)
         # Buffers, so the queue is checkpointed and a resumed run continues exactly.
-        self.register_buffer("queue", F.normalize(torch.randn(hparams["queue_length"], dim), dim=1))
+        self.register_buffer("queue", queue)
         self.register_buffer("queue_labels", torch.full((hparams["queue_length"],), -1))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def agcl_active(self) -> bool:
+        return any(self.hparams[w] > 0 for w in AGCL_WEIGHTS)
 
     def trainable_parameters(self):
         return itertools.chain(self.student.parameters(), self.head.parameters())
 
+    def start_stage(self, name: str, fresh: bool) -> None:
+        super().start_stage(name, fresh)
+        if name == MAIN and fresh:
+            self.teacher_head.load_state_dict(self.head.state_dict())
+
+    @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        # Teacher = student during pre-training, so self-training starts from the pre-trained net.
-        decay = 0.0 if step < self.hparams["pretrain_iterations"] else self.hparams["ema_decay"]
-        ema_update(self.teacher, self.student, decay, step)
-        ema_update(self.teacher_head, self.head, decay, step)
+        super().after_optimizer_step(step)
+        if self.stage == MAIN:
+            decay = self.hparams["ema_decay"]
+            for t, s in zip(self.teacher_head.parameters(), self.head.parameters()):
+                t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
 
     # -----------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch, step: int):
+    def student_view(self, x_unlabeled: torch.Tensor) -> torch.Tensor:
+        if self.agcl_active and self.hparams["agcl_view"] == "mixed":
+            return self._strong(x_unlabeled)
+        return x_unlabeled
+
+    def _strong(self, x: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
-        include_bg = hp["dice_include_background"]
-        if step < hp["pretrain_iterations"]:
-            losses = supervised_loss(self.student(batch.x_labeled), batch.y_labeled, include_bg)
-            logs = dict.fromkeys(LOG_KEYS, 0.0)
-            logs.update(loss_sup=float(losses["loss_sup"].detach()),
-                        loss_sup_labeled=float(losses["loss_sup"].detach()))
-            return losses["loss_sup"], logs
+        return strong_intensity_view(x, hp["strong_contrast"], hp["strong_brightness"],
+                                     hp["strong_noise"])
 
-        x_l, y_l, x_u = batch.x_labeled, batch.y_labeled, batch.x_unlabeled
-        if x_u is None or x_u.shape[0] != x_l.shape[0]:
-            got = 0 if x_u is None else x_u.shape[0]
-            raise ValueError(f"semi_agcl pairs each labeled image with one unlabeled image (BCP): "
-                             f"the batch needs as many unlabeled as labeled images, got "
-                             f"{x_l.shape[0]} labeled and {got} unlabeled")
-        n = x_l.shape[0]
-
-        with torch.no_grad():
-            t_logits, t_feats = self.teacher.forward_features(x_u)
-            t_probs = torch.softmax(t_logits.float(), dim=1)
-        pseudo = L.class_argmax(t_probs)
-
-        strong_u = strong_intensity_view(x_u, hp["strong_contrast"], hp["strong_brightness"],
-                                         hp["strong_noise"])
-        labeled_region = pair_masks(box_mask(tuple(x_l.shape[2:]), hp["mask_ratio"], x_l.device), n)
-        mixed_u = strong_u if hp["student_view"] == "mixed" else x_u
-        x_mix = x_l * labeled_region + mixed_u * (1 - labeled_region)
-        y_mix = torch.where(labeled_region[:, 0] > 0.5, y_l, pseudo)
-
-        student_in = x_mix if hp["student_view"] == "mixed" else torch.cat([x_mix, strong_u])
-        s_logits, s_feats = self.student.forward_features(student_in)
-        sup_l, sup_u = L.region_supervised_losses(s_logits[:n], y_mix,
-                                                  [labeled_region, 1 - labeled_region], include_bg)
-        loss_sup = sup_l + hp["u_weight"] * sup_u
-
-        if hp["student_view"] == "mixed":
-            unlabeled_region = 1 - labeled_region
+    def extra_loss(self, pairs: list[MixedPair], step: int):
+        if not self.agcl_active:
+            return None, {}
+        hp = self.hparams
+        t_probs = torch.cat([p.teacher_probs for p in pairs])
+        t_feats = torch.cat([p.teacher_features for p in pairs])
+        if hp["agcl_view"] == "mixed":
+            s_logits = torch.cat([p.logits for p in pairs])
+            s_feats = torch.cat([p.features for p in pairs])
+            region = torch.cat([p.unlabeled_region for p in pairs])
         else:  # the separate strong views, whole images
-            s_logits, s_feats = s_logits[n:], s_feats[n:]
-            unlabeled_region = torch.ones_like(labeled_region)
-        with torch.autocast(x_l.device.type, enabled=False):  # svdvals has no half kernel
+            s_logits, s_feats = self.student.forward_features(
+                self._strong(torch.cat([p.unlabeled for p in pairs])))
+            region = torch.ones_like(torch.cat([p.unlabeled_region for p in pairs]))
+        with torch.autocast(s_logits.device.type, enabled=False):  # svdvals has no half kernel
             agcl = self._agcl_terms(torch.softmax(s_logits.float(), 1), s_feats.float(), t_probs,
-                                    t_feats.float(), unlabeled_region)
-
-        ramp = sigmoid_rampup((step - hp["pretrain_iterations"]) // 150, hp["rampup"])
+                                    t_feats.float(), region)
+        ramp = sigmoid_rampup(step // 150, hp["rampup"])
         unsup = hp["w_reg"] * agcl["loss_reg"] + hp["w_pl"] * agcl["loss_pl_agg"] \
             + hp["w_rw"] * agcl["loss_rw_agg"]
-        loss = loss_sup + ramp * unsup
-        logs = {"loss_sup": loss_sup, "loss_sup_labeled": sup_l, "loss_sup_unlabeled": sup_u,
-                **agcl, "rampup": ramp}
-        return loss, {k: float(v.detach()) if torch.is_tensor(v) else float(v)
-                      for k, v in logs.items()}
+        logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in agcl.items()}
+        return ramp * unsup, {**logs, "rampup": ramp}
 
     def _patch_embeddings(self, head, feats, region, keep) -> torch.Tensor:
         """L2-normalised embeddings (N_kept, D) of the kept patches (``keep``: flat indices)."""
