@@ -45,14 +45,42 @@ def validate_config(config: dict, source: str = "<config>") -> dict:
         lines = [f"invalid value at '{'.'.join(map(str, e.absolute_path)) or '<top level>'}': "
                  f"{e.message}" for e in errors]
         raise ConfigError(f"{source}: " + "; ".join(lines))
+    problems = []
     for dataset, dcfg in config["datasets"].items():
-        train = dcfg["train"]
-        if train["labeled_batch_size"] > train["batch_size"]:
-            raise ConfigError(
-                f"{source}: datasets.{dataset}.train.labeled_batch_size "
-                f"({train['labeled_batch_size']}) must not exceed batch_size ({train['batch_size']})"
-            )
+        problems += _batch_problems(dcfg["train"], f"datasets.{dataset}.train")
+        # Per-method recipes (the reference protocol) are checked like the train block itself.
+        for method, override in dcfg.get("train_by_method", {}).items():
+            problems += train_override_problems(override, dcfg["train"],
+                                                f"datasets.{dataset}.train_by_method.{method}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     return config
+
+
+def train_override_problems(override: dict, base: dict, where: str) -> list[str]:
+    """What is wrong with some train keys laid over a (valid) train block: each key and value
+    against the train block's schema, then the merged recipe as a whole."""
+    schema = load_schema()
+    train_schema = {**schema["$defs"]["dataset"]["properties"]["train"], "$defs": schema["$defs"]}
+    train_schema.pop("required", None)
+    errors = sorted(jsonschema.Draft202012Validator(train_schema).iter_errors(override),
+                    key=lambda e: list(e.path))
+    problems = [f"invalid value at '{where}{'.' if e.absolute_path else ''}"
+                f"{'.'.join(map(str, e.absolute_path))}': {e.message}" for e in errors]
+    return problems or _batch_problems({**base, **override}, where)
+
+
+def _batch_problems(train: dict, where: str) -> list[str]:
+    if train["labeled_batch_size"] > train["batch_size"]:
+        return [(f"{where}.labeled_batch_size ({train['labeled_batch_size']}) must not exceed "
+                 f"batch_size ({train['batch_size']})")]
+    return []
+
+
+def method_train_config(dcfg: dict, method: str) -> dict:
+    """The training recipe of one method on one dataset: the dataset's train block, updated by
+    its train_by_method entry for that method (the reference protocol), if any."""
+    return {**dcfg["train"], **dcfg.get("train_by_method", {}).get(method, {})}
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

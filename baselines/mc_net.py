@@ -3,7 +3,9 @@
 Each decoder's softmax is pulled towards the sharpened softmax of every other decoder, on all
 images of the batch (labeled and unlabeled); the labeled part also gets a Dice loss per decoder,
 summed over decoders. Loss = lamda * sum_d Dice_d + w(t) * sum_{i != j} MSE(p_i, sharpen(p_j)).
-Inference uses the first (ConvTranspose) decoder, as MC-Net's test scripts.
+Inference and validation use the first decoder, as MC-Net's test scripts: ConvTranspose in 3D,
+bilinear in 2D (its mcnet2d_v2 lists the bilinear decoder first). Dice per the reference script:
+Binary_dice_loss (linear, foreground) in 3D, its 2D DiceLoss (all classes, no factor 2) in 2D.
 """
 
 from __future__ import annotations
@@ -42,14 +44,17 @@ class McNet(Method):
         # MC-Net writes the sharpened targets into a fresh tensor by index assignment, which
         # autograd tracks: gradients flow through both sides. True = stop-gradient targets.
         "detach_targets": False,
+        "dice_form": "linear",  # train_mcnet_3d.py: losses.Binary_dice_loss on the foreground
     }
     dataset_hparams = {
         # train_mcnet_2d.py: --consistency 0.1, --consistency_rampup 200, --lamda 1; its DiceLoss
         # averages every class including background.
+        # Its DiceLoss is 1 - sum(pt) / (sum p^2 + sum t^2): no factor 2 (dice_form mcnet2d).
         "acdc": {"consistency": 0.1, "consistency_rampup": 200.0, "dice_weight": 1.0,
-                 "dice_include_background": True},
+                 "dice_include_background": True, "dice_form": "mcnet2d"},
         # No reference ships CRAG: the 2D recipe, Dice scope as the supervised baseline.
-        "crag": {"consistency": 0.1, "consistency_rampup": 200.0, "dice_weight": 1.0},
+        "crag": {"consistency": 0.1, "consistency_rampup": 200.0, "dice_weight": 1.0,
+                 "dice_form": "mcnet2d"},
     }
 
     @classmethod
@@ -62,7 +67,8 @@ class McNet(Method):
         outputs = self.student.forward_all(torch.cat([batch.x_labeled, x_unlabeled]))
         # Dice only: MC-Net computes a CE term too but never adds it to the loss (MC-Net #4).
         loss_dice = sum(soft_dice_loss(logits[:n_labeled], batch.y_labeled,
-                                       self.hparams["dice_include_background"])
+                                       self.hparams["dice_include_background"],
+                                       self.hparams["dice_form"])
                         for logits in outputs)
         probs = [torch.softmax(logits.float(), dim=1) for logits in outputs]
         loss_mc = mutual_consistency(probs, self.hparams["temperature"],

@@ -67,7 +67,7 @@ class MeanTeacher(Method):
         n_labeled = batch.x_labeled.shape[0]
         logits = self.student(torch.cat([batch.x_labeled, x_unlabeled]))
         losses = supervised_loss(logits[:n_labeled], batch.y_labeled,
-                                 self.hparams["dice_include_background"])
+                                 self.hparams["dice_include_background"], self.hparams["dice_form"])
         with torch.no_grad():
             teacher_logits = self.teacher(self.noisy(x_unlabeled))
         loss_cons, extra = self.consistency(logits[n_labeled:], teacher_logits, x_unlabeled, step)

@@ -17,5 +17,6 @@ class Supervised(Method):
 
     def train_step(self, batch: Batch, step: int):
         logits = self.student(batch.x_labeled)
-        losses = supervised_loss(logits, batch.y_labeled, self.hparams["dice_include_background"])
+        losses = supervised_loss(logits, batch.y_labeled, self.hparams["dice_include_background"],
+                                 self.hparams["dice_form"])
         return losses["loss_sup"], {k: float(v.detach()) for k, v in losses.items()}

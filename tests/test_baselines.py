@@ -239,7 +239,8 @@ def test_mc_net_dice_is_summed_over_decoders_on_the_labeled_part():
     loss, logs = method.train_step(batch, 149)
     with torch.no_grad():
         outputs = method.student.forward_all(torch.cat([batch.x_labeled, batch.x_unlabeled]))
-    dice_sum = sum(soft_dice_loss(o[:2], batch.y_labeled, False) for o in outputs)
+    # MC-Net 3D: Binary_dice_loss, linear denominators, foreground only
+    dice_sum = sum(soft_dice_loss(o[:2], batch.y_labeled, False, "linear") for o in outputs)
     assert logs["loss_dice"] == pytest.approx(dice_sum.item(), rel=1e-5)
     assert logs["loss_sup"] == pytest.approx(0.5 * dice_sum.item(), rel=1e-5)  # --lamda 0.5
     # MC-Net ramps on (iter + 1) // 150: step 149 is already "epoch" 1 of 40.

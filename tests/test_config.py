@@ -73,3 +73,37 @@ def test_ratio_tag_and_layout():
     layout = Layout(load_config(DEMO), root="/x")
     assert str(layout.run("la", "supervised", 0.05, 1)) == "/x/results/demo/runs/la/supervised/r0.05/s1"
     assert str(layout.splits("acdc", 2)) == "/x/results/demo/splits/acdc/seed2.json"
+
+
+def test_train_by_method_is_checked_like_the_train_block():
+    from agcl.config import method_train_config
+
+    config = load_config(REPO_ROOT / "config" / "reference.yaml")
+    assert config["protocol"] == "reference"
+    la = config["datasets"]["la"]
+    assert method_train_config(la, "ua_mt")["iterations"] == 6000
+    assert method_train_config(la, "ua_mt")["patch"] == [112, 112, 80]  # from the train block
+    assert method_train_config(la, "bcp") == la["train"]
+    bad = copy.deepcopy(config)
+    bad["datasets"]["la"]["train_by_method"]["mc_net"]["iteration"] = 5
+    with pytest.raises(ConfigError, match=r"datasets\.la\.train_by_method\.mc_net': Additional "
+                                          r"properties are not allowed \('iteration'"):
+        validate_config(bad)
+    bad = copy.deepcopy(config)
+    bad["datasets"]["la"]["train_by_method"]["mc_net"]["labeled_batch_size"] = 9
+    with pytest.raises(ConfigError, match=r"train_by_method\.mc_net\.labeled_batch_size \(9\) "
+                                          r"must not exceed batch_size \(4\)"):
+        validate_config(bad)
+    bad = copy.deepcopy(config)
+    bad["datasets"]["acdc"]["train_by_method"]["ua_mt"]["schedule"] = "cosine"
+    with pytest.raises(ConfigError, match=r"train_by_method\.ua_mt\.schedule': 'cosine' is not"):
+        validate_config(bad)
+
+
+def test_train_by_method_names_a_registered_method():
+    from agcl.methods.registry import check_config
+
+    config = load_config(REPO_ROOT / "config" / "reference.yaml")
+    config["datasets"]["la"]["train_by_method"]["uamt"] = {"iterations": 5}
+    with pytest.raises(ConfigError, match=r"train_by_method\.uamt: 'uamt' is not a registered"):
+        check_config(config)

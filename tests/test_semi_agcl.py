@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from agcl.data.specs import get_spec
 from agcl.methods import agcl_losses as L
 from agcl.methods.base import MAIN, PRETRAIN, Batch, HparamError
-from agcl.methods.losses import supervised_loss
 from agcl.methods.registry import get_method
 from agcl.methods.semi_agcl import strong_intensity_view
 from baselines import bcp as bcp_module
@@ -246,19 +245,6 @@ def test_class_argmax_equals_torch_argmax_with_ties():
     probs = torch.softmax(torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)), 1)
     probs[0, :, 0, 0] = torch.tensor([0.3, 0.3, 0.3, 0.1])  # tie -> the lowest class
     assert torch.equal(L.class_argmax(probs), probs.argmax(1))
-
-
-@pytest.mark.parametrize("include_background", [True, False])
-def test_region_loss_over_everything_equals_the_supervised_loss(include_background):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 8, 8, generator=g)
-    target = torch.randint(0, 3, (2, 8, 8), generator=g)
-    everywhere, nowhere = torch.ones(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
-    full, empty = L.region_supervised_losses(logits, target, [everywhere, nowhere],
-                                             include_background)
-    expected = supervised_loss(logits, target, include_background)["loss_sup"]
-    torch.testing.assert_close(full, expected)
-    assert empty.item() == pytest.approx(0.0, abs=1e-4)  # no voxel: CE 0, Dice (eps/eps) = 1
 
 
 def test_strong_view_keeps_positions_and_varies_per_image():

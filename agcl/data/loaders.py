@@ -149,15 +149,36 @@ def load_cases(processed_dir: str | Path, case_ids: list[str]) -> list[Case]:
     return cases
 
 
-class PatchSampler:
-    """Two-stream batches of random patches with random rot90 + flip (the references' LA recipe).
+AUGMENTATIONS = ("rot_flip", "rot_flip_or_rotate")
+# SSL4MIS RandomGenerator: np.random.randint(-20, 20) degrees, i.e. -20..19.
+ROTATION_DEGREES = (-20, 20)
 
+
+def default_augmentation(spatial_dims: int) -> str:
+    """The references' recipes: LA (UA-MT, MC-Net, BCP) random rot90 + flip of a random crop;
+    2D (SSL4MIS RandomGenerator, also used by BCP and MC-Net 2D) per sample rot90 + flip with
+    probability 1/2, else a random rotation."""
+    return "rot_flip" if spatial_dims == 3 else "rot_flip_or_rotate"
+
+
+class PatchSampler:
+    """Two-stream batches of random patches, augmented per sample as the references do.
+
+    `augmentation`: rot_flip = random rot90 (in the first two spatial axes) + flip; or
+    rot_flip_or_rotate = SSL4MIS's RandomGenerator: with probability 1/2 that, otherwise a
+    rotation by a random integer angle in [-20, 20) degrees (nearest neighbour for image and
+    label alike, no reshape, zeros outside). Upstream rotates the slice at its native size and
+    then resizes it; ACDC slices here are resized once when loaded, then augmented.
     Indices are drawn epoch by epoch from seeded permutations, labeled and unlabeled separately;
     the whole state (RNG and the rest of the current epochs) is saved with checkpoints.
     """
 
     def __init__(self, data: TrainingSet, patch: list[int], labeled_batch: int, unlabeled_batch: int,
-                 seed: int):
+                 seed: int, augmentation: str = "rot_flip"):
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation: expected one of {', '.join(AUGMENTATIONS)}, "
+                             f"got {augmentation!r}")
+        self.augmentation = augmentation
         self.data = data
         self.patch = tuple(patch)
         self.labeled_batch = labeled_batch
@@ -190,6 +211,13 @@ class PatchSampler:
         return image, label
 
     def _augment(self, image: np.ndarray, label: np.ndarray | None):
+        if self.augmentation == "rot_flip_or_rotate" and self.rng.random() >= 0.5:
+            angle = int(self.rng.integers(*ROTATION_DEGREES))
+            # axes as scipy's default (1, 0) on an (H, W) slice, here behind the channel axis
+            image = ndimage.rotate(image, angle, axes=(2, 1), order=0, reshape=False)
+            if label is not None:
+                label = ndimage.rotate(label, angle, axes=(1, 0), order=0, reshape=False)
+            return image, label
         k = int(self.rng.integers(0, 4)) if self.can_rotate else 0
         axis = int(self.rng.integers(0, 2))
         image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)

@@ -7,7 +7,6 @@ What the run folder holds and when a run counts as finished is agcl.runfolder's 
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import itertools
@@ -24,8 +23,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agcl.config import ConfigError, Layout, dataset_config, ratio_tag, validate_config
-from agcl.data.loaders import PatchSampler, load_cases, load_training_set, read_split
+from agcl.config import (
+    ConfigError,
+    Layout,
+    dataset_config,
+    method_train_config,
+    ratio_tag,
+    train_override_problems,
+)
+from agcl.data.loaders import (
+    PatchSampler,
+    default_augmentation,
+    load_cases,
+    load_training_set,
+    read_split,
+)
 from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
 from agcl.devices import amp_name, resolve_amp, resolve_device
@@ -96,16 +108,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _pop_train_overrides(config: dict, dataset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """`--set train.lr=0.001` overrides datasets.<name>.train.lr; other keys are method hparams.
-
-    The overridden config is validated like the file itself, so a wrong key or value is named.
-    """
+def _pop_train_overrides(base: dict, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--set train.lr=0.001` overrides the method's training recipe `base`; other keys are
+    method hparams. The keys and values are checked against the config schema's train block,
+    so a wrong key or value is named."""
     train = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("train.")}
-    if train:
-        candidate = copy.deepcopy(config)
-        candidate["datasets"][dataset]["train"].update(train)
-        validate_config(candidate, source="--set train.*")
+    problems = train_override_problems(train, base, "--set train") if train else []
+    if problems:
+        raise ConfigError("; ".join(problems))
     return train
 
 
@@ -178,7 +188,8 @@ class Trainer:
         self.spec = get_spec(dataset)
         self.dcfg = dataset_config(config, dataset)
         overrides = dict(overrides or {})
-        self.train_cfg = {**self.dcfg["train"], **_pop_train_overrides(config, dataset, overrides)}
+        recipe = method_train_config(self.dcfg, method)
+        self.train_cfg = {**recipe, **_pop_train_overrides(recipe, overrides)}
         if iterations is not None:
             self.train_cfg["iterations"] = positive_iterations(iterations)
         self.ratio = float(ratio)
@@ -197,6 +208,9 @@ class Trainer:
             overrides,
         )
         self.selection = self.dcfg["selection"]
+        self.augmentation = (default_augmentation(self.spec.spatial_dims)
+                             if self.train_cfg["augmentation"] == "auto"
+                             else self.train_cfg["augmentation"])
         self.stages = self.method_cls.stages(self.hparams, self.train_cfg)
         for stage in self.stages:
             positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
@@ -230,6 +244,7 @@ class Trainer:
             "net": {"name": self.method_cls.net_name(self.spec), **self.dcfg["net"]},
             "selection": self.selection,
             "validation_window": {"patch": eval_patch, "stride": eval_stride},
+            "augmentation": self.augmentation,
             "stages": [dataclasses.asdict(stage) for stage in self.stages],
         }
 
@@ -280,7 +295,8 @@ class Trainer:
         unlabeled_bs = self.train_cfg["batch_size"] - labeled_bs if method.uses_unlabeled else 0
         return {
             "split": split, "data": data, "val_cases": val_cases, "method": method,
-            "sampler": PatchSampler(data, self.train_cfg["patch"], labeled_bs, unlabeled_bs, self.seed),
+            "sampler": PatchSampler(data, self.train_cfg["patch"], labeled_bs, unlabeled_bs,
+                                    self.seed, self.augmentation),
             "optimizer": torch.optim.SGD(method.trainable_parameters(), lr=self.train_cfg["lr"],
                                          momentum=self.train_cfg["momentum"],
                                          weight_decay=self.train_cfg["weight_decay"]),

@@ -285,30 +285,3 @@ def class_argmax(probs: torch.Tensor) -> torch.Tensor:
         best = torch.where(better, probs[:, k], best)
         index = index.masked_fill(better, k)
     return index
-
-
-def region_supervised_losses(logits: torch.Tensor, target: torch.Tensor,
-                             regions: list[torch.Tensor],
-                             include_background: bool) -> list[torch.Tensor]:
-    """0.5 x (CE + soft Dice) over the voxels where each region (B, 1, *spatial) is 1.
-
-    CE is averaged over the region's voxels; Dice sums intersection and volume over the region, per
-    class over the whole batch, as `agcl.methods.losses.soft_dice_loss` does over all voxels. The
-    softmax and CE map are shared by all regions (BCP scores a mixed image's two parts apart).
-    """
-    logits = logits.float()
-    ce_map = F.cross_entropy(logits, target.long(), reduction="none")
-    probs = torch.softmax(logits, dim=1)
-    first = 0 if include_background else 1
-    out = []
-    for region in regions:
-        weight = region[:, 0].to(probs.dtype)
-        ce = (ce_map * weight).sum() / weight.sum().clamp_min(1.0)
-        dice = []
-        for k in range(first, logits.shape[1]):  # per class: no one-hot copy of the volume
-            in_class = (target == k).to(probs.dtype) * weight
-            intersection = (probs[:, k] * in_class).sum()
-            volume = (probs[:, k] * weight).sum() + in_class.sum()
-            dice.append((2 * intersection + 1e-5) / (volume + 1e-5))
-        out.append(0.5 * (ce + 1.0 - torch.stack(dice).mean()))
-    return out

@@ -117,6 +117,9 @@ class Method(nn.Module):
 BASE_HPARAMS: dict[str, Any] = {
     # UA-MT scores only the foreground in its Dice loss (LA), SSL4MIS all classes (ACDC).
     "dice_include_background": False,
+    # The Dice form of the reference a method follows (agcl.methods.losses.DICE_FORMS): UA-MT
+    # and SSL4MIS use squared denominators; MC-Net overrides it.
+    "dice_form": "squared",
 }
 
 

@@ -66,6 +66,10 @@ def check_config(config: dict, source: str = "<config>") -> None:
     registered = ", ".join(sorted(_METHODS))
     problems = [f"methods[{i}]: '{name}' is not a registered method (registered: {registered})"
                 for i, name in enumerate(config["methods"]) if name not in _METHODS]
+    for dataset, dcfg in config["datasets"].items():
+        problems += [f"datasets.{dataset}.train_by_method.{name}: '{name}' is not a registered "
+                     f"method (registered: {registered})"
+                     for name in dcfg.get("train_by_method", {}) if name not in _METHODS]
     blocks = [("hparams", config.get("hparams", {}), None)]
     blocks += [(f"datasets.{d}.hparams", dcfg.get("hparams", {}), d)
                for d, dcfg in config["datasets"].items()]

@@ -1,13 +1,15 @@
 """MC-Net+ "v2" nets: one shared encoder, three decoders that differ only in how they upsample.
 
-- "mcnet3d" (LA): V-Net encoder; decoders ConvTranspose3d / trilinear + 3x3x3 conv /
+- "mcnet3d" (LA): V-Net encoder; decoders ConvTranspose3d / trilinear (align_corners=True, as
+  MC-Net's VNet.py) + 3x3x3 conv /
   nearest + 3x3x3 conv, each followed by BN-ReLU. build("mcnet3d", 1, 2): 15,246,566 params.
-- "mcnet2d" (ACDC): U-Net encoder; decoders ConvTranspose2d(k2, s2) / 1x1 conv + bilinear
-  (align_corners=True) / 1x1 conv + nearest, no decoder dropout. build("mcnet2d", 1, 4):
+- "mcnet2d" (ACDC): U-Net encoder; decoders 1x1 conv + bilinear (align_corners=True) /
+  ConvTranspose2d(k2, s2) / 1x1 conv + nearest, in MC-Net's order, no decoder dropout. build("mcnet2d", 1, 4):
   3,210,924 params = encoder 1,180,464 + 763,860 (ConvTranspose) + 2 x 633,300 (interpolating).
   Two decoders would give 2,577,624 and four (adding bicubic) 3,844,224, so v2 has three.
 
-``forward`` uses the first (ConvTranspose) decoder only, as the reference tests do;
+``forward`` uses the first decoder only (3D: ConvTranspose, 2D: bilinear), as the reference
+tests do;
 ``forward_all`` returns one logits tensor per decoder, in the order of ``upsample_modes``.
 """
 
@@ -20,7 +22,9 @@ from agcl.nets import vnet as vnet_parts
 from agcl.nets.registry import EncoderDecoder, register_net
 
 MCNET3D_V2_MODES = ("deconv", "trilinear", "nearest")
-MCNET2D_V2_MODES = ("deconv", "bilinear", "nearest")
+# MC-Net's MCNet2d_v2: decoder1 up_type 1 (bilinear), decoder2 up_type 0 (ConvTranspose),
+# decoder3 up_type 2 (nearest); its tests use decoder 1, the bilinear one.
+MCNET2D_V2_MODES = ("bilinear", "deconv", "nearest")
 
 
 class MCNet3d(EncoderDecoder):

@@ -44,8 +44,8 @@ def up_block(in_channels: int, out_channels: int, mode: str = "deconv") -> nn.Se
     if mode == "deconv":
         layers: list[nn.Module] = [nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2)]
     elif mode in ("trilinear", "nearest"):
-        # align_corners is only defined for trilinear; False is PyTorch's default there.
-        align = False if mode == "trilinear" else None
+        # MC-Net's VNet.py upsamples trilinearly with align_corners=True (undefined for nearest).
+        align = True if mode == "trilinear" else None
         layers = [
             nn.Upsample(scale_factor=2, mode=mode, align_corners=align),
             nn.Conv3d(in_channels, out_channels, 3, padding=1),

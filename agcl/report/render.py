@@ -19,6 +19,11 @@ from agcl.report.published import dice_jaccard_consistency, load_published
 from agcl.runfolder import LOG_CSV
 from agcl.utils import code_version, write_text
 
+PROTOCOLS = {
+    "unified": "unified: one training recipe per dataset for every method (the fair comparison)",
+    "reference": "reference: each method trained with its own published recipe (to check it "
+                 "against its own paper)",
+}
 METRIC_TITLES = {"dice": "DSC %", "jaccard": "Jaccard %", "hd95": "HD95", "asd": "ASD"}
 
 
@@ -129,6 +134,7 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
         "code_versions": sorted(runs["code_version"].dropna().unique()) if not runs.empty else [],
         "report_code_version": code_version(),
         "seeds": config["seeds"],
+        "protocol": PROTOCOLS[config["protocol"]],
         "n_runs": len(runs),
         "n_expected": len(expected_runs(config)),
     }
