@@ -215,11 +215,23 @@ def _run_identity(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--seed", type=_seed, required=required)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from agcl.utils import code_version
+class _CodeVersion(argparse.Action):
+    """--version: package version and git commit, looked up only when asked for."""
 
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the package version and git commit, and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from agcl.utils import code_version
+
+        print(f"agcl {code_version()}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agcl", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"agcl {code_version()}")
+    parser.add_argument("--version", action=_CodeVersion)
     _global_options(parser, default=False)
     # Subcommands accept the same options after their name; SUPPRESS keeps a value given before.
     common = argparse.ArgumentParser(add_help=False)

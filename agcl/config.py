@@ -7,6 +7,7 @@ Snakemake validates the same file with its own `validate()`; the CLI does it her
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ def _validator_filling_defaults():
     return jsonschema.validators.extend(base, {"properties": fill_defaults})
 
 
+@functools.lru_cache(maxsize=1)
 def load_schema() -> dict:
+    """The schema, read once per process (callers never modify it)."""
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
