@@ -124,6 +124,21 @@ def largest_component_per_class(labels: torch.Tensor, num_classes: int) -> torch
     return torch.from_numpy(out).to(labels.device)
 
 
+@torch.no_grad()
+def constant_ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float,
+                 buffers: bool = False) -> None:
+    """teacher = decay teacher + (1 - decay) student, no warm-up (BCP's update_ema_variables);
+    `buffers` also averages floating buffers and copies the rest (ACDC's update_model_ema)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+    if buffers:
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            if t.is_floating_point():
+                t.mul_(decay).add_(s, alpha=1.0 - decay)
+            else:
+                t.copy_(s)
+
+
 @dataclass
 class MixedPair:
     """One copy-paste mix of the main stage and what scores it; methods built on BCP
@@ -203,19 +218,10 @@ class BCP(Method):
         if name == MAIN and fresh:  # teacher and student both start from the handed-on weights
             self.teacher.load_state_dict(self.student.state_dict())
 
-    @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        if self.stage != MAIN:
-            return
-        decay = self.hparams["ema_decay"]
-        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
-            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
-        if self.hparams["ema_buffers"]:
-            for t, s in zip(self.teacher.buffers(), self.student.buffers()):
-                if t.is_floating_point():
-                    t.mul_(decay).add_(s, alpha=1.0 - decay)
-                else:
-                    t.copy_(s)
+        if self.stage == MAIN:
+            constant_ema(self.teacher, self.student, self.hparams["ema_decay"],
+                         self.hparams["ema_buffers"])
 
     # --- steps ----------------------------------------------------------------------------
     def train_step(self, batch: Batch, step: int):

@@ -39,7 +39,7 @@ from agcl.methods.base import MAIN, make_ema_teacher
 from agcl.methods.losses import sigmoid_rampup
 from agcl.methods.registry import register_method
 from agcl.nets import ProjectionHead
-from baselines.bcp import BCP, MixedPair
+from baselines.bcp import BCP, MixedPair, constant_ema
 
 AGCL_VIEWS = ("mixed", "separate")
 AGCL_WEIGHTS = ("w_reg", "w_pl", "w_rw")
@@ -132,13 +132,10 @@ class SemiAGCL(BCP):
         if name == MAIN and fresh:
             self.teacher_head.load_state_dict(self.head.state_dict())
 
-    @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         if self.stage == MAIN:
-            decay = self.hparams["ema_decay"]
-            for t, s in zip(self.teacher_head.parameters(), self.head.parameters()):
-                t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+            constant_ema(self.teacher_head, self.head, self.hparams["ema_decay"])
 
     # -----------------------------------------------------------------------------------------
     def student_view(self, x_unlabeled: torch.Tensor) -> torch.Tensor:
