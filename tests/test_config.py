@@ -107,3 +107,15 @@ def test_train_by_method_names_a_registered_method():
     config["datasets"]["la"]["train_by_method"]["uamt"] = {"iterations": 5}
     with pytest.raises(ConfigError, match=r"train_by_method\.uamt: 'uamt' is not a registered"):
         check_config(config)
+
+
+def test_cpu_study_is_acdc_every_method_between_the_bounds():
+    from agcl.methods.registry import list_methods
+
+    config = load_config(REPO_ROOT / "config" / "cpu_study.yaml")
+    assert list(config["datasets"]) == ["acdc"] and config["seeds"] == [0, 1, 2]
+    assert set(config["methods"]) == set(list_methods())  # bcp included
+    runs = expected_runs(config)
+    assert {(m, r) for _, m, r, _ in runs} == {*((m, "0.05") for m in config["methods"]),
+                                              ("supervised", "1")}
+    assert len(runs) == 3 * (len(config["methods"]) + 1)

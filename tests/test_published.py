@@ -36,12 +36,16 @@ def one(table, **where):
 def test_packaged_csv_loads_and_validates(published):
     assert (files("agcl.report") / "published.csv").is_file()
     assert list(published.columns) == COLUMNS
-    assert len(published) == 47  # 15 LA + 13 ACDC + 1 ablation + 11 CRAG + 3 + 3 + 1 releases
+    # 15 LA + 13 ACDC + 1 ablation + 11 CRAG + 3 + 3 + 1 releases + 2 BCP (ACDC)
+    assert len(published) == 49
     assert set(published["dataset"]) == {"la", "acdc", "crag"}
     assert set(published["ratio"]) == {0.05, 0.1, 0.2, 1.0}
     counts = published.groupby("source").size()
     assert counts["MC-Net+ released results"] == 3 and counts["SS-Net released results"] == 3
     assert counts["UA-MT paper"] == 1 and counts["Semi-AGCL paper Table (CRAG)"] == 11
+    assert counts["BCP paper (arXiv 2305.00673) Table (ACDC)"] == 2
+    bcp = one(published, dataset="acdc", method="bcp", ratio=0.05)
+    assert (bcp["dice"], bcp["jaccard"], bcp["hd95"], bcp["asd"]) == (87.59, 78.67, 1.90, 0.67)
 
 
 def test_package_data_ships_the_csv():

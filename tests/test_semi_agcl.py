@@ -405,6 +405,21 @@ def test_dataset_defaults():
     assert cls.hparams_for("la")["tau"] == 0.07 and cls.hparams_for("la")["ema_decay"] == 0.99
 
 
+def test_default_weights_and_ramp_combine_the_terms_as_documented():
+    cls = get_method("semi_agcl")
+    la, acdc = cls.hparams_for("la"), cls.hparams_for("acdc")
+    assert (la["w_reg"], la["w_pl"], la["w_rw"]) == (0.0, 1.0, 0.1)  # Eq 4 counted once
+    assert (la["rampup"], acdc["rampup"], la["rampup_epoch_iterations"]) == (7, 20, 150)
+    method = tiny_method("acdc", rampup=2, rampup_epoch_iterations=10)
+    fill_queue(method)
+    loss, logs = method.train_step(tiny_batch("acdc"), 15)  # "epoch" 15 // 10 = 1 of 2
+    ramp = math.exp(-5 * (1 - 1 / 2) ** 2)
+    assert logs["rampup"] == pytest.approx(ramp)
+    expected = logs["loss_bcp"] + ramp * (logs["loss_pl_agg"] + 0.1 * logs["loss_rw_agg"])
+    assert logs["loss_reg"] > 0  # computed and logged, not added
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+
+
 def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_project):
     from pathlib import Path
 

@@ -26,7 +26,8 @@ def test_lint_is_clean():
 
 @pytest.mark.parametrize("configfile,jobs", [("config/demo.yaml", "train"),
                                                ("config/config.yaml", "train"),
-                                               ("config/reference.yaml", "train")])
+                                               ("config/reference.yaml", "train"),
+                                               ("config/cpu_study.yaml", "train")])
 def test_dry_run_plans_every_training_run(configfile, jobs, tmp_path):
     (tmp_path / "resources").mkdir()
     (tmp_path / "resources" / "CRAG.zip").touch()  # the paper grid expects the user's CRAG zip

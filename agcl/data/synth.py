@@ -335,16 +335,28 @@ def _crag_image(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.nd
         instances[gland] = len(placed)
         epithelium |= gland & (dist > rng.uniform(0.45, 0.65))
 
+    # Solid nests of epithelium-coloured cells in the stroma (no lumen, not glands): a gland is
+    # told by its rim around a lumen, not by its colour.
+    nests = np.zeros(shape, dtype=bool)
+    for _ in range(rng.integers(2, 6)):
+        center = rng.uniform(0, 1, 2) * [height, width]
+        axes = rng.uniform(0.04, 0.09, 2) * side
+        nest = np.hypot((rows - center[0]) / axes[0], (cols - center[1]) / axes[1]) < 1
+        nests |= nest & ~ndimage.binary_dilation(instances > 0, iterations=2)
+
     # Pale spaces in the stroma and nuclei everywhere keep colour alone from finding glands.
     texture = _smooth_noise(rng, shape, 2.0)[..., None]
     rgb = _STROMA + 10 * texture
     lumen = (instances > 0) & ~epithelium
     pale_stroma = (_smooth_noise(rng, shape, 4.0) > 1.8) & (instances == 0)
     rgb[lumen | pale_stroma] = _LUMEN
-    rgb[epithelium] = _EPITHELIUM + 8 * texture[epithelium]
-    seeds = rng.uniform(size=shape) < np.where(epithelium, 0.08, 0.012)
+    cellular = epithelium | nests
+    rgb[cellular] = _EPITHELIUM + 8 * texture[cellular]
+    seeds = rng.uniform(size=shape) < np.where(cellular, 0.08, 0.012)
     nuclei = ndimage.binary_dilation(seeds, iterations=1) & ~lumen
     rgb[nuclei] = _NUCLEUS
+    # Stain varies between slides: a per-image scale and shift of each colour channel.
+    rgb = rgb * rng.uniform(0.85, 1.15, 3) + rng.uniform(-15, 15, 3)
     rgb = ndimage.gaussian_filter(rgb, (0.6, 0.6, 0)) + rng.normal(0, 6, rgb.shape)
     rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
