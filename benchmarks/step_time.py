@@ -8,7 +8,7 @@ The methods take turns, one step each per round, so that a change in machine loa
 hits them all alike.
 
 Prints CSV on stdout: a comment line with shapes/device, then
-method,step_seconds,ratio_to_supervised, then the issue-8 goals as ratios. Two supervised rows:
+method,step_seconds,ratio_to_supervised, then the step-cost goals as ratios. Two supervised rows:
 `supervised` as the engine trains it (the labeled part of the batch only) and
 `supervised_whole_batch` (every image of the batch labeled: one student pass over as many images
 as a semi-supervised step sees, the denominator of "what the extra machinery costs").
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "supervised" not in names:
         names = ["supervised", *names]  # the ratio's denominator
-    names.append(WHOLE_BATCH)
+    names = [*names, WHOLE_BATCH]
     spec = get_spec(args.dataset)
     batch = synthetic_batch(args, spec.num_classes, spec.in_channels)
     timings = time_methods(names, args, batch)
