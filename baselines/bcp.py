@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
+from agcl import components
 from agcl.methods.base import MAIN, PRETRAIN, SCHEDULE_KEYS, Batch, Method, Stage, make_ema_teacher
 from agcl.methods.registry import register_method
 
@@ -113,14 +113,8 @@ def largest_component_per_class(labels: torch.Tensor, num_classes: int) -> torch
     """Per sample and foreground class, keep the largest connected component (full
     connectivity, as skimage.measure.label); a class with no voxel stays empty."""
     array = labels.detach().cpu().numpy()
-    out = np.zeros_like(array)
-    structure = ndimage.generate_binary_structure(array.ndim - 1, array.ndim - 1)
-    for i in range(array.shape[0]):
-        for k in range(1, num_classes):
-            components, count = ndimage.label(array[i] == k, structure=structure)
-            if count:
-                sizes = np.bincount(components.ravel())[1:]
-                out[i][components == int(np.argmax(sizes)) + 1] = k
+    out = np.stack([components.largest_component_per_class(sample, num_classes)
+                    for sample in array])
     return torch.from_numpy(out).to(labels.device)
 
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from agcl.components import largest_component_per_class
 from agcl.config import ConfigError, Layout, dataset_config
 from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
 from agcl.devices import resolve_amp, resolve_device
-from agcl.eval.metrics import largest_connected_component, multiclass_metrics
+from agcl.eval.metrics import multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
 from agcl.inference import eval_window, predict_case
 from agcl.nets import build
@@ -37,14 +38,6 @@ def _spacing(dataset: str, unit: str):
         raise ConfigError(f"datasets.{dataset}.eval.spacing: 'mm' is not available for {dataset} "
                           "(its processed files store no voxel size); use 'voxels'")
     return SPACING_MM[dataset]
-
-
-def _postprocess(pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Largest connected component per foreground class (SS-Net / BCP LA option)."""
-    out = np.zeros_like(pred)
-    for k in range(1, num_classes):
-        out[largest_connected_component(pred == k)] = k
-    return out
 
 
 def worst_distance(shape, spacing) -> float:
@@ -118,7 +111,7 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
         pred = predict_case(net, case.image, spec.eval_mode, spec.num_classes, patch, stride,
                             torch_device, eval_cfg["window_batch"], amp_dtype)
         if eval_cfg["largest_component"]:
-            pred = _postprocess(pred, spec.num_classes)
+            pred = largest_component_per_class(pred, spec.num_classes)
         if save_predictions:
             predictions[case.case_id] = pred
         worst = worst_distance(case.label.shape, spacing)

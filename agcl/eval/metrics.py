@@ -27,8 +27,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from agcl.components import largest_component
 
 EMPTY_POLICIES = ("metrics_reloaded", "reference")
 
@@ -223,14 +224,4 @@ def largest_connected_component(mask, connectivity: int | None = None) -> np.nda
     edges and corners). Default ndim (full), the default of skimage.measure.label that the SS-Net
     and BCP LA tests use for this post-processing. Ties keep the component met first in C order.
     """
-    mask = _as_mask(mask, "mask")
-    connectivity = mask.ndim if connectivity is None else connectivity
-    if not 1 <= connectivity <= mask.ndim:
-        raise ValueError(f"connectivity: expected 1..{mask.ndim}, got {connectivity}")
-    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
-    labels, count = ndimage.label(mask, structure=structure)
-    if count <= 1:
-        return mask.copy()
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    return largest_component(_as_mask(mask, "mask"), connectivity)
