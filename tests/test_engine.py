@@ -154,3 +154,30 @@ def test_a_method_trains_with_its_own_recipe_when_the_config_gives_one(tiny_proj
     meta = trainer.run()
     assert meta["iterations"] == 3 and meta["train"]["lr"] == 0.03  # --set wins over the recipe
     assert list(pd.read_csv(Path("runs/own") / "train_log.csv")["lr"]) == [0.03] * 3
+
+
+@pytest.mark.parametrize("dataset", ["la", "acdc"])
+def test_channels_last_changes_the_layout_not_the_model(tiny_project, dataset):
+    config = yaml.safe_load(tiny_project.read_text())
+    # Dropout draws its mask in memory order, so with dropout the two layouts train on different
+    # (equally random) masks; without it they differ by float rounding only.
+    config["datasets"][dataset]["net"]["has_dropout"] = False
+    tiny_project.write_text(yaml.safe_dump(config))
+    prepare(tiny_project, dataset)
+    config = load_config(tiny_project)
+    runs = {}
+    for channels_last in (True, False):
+        out = Path(f"runs/{dataset}-cl{int(channels_last)}")
+        Trainer(config, dataset, "mean_teacher", 0.1, 0, out, progress=False,
+                overrides={"train.channels_last": channels_last, "train.iterations": 3}).run()
+        runs[channels_last] = final_weights(out)
+    layout = torch.channels_last_3d if dataset == "la" else torch.channels_last
+    rank = 5 if dataset == "la" else 4
+    conv_weights = [k for k, v in runs[True].items() if v.ndim == rank and v.shape[-1] > 1]
+    assert conv_weights, "the nets have no convolution kernels wider than 1"
+    for key in conv_weights:  # student and EMA teacher alike
+        assert runs[True][key].is_contiguous(memory_format=layout), key
+        assert runs[False][key].is_contiguous(), key
+    for key, value in runs[False].items():  # 3 steps: the orders differ by rounding (x BatchNorm)
+        if value.is_floating_point():
+            torch.testing.assert_close(runs[True][key], value, rtol=1e-2, atol=2e-3)

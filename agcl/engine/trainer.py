@@ -128,12 +128,20 @@ def _tensorboard_writer(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def _to_device(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of an (N, C, spatial...) tensor with `ndim` dimensions."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}[ndim]
+
+
+def _to_device(array: np.ndarray | None, device: torch.device,
+               channels_last: bool = False) -> torch.Tensor | None:
     if array is None:
         return None
     tensor = torch.from_numpy(array)
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    if channels_last:
+        tensor = tensor.contiguous(memory_format=channels_last_format(tensor.ndim))
     return tensor
 
 
@@ -291,6 +299,9 @@ class Trainer:
         val_cases = load_cases(processed, split["val"]) if split["val"] else []
         method = self.method_cls(self.spec, self.hparams, self.dcfg["net"],
                                  self.stages[-1].iterations).to(self.device)
+        if self.train_cfg["channels_last"]:
+            # Applies to the conv weights of the spatial rank (4-D for 2D nets, 5-D for 3D ones).
+            method.to(memory_format=channels_last_format(2 + len(self.train_cfg["patch"])))
         labeled_bs = self.train_cfg["labeled_batch_size"]
         unlabeled_bs = self.train_cfg["batch_size"] - labeled_bs if method.uses_unlabeled else 0
         return {
@@ -424,8 +435,9 @@ class Trainer:
         returns the log row."""
         tic = time.perf_counter()
         x_l, y_l, x_u = sampler.next_batch()
-        batch = Batch(_to_device(x_l, self.device), _to_device(y_l, self.device),
-                      _to_device(x_u, self.device))
+        channels_last = self.train_cfg["channels_last"]
+        batch = Batch(_to_device(x_l, self.device, channels_last), _to_device(y_l, self.device),
+                      _to_device(x_u, self.device, channels_last))
         lr = learning_rate(stage.schedule, step, stage.iterations)
         for group in optimizer.param_groups:
             group["lr"] = lr
