@@ -181,3 +181,17 @@ def test_channels_last_changes_the_layout_not_the_model(tiny_project, dataset):
     for key, value in runs[False].items():  # 3 steps: the orders differ by rounding (x BatchNorm)
         if value.is_floating_point():
             torch.testing.assert_close(runs[True][key], value, rtol=1e-2, atol=2e-3)
+
+
+def test_first_nonfinite_gradient_names_the_parameter_and_ignores_overflowing_norms():
+    from agcl.engine.trainer import first_nonfinite_gradient
+    params = [(f"p{i}", torch.nn.Parameter(torch.zeros(3, 4))) for i in range(3)]
+    for _, p in params:
+        p.grad = torch.ones_like(p)
+    assert first_nonfinite_gradient(params) is None
+    params[1][1].grad[2, 3] = 3e30  # finite, but its square overflows the fused norm
+    assert first_nonfinite_gradient(params) is None
+    params[2][1].grad[0, 0] = float("-inf")
+    assert first_nonfinite_gradient(params) == "p2"
+    params[0][1].grad[1, 1] = float("nan")
+    assert first_nonfinite_gradient(params) == "p0"

@@ -186,6 +186,43 @@ def test_acdc_deterministic(tmp_path):
     assert other_image.tobytes() != read_h5_volume(files_a["patient001_frame01"])[0].tobytes()
 
 
+def test_acdc_patient_variation_ranges():
+    from agcl.data.synth import _patient_variation
+    assert _patient_variation(np.random.default_rng(0), 0.0) == {
+        "scale": 1.0, "contrast": 1.0, "noise": 1.0, "gamma": 1.0}
+    factors = [_patient_variation(np.random.default_rng(i), 1.0) for i in range(400)]
+    bounds = {"scale": (np.exp(-0.35), np.exp(0.35)), "contrast": (np.exp(-0.8), 1.0),
+              "noise": (1.0, np.exp(0.7)), "gamma": (np.exp(-0.5), np.exp(0.5))}
+    for key, (low, high) in bounds.items():  # x0.70-1.42, x0.45-1, x1-2.01, x0.61-1.65
+        values = [f[key] for f in factors]
+        assert low <= min(values) < low + 0.05 * (high - low), key
+        assert high - 0.05 * (high - low) < max(values) <= high, key
+    with pytest.raises(ValueError, match="variability must be >= 0"):
+        _patient_variation(np.random.default_rng(0), -0.5)
+
+
+def test_acdc_variability_varies_patients_and_keeps_the_anatomy(tmp_path):
+    kwargs = {"n_train_patients": 8, "n_val_patients": 1, "n_test_patients": 1,
+              "slices": (6, 6), "size_hw": (64, 64)}
+    spread = {}
+    for variability in (0.0, 1.7):
+        out = synth_acdc(tmp_path / str(variability), seed=0, variability=variability, **kwargs)
+        mapping = acdc_frame_files(out)
+        lv_area, contrast = [], []
+        for patient in range(1, 11):
+            image, label = read_h5_volume(mapping[f"patient{patient:03d}_frame01"])
+            lv_area.append((label == 3).sum())
+            contrast.append(image[label == 3].mean() - image[label == 2].mean())
+            for s in np.flatnonzero([(label[s] == 3).any() for s in range(label.shape[0])]):
+                lv = label[s] == 3
+                ring = ndimage.binary_dilation(lv) & ~lv
+                assert (label[s][ring] == 2).all(), "myocardium must enclose the LV cavity"
+        spread[variability] = (max(lv_area) / min(lv_area), np.ptp(contrast))
+    # Patients differ far more in heart size and in blood-pool contrast than at variability 0.
+    assert spread[1.7][0] > 1.5 * spread[0.0][0]
+    assert spread[1.7][1] > 2 * spread[0.0][1]
+
+
 # --- CRAG ---------------------------------------------------------------------------------------
 
 

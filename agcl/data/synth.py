@@ -22,7 +22,7 @@ from agcl.data.formats import ACDC_VOLUME_DIR, LA_CASE_TEMPLATE
 from agcl.utils import atomic_path, write_text
 
 # Salts keep the random streams of the three datasets (and of their splits) independent.
-_LA, _ACDC, _CRAG, _SPLIT = 1, 2, 3, 99
+_LA, _ACDC, _CRAG, _SPLIT, _VARIATION = 1, 2, 3, 99, 7
 _ID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
 _ACDC_UNANNOTATED_SCRIBBLE = 4  # WSL4MIS marks pixels without a scribble with 4
 
@@ -173,10 +173,24 @@ def synth_la(
 # --- ACDC ---------------------------------------------------------------------------------------
 
 
+def _patient_variation(rng: np.random.Generator, variability: float) -> dict[str, float]:
+    """Per-patient factors of heart size, tissue contrast, noise and intensity curve (gamma).
+
+    At variability 0 every factor is exactly 1 (the stream is separate, so the rest of a patient
+    is the same for every variability); at 1 they span x0.7-1.4, x0.45-1, x1-2 and x0.6-1.65.
+    """
+    if variability < 0:
+        raise ValueError(f"variability must be >= 0, got {variability}")
+    draws = rng.uniform([-0.35, -0.8, 0.0, -0.5], [0.35, 0.0, 0.7, 0.5])
+    return dict(zip(("scale", "contrast", "noise", "gamma"), np.exp(variability * draws)))
+
+
 def _acdc_patient(
-    rng: np.random.Generator, n_slices: int, shape_hw: tuple[int, int]
+    rng: np.random.Generator, n_slices: int, shape_hw: tuple[int, int],
+    variation: dict[str, float] | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """ED and ES volumes (S,H,W) of one patient: image in [0,1] and label 0 bg/1 RV/2 Myo/3 LV."""
+    variation = variation or {"scale": 1.0, "contrast": 1.0, "noise": 1.0, "gamma": 1.0}
     height, width = shape_hw
     rows, cols = np.meshgrid(np.arange(height, dtype=float), np.arange(width, dtype=float),
                              indexing="ij")
@@ -187,7 +201,7 @@ def _acdc_patient(
     # Irregular outline shared by both frames: a few low harmonics of the radius.
     wobble = 1 + sum(rng.uniform(-0.05, 0.05) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
                      for k in (2, 3))
-    r_epi = rng.uniform(0.17, 0.2) * side
+    r_epi = rng.uniform(0.17, 0.2) * side * variation["scale"]
     wall = rng.uniform(0.28, 0.34) * r_epi
     rv_angle = rng.uniform(0.75, 1.25) * np.pi  # RV sits on one side of the LV
     rv_dir = np.array([np.sin(rv_angle), np.cos(rv_angle)])
@@ -238,12 +252,16 @@ def _acdc_patient(
             for angle, depth in papillary:  # dark muscles inside the cavity, labelled LV
                 spot = center + depth * endo * np.array([np.sin(angle), np.cos(angle)])
                 signal[s][lv & (np.hypot(rows - spot[0], cols - spot[1]) < 0.18 * endo + 0.5)] = 0.4
+        if variation["contrast"] != 1.0:  # towards the tissue level (0.45)
+            signal = 0.45 + (signal - 0.45) * variation["contrast"]
         signal = ndimage.gaussian_filter(signal, (0, 0.7, 0.7))
         image = signal * _bias_field(rng, signal.shape, 0.4)
-        image = image + rng.normal(0.0, 0.07, image.shape)
+        image = image + rng.normal(0.0, 0.07 * variation["noise"], image.shape)
         # Upstream: clip at the 99th percentile, then min-max to [0, 1].
         image = np.clip(image, None, np.percentile(image, 99))
         image = (image - image.min()) / (image.max() - image.min())
+        if variation["gamma"] != 1.0:
+            image = image ** variation["gamma"]
         frames.append((image.astype(np.float32), label))
     return frames[0], frames[1]
 
@@ -256,8 +274,13 @@ def synth_acdc(
     n_test_patients: int = 4,
     slices: tuple[int, int] = (6, 10),
     size_hw: tuple[int, int] = (72, 96),
+    variability: float = 0.0,
 ) -> Path:
-    """Write an ACDC-format dataset folder (4 lists, h5 volumes); return its path."""
+    """Write an ACDC-format dataset folder (4 lists, h5 volumes); return its path.
+
+    variability: how much heart size, contrast, noise and intensity curve vary between patients
+    (0 = one acquisition for everyone; see _patient_variation).
+    """
     out = Path(out)
     counts = (n_train_patients, n_val_patients, n_test_patients)
     if min(counts) < 1 or sum(counts) > 999:
@@ -275,8 +298,11 @@ def synth_acdc(
         depth = int(rng.integers(slices[0], slices[1] + 1))
         shape_hw = (_draw_side(rng, size_hw, "size_hw"), _draw_side(rng, size_hw, "size_hw"))
         es_number = int(rng.integers(8, 16))
+        variation = _patient_variation(_rng(seed, _ACDC, int(patient[-3:]), _VARIATION),
+                                       variability)
         for list_frame, number, (image, label) in zip(
-            ("frame01", "frame02"), (1, es_number), _acdc_patient(rng, depth, shape_hw)
+            ("frame01", "frame02"), (1, es_number),
+            _acdc_patient(rng, depth, shape_hw, variation),
         ):
             scribble = np.full(label.shape, _ACDC_UNANNOTATED_SCRIBBLE, dtype=np.uint16)
             path = out / ACDC_VOLUME_DIR / f"{patient}_frame{number:02d}.h5"

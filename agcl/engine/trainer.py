@@ -561,6 +561,10 @@ def first_nonfinite_gradient(named_params) -> str | None:
     grads = [(name, p.grad) for name, p in named_params if p.grad is not None]
     if not grads:
         return None
+    # Fast path: one fused norm over every gradient is finite iff all of them are (barring an
+    # overflow of the squares, which the exact per-parameter check below then clears).
+    if bool(torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in grads], foreach=True))):
+        return None
     finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
     if bool(finite.all()):
         return None
