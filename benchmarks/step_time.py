@@ -31,6 +31,7 @@ import time
 import torch
 
 from agcl.data.specs import get_spec
+from agcl.engine.trainer import channels_last_format
 from agcl.methods.base import Batch
 from agcl.methods.registry import get_method, list_methods
 
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--amp", choices=sorted(AMP), default="off", help="autocast dtype")
     parser.add_argument("--methods", nargs="+", help="subset of the registry (default: all)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="weights and batches in channels-last order, as train.channels_last")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"][args.dataset]
@@ -81,8 +84,9 @@ def synthetic_batch(args, num_classes: int, in_channels: int) -> Batch:
     x_l = torch.randn(args.labeled_batch, in_channels, *args.patch, generator=generator)
     y_l = torch.randint(0, num_classes, (args.labeled_batch, *args.patch), generator=generator)
     x_u = torch.randn(n_unlabeled, in_channels, *args.patch, generator=generator)
-    return Batch(x_l.to(args.device), y_l.to(args.device),
-                 x_u.to(args.device) if n_unlabeled else None)
+    layout = channels_last_format(x_l.ndim) if args.channels_last else torch.contiguous_format
+    x_l, x_u = (x.to(args.device).contiguous(memory_format=layout) for x in (x_l, x_u))
+    return Batch(x_l, y_l.to(args.device), x_u if n_unlabeled else None)
 
 
 def sync(device: torch.device) -> None:
@@ -119,6 +123,8 @@ class Runner:
         self.method = cls(spec, cls.hparams_for(args.dataset),
                           {WIDTH_KWARG[args.dataset]: args.width},
                           ITERATIONS[args.dataset]).to(args.device)
+        if args.channels_last:
+            self.method.to(memory_format=channels_last_format(2 + len(args.patch)))
         self.method.train()
         self.optimizer = torch.optim.SGD(self.method.trainable_parameters(), lr=0.01,
                                          momentum=0.9, weight_decay=1e-4)
@@ -172,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# dataset={args.dataset} device={args.device} amp={args.amp} width={args.width} "
           f"patch={'x'.join(map(str, args.patch))} batch={args.batch} "
           f"labeled={args.labeled_batch} repeats={args.repeats} warmup={args.warmup} "
+          f"channels_last={args.channels_last} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
     print("method,step_seconds,ratio_to_supervised")
     for name, seconds in timings.items():
