@@ -20,6 +20,19 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# On a cluster these run where Snakemake runs (the login node): downloads need the internet that
+# compute nodes often lack, and the rest take seconds.
+localrules:
+    all,
+    download,
+    synth,
+    synth_crag_zip,
+    ingest_crag,
+    splits,
+    aggregate,
+    report,
+
+
 rule all:
     input:
         REPORT_HTML,

@@ -10,6 +10,7 @@ rule train:
         config=CONFIGFILE,
         out=lambda wc: run_dir(wc),
     threads: 1
+    # Appended to (>>): a retried or resumed run keeps the log of its earlier attempts.
     log:
         LOGS / "train" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.log",
     benchmark:
@@ -19,4 +20,4 @@ rule train:
     shell:
         "{params.agcl} train {wildcards.dataset} --config {params.config:q}"
         " --method {wildcards.method} --labels {wildcards.ratio} --seed {wildcards.seed}"
-        " --out {params.out} --threads {threads} --no-progress > {log} 2>&1"
+        " --out {params.out} --threads {threads} --no-progress >> {log} 2>&1"
