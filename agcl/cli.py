@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def _seed(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'")
     return int(text)
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got '{text}'")
+    return text
 
 
 def _label_fraction(text: str) -> float:
@@ -290,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "<results_dir>/<name>/runs/<dataset>/<method>/r<labels>/s<seed>)")
     p.add_argument("--iterations", type=_positive_int,
                    help="override datasets.<name>.train.iterations")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", type=_device, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter, or train.KEY of the dataset's "
                         "training config (repeatable)")
@@ -304,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--run", help="run folder; or give --method, --labels and --seed")
     _run_identity(p, required=False)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", type=_device, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--save-predictions", action="store_true",
                    help="also write predictions.npz (label maps per test case, for the report)")

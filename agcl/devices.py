@@ -1,15 +1,93 @@
-"""Which device and which autocast dtype a run uses; shared by training and evaluation."""
+"""Which device and which autocast dtype a run uses; shared by training and evaluation.
+
+On a machine with several GPUs, jobs that Snakemake runs side by side must not all land on
+cuda:0: each process claims a free GPU through a lock file named after the GPU's UUID and keeps
+it until it exits (the OS drops an flock when the process ends or dies, so a killed job frees its
+GPU). Only the GPUs torch can see are candidates, so a user's CUDA_VISIBLE_DEVICES (or SLURM's)
+is honoured; `cuda:N` picks GPU N explicitly and claims nothing.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
 import torch
+
+log = logging.getLogger(__name__)
+
+SLOT_DIR_ENV = "AGCL_GPU_SLOT_DIR"
+_held_locks: list = []  # open lock files: held for the life of the process
+
+
+def gpu_slot_dir() -> Path:
+    """Where the per-GPU lock files live (one folder per user on this machine)."""
+    default = Path(tempfile.gettempdir()) / f"agcl-gpu-slots-{os.getuid()}"
+    return Path(os.environ.get(SLOT_DIR_ENV, default))
+
+
+def claim_free_slot(slot_ids: list[str], lock_dir: Path, wait_s: float = 3600.0,
+                    poll_s: float = 2.0) -> int:
+    """Index of the first slot whose lock this process takes; waits while all are held."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        for index, slot_id in enumerate(slot_ids):
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", slot_id)
+            # Not a context manager: the lock lasts exactly as long as this handle stays open.
+            handle = open(lock_dir / f"{name}.lock", "a+")  # noqa: SIM115
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            _held_locks.append(handle)
+            return index
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"every GPU ({len(slot_ids)}) stayed claimed by other agcl jobs "
+                               f"for {wait_s:.0f} s (lock files in {lock_dir})")
+        if not warned:
+            log.warning("all %d GPUs are claimed by other agcl jobs; waiting for one "
+                        "(lock files in %s)", len(slot_ids), lock_dir)
+            warned = True
+        time.sleep(poll_s)
+
+
+def _free_cuda_device() -> torch.device:
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda:0")
+    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(count)]
+    index = claim_free_slot(uuids, gpu_slot_dir())
+    log.info("using GPU cuda:%d of %d (%s)", index, count, uuids[index])
+    return torch.device(f"cuda:{index}")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    """auto -> a free GPU if torch sees one, else the CPU; cuda -> a free GPU; cuda:N -> GPU N."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?|auto", name)
+    if match is None:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} was asked for but torch sees no CUDA device")
+    if match.group(1) is None:
+        return _free_cuda_device()
+    index, count = int(match.group(1)), torch.cuda.device_count()
+    if index >= count:
+        raise RuntimeError(f"--device {name}: torch sees {count} CUDA device(s) "
+                           f"(cuda:0 to cuda:{count - 1})")
     return torch.device(name)
 
 
