@@ -81,7 +81,10 @@ def resolve_device(name: str) -> torch.device:
     if match is None:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was asked for but torch sees no CUDA device")
+        raise RuntimeError(f"device {name} was asked for but torch sees no CUDA device (torch "
+                           f"{torch.__version__}, built for CUDA {torch.version.cuda}); install a "
+                           "CUDA build of torch, or set device: cpu / --device cpu to train on "
+                           "the CPU")
     if match.group(1) is None:
         return _free_cuda_device()
     index, count = int(match.group(1)), torch.cuda.device_count()

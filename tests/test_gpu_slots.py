@@ -111,8 +111,18 @@ def test_cpu_only_machine():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert devices.resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="--device cuda:1 was asked for but torch sees no"):
+    with pytest.raises(RuntimeError, match="device cuda:1 was asked for but torch sees no CUDA "
+                       r"device .*built for CUDA None.*--device cpu"):
         devices.resolve_device("cuda:1")
+
+
+def test_paper_configs_refuse_the_cpu_unless_asked():
+    from agcl.config import load_config
+    from tests.conftest import REPO_ROOT
+    for name in ("config.yaml", "reference.yaml"):
+        assert load_config(REPO_ROOT / "config" / name)["device"] == "cuda"
+    for name in ("demo.yaml", "cpu_study.yaml"):
+        assert load_config(REPO_ROOT / "config" / name)["device"] == "cpu"
 
 
 def test_cli_accepts_cuda_n_and_names_the_forms():
