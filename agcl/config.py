@@ -48,6 +48,13 @@ def validate_config(config: dict, source: str = "<config>") -> dict:
         lines = [f"invalid value at '{'.'.join(map(str, e.absolute_path)) or '<top level>'}': "
                  f"{e.message}" for e in errors]
         raise ConfigError(f"{source}: " + "; ".join(lines))
+    if config["run_datasets"]:
+        # The grid on some datasets only: everything downstream sees just those.
+        missing = [d for d in config["run_datasets"] if d not in config["datasets"]]
+        if missing:
+            raise ConfigError(f"{source}: run_datasets names {missing}, which datasets does not "
+                              f"configure (configured: {', '.join(config['datasets'])})")
+        config["datasets"] = {d: config["datasets"][d] for d in config["run_datasets"]}
     problems = []
     for dataset, dcfg in config["datasets"].items():
         problems += _batch_problems(dcfg["train"], f"datasets.{dataset}.train")

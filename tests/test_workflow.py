@@ -58,3 +58,45 @@ def test_bad_config_stops_snakemake_naming_the_key(tmp_path):
     assert out.returncode != 0
     # Snakemake's validate() names the key as a path into the config
     assert "['datasets']['la']['train']['iterations']" in out.stdout + out.stderr
+
+
+def dry_run_commands(*args, cwd):
+    out = snakemake("-n", "-p", "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
+                    "--directory", str(cwd), *args)
+    return out, out.stdout + out.stderr
+
+
+def test_layered_configfiles_reach_the_jobs_merged(tmp_path):
+    import yaml
+
+    sys.path.insert(0, str(REPO))
+    from agcl.config import load_config
+
+    overlay = tmp_path / "one_seed.yaml"
+    overlay.write_text(yaml.safe_dump({"seeds": [3], "methods": ["supervised"]}))
+    out, text = dry_run_commands("--configfile", str(REPO / "config" / "demo.yaml"), str(overlay),
+                                 cwd=tmp_path)
+    assert out.returncode == 0, text
+    merged = tmp_path / "results" / "demo" / "config.merged.yaml"
+    assert f"--config {merged.relative_to(tmp_path)}" in text or f"--config {merged}" in text
+    config = load_config(merged)  # complete and valid on its own, unlike the overlay
+    assert config["seeds"] == [3] and config["methods"] == ["supervised"]
+    assert config["datasets"]["la"]["train"]["iterations"] == 60  # from demo.yaml
+    train_jobs = [line for line in text.splitlines() if "agcl train " in line]
+    assert len(train_jobs) == 3 * 3  # 3 datasets x (0.05, 0.1, 1) x seed 3
+    assert all("--seed 3" in line for line in train_jobs)
+
+
+def test_paper_grid_without_crag(tmp_path):
+    out, text = dry_run_commands("--configfile", str(REPO / "config" / "config.yaml"),
+                                 cwd=tmp_path)
+    assert out.returncode != 0
+    assert "datasets.crag.path: resources/CRAG.zip does not exist" in text
+    assert "--config run_datasets='[la,acdc]'" in text
+
+    out, text = dry_run_commands("--configfile", str(REPO / "config" / "config.yaml"),
+                                 "--config", "run_datasets=[la,acdc]", cwd=tmp_path)
+    assert out.returncode == 0, text
+    train_jobs = [line for line in text.splitlines() if "agcl train " in line]
+    assert train_jobs and not [line for line in train_jobs if "train crag" in line]
+    assert {line.split("agcl train ")[1].split()[0] for line in train_jobs} == {"la", "acdc"}

@@ -15,19 +15,38 @@ from agcl.config import Layout, expected_runs, validate_config  # noqa: E402
 from agcl.methods.registry import check_config  # noqa: E402
 from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
 
-validate_config(config, source=str(workflow.configfiles[-1]))
+CONFIG_SOURCES = [str(f) for f in workflow.configfiles]
+if workflow.config_settings.config:
+    CONFIG_SOURCES.append("--config")
+SOURCE = " + ".join(CONFIG_SOURCES)
+# Also applies run_datasets (e.g. --config run_datasets='[la,acdc]': the grid without CRAG).
+validate_config(config, source=SOURCE)
 # Unregistered methods, hparams of a misspelt method, unknown net options: errors now, not
 # when the first job of that kind runs.
-check_config(config, source=str(workflow.configfiles[-1]))
+check_config(config, source=SOURCE)
 
-if workflow.config_settings.config:
-    raise WorkflowError(
-        "--config KEY=VALUE overrides would not reach the agcl commands the rules run; "
-        "put them in a copy of the YAML file and pass it with --configfile"
-    )
-
-CONFIGFILE = str(workflow.configfiles[-1])
 LAYOUT = Layout(config)
+
+
+def merged_config_file():
+    """The config every job reads: the one --configfile as given, or, when files are layered or
+    --config overrides keys, the merged and validated config written beside the results (only
+    rewritten when it changes, so its date does not trigger reruns)."""
+    if len(workflow.configfiles) == 1 and not workflow.config_settings.config:
+        return str(workflow.configfiles[0])
+    import yaml
+
+    path = LAYOUT.results / "config.merged.yaml"
+    text = f"# merged from {SOURCE}\n{yaml.safe_dump(config, sort_keys=False)}"
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return str(path)
+
+
+CONFIGFILE = merged_config_file()
 # Rules run the package from this checkout, in whichever environment runs them (the venv of
 # `make demo`, or the conda env of workflow/envs/agcl.yaml under --use-conda).
 AGCL = f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} python -m agcl"
@@ -70,6 +89,12 @@ def crag_source(wildcards):
     if crag["source"] != "ingest" or not crag["path"]:
         raise WorkflowError("datasets.crag: CRAG has no public URL; set source: ingest and path: "
                             "to the official zip or folder (or source: synthetic)")
+    if not Path(crag["path"]).exists():
+        raise WorkflowError(
+            f"datasets.crag.path: {crag['path']} does not exist. CRAG has no public URL: put "
+            "the official zip (Warwick TIA lab) there, or run the grid without CRAG: "
+            "--config run_datasets='[la,acdc]'"
+        )
     return crag["path"]
 
 
