@@ -89,7 +89,7 @@ def resolve_device(name: str) -> torch.device:
         return _free_cuda_device()
     index, count = int(match.group(1)), torch.cuda.device_count()
     if index >= count:
-        raise RuntimeError(f"--device {name}: torch sees {count} CUDA device(s) "
+        raise RuntimeError(f"device {name}: torch sees {count} CUDA device(s) "
                            f"(cuda:0 to cuda:{count - 1})")
     return torch.device(name)
 

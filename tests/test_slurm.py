@@ -111,6 +111,7 @@ def test_slurm_profile_submits_training_with_its_own_resources(tiny_project, tmp
         assert option(call, "--cpus-per-task", "-c") == "8", call
         assert option(call, "-p", "--partition") == "gpu", call
         assert option(call, "-A", "--account") == "proj42", call
+        assert "--requeue" in call  # preempted training goes back to the queue
         assert "--gres" not in " ".join(call)
     # The local rules (data preparation, aggregation, report) never went to SLURM.
     submitted_rules = {re.search(r"rule_(\w+)", " ".join(c)).group(1)

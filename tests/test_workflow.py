@@ -100,3 +100,21 @@ def test_paper_grid_without_crag(tmp_path):
     train_jobs = [line for line in text.splitlines() if "agcl train " in line]
     assert train_jobs and not [line for line in train_jobs if "train crag" in line]
     assert {line.split("agcl train ")[1].split()[0] for line in train_jobs} == {"la", "acdc"}
+
+
+@pytest.mark.parametrize("target,datasets,methods,n_train", [
+    ("method_bcp", {"la", "acdc", "crag"}, {"bcp"}, 3 * 2 * 2),
+    ("dataset_crag", {"crag"}, {"supervised", "mean_teacher", "ua_mt", "mc_net", "bcp",
+                                "semi_agcl"}, 6 * 2 * 2 + 2),
+])
+def test_named_targets_plan_one_dataset_or_method(tmp_path, target, datasets, methods, n_train):
+    # the target before --configfile, which takes every word after it
+    out, text = dry_run_commands(target, "--configfile", str(REPO / "config" / "demo.yaml"),
+                                 cwd=tmp_path)
+    assert out.returncode == 0, text
+    train_jobs = [line.split("agcl train ")[1].split() for line in text.splitlines()
+                  if "agcl train " in line]
+    assert len(train_jobs) == n_train
+    assert {job[0] for job in train_jobs} == datasets
+    assert {job[job.index("--method") + 1] for job in train_jobs} == methods
+    assert "agcl aggregate" not in text and "agcl report" not in text

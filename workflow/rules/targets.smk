@@ -1,0 +1,21 @@
+# Named targets for part of the grid, e.g. `snakemake --cores 8 --use-conda dataset_la` or
+# `method_bcp`: every run of that dataset (or method) trained and evaluated. One cell:
+# `snakemake results/<name>/runs/<dataset>/<method>/r<ratio>/s<seed>/metrics.json`.
+for _dataset in DATASETS:
+
+    rule:
+        name:
+            f"dataset_{_dataset}"
+        input:
+            [LAYOUT.run(*run) / METRICS_JSON for run in RUNS if run[0] == _dataset],
+        default_target: False
+
+
+for _method in sorted({run[1] for run in RUNS}):
+
+    rule:
+        name:
+            f"method_{_method}"
+        input:
+            [LAYOUT.run(*run) / METRICS_JSON for run in RUNS if run[1] == _method],
+        default_target: False
