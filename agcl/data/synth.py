@@ -187,10 +187,10 @@ def _patient_variation(rng: np.random.Generator, variability: float) -> dict[str
 
 def _acdc_patient(
     rng: np.random.Generator, n_slices: int, shape_hw: tuple[int, int],
-    variation: dict[str, float] | None = None,
+    variation: dict[str, float],
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """ED and ES volumes (S,H,W) of one patient: image in [0,1] and label 0 bg/1 RV/2 Myo/3 LV."""
-    variation = variation or {"scale": 1.0, "contrast": 1.0, "noise": 1.0, "gamma": 1.0}
+    """ED and ES volumes (S,H,W) of one patient: image in [0,1] and label 0 bg/1 RV/2 Myo/3 LV;
+    `variation` from _patient_variation."""
     height, width = shape_hw
     rows, cols = np.meshgrid(np.arange(height, dtype=float), np.arange(width, dtype=float),
                              indexing="ij")

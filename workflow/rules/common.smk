@@ -36,13 +36,12 @@ def merged_config_file():
         return str(workflow.configfiles[0])
     import yaml
 
+    from agcl.utils import write_text
+
     path = LAYOUT.results / "config.merged.yaml"
     text = f"# merged from {SOURCE}\n{yaml.safe_dump(config, sort_keys=False)}"
     if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)
     return str(path)
 
 
@@ -56,6 +55,7 @@ BENCHMARKS = Path("benchmarks") / config["name"]
 
 RUNS = expected_runs(config)
 DATASETS = list(config["datasets"])
+METHODS = sorted({run[1] for run in RUNS})
 SOURCES = {name: d["source"] for name, d in config["datasets"].items()}
 
 
@@ -66,7 +66,7 @@ def alternatives(names):
 
 wildcard_constraints:
     dataset=alternatives(DATASETS),
-    method=alternatives(sorted({run[1] for run in RUNS})),
+    method=alternatives(METHODS),
     ratio=r"[0-9.]+",
     seed=r"\d+",
 
@@ -77,8 +77,10 @@ def run_dir(wildcards=None):
     return LAYOUT.run(wildcards.dataset, wildcards.method, wildcards.ratio, wildcards.seed)
 
 
-def all_metrics():
-    return [LAYOUT.run(*run) / METRICS_JSON for run in RUNS]
+def all_metrics(dataset=None, method=None):
+    """metrics.json of every run of the grid, or of one dataset's or one method's runs."""
+    return [LAYOUT.run(*run) / METRICS_JSON for run in RUNS
+            if dataset in (None, run[0]) and method in (None, run[1])]
 
 
 def crag_source(wildcards):

@@ -7,15 +7,15 @@ for _dataset in DATASETS:
         name:
             f"dataset_{_dataset}"
         input:
-            [LAYOUT.run(*run) / METRICS_JSON for run in RUNS if run[0] == _dataset],
+            all_metrics(dataset=_dataset),
         default_target: False
 
 
-for _method in sorted({run[1] for run in RUNS}):
+for _method in METHODS:
 
     rule:
         name:
             f"method_{_method}"
         input:
-            [LAYOUT.run(*run) / METRICS_JSON for run in RUNS if run[1] == _method],
+            all_metrics(method=_method),
         default_target: False
