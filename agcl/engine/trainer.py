@@ -8,7 +8,6 @@ What the run folder holds and when a run counts as finished is agcl.runfolder's 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import logging
 import math
@@ -27,13 +26,10 @@ from agcl.config import (
     ConfigError,
     Layout,
     dataset_config,
-    method_train_config,
     ratio_tag,
-    train_override_problems,
 )
 from agcl.data.loaders import (
     PatchSampler,
-    default_augmentation,
     load_cases,
     load_training_set,
     read_split,
@@ -42,9 +38,9 @@ from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
 from agcl.devices import amp_name, resolve_amp, resolve_device
 from agcl.engine import checkpoint
+from agcl.engine.recipe import resolve_recipe
 from agcl.inference import dice_per_class, eval_window, predict_case
 from agcl.methods.base import Batch
-from agcl.methods.registry import check_config, get_method
 from agcl.runfolder import (
     BEST,
     FINAL,
@@ -62,9 +58,6 @@ from agcl.utils import code_version, write_json
 
 log = logging.getLogger("agcl.train")
 
-# Training-config keys that change what is logged or saved, not the weights a run ends with;
-# they stay out of the settings hash, so changing them never blocks a resume.
-LOGGING_KEYS = ("log_every", "checkpoint_every", "tensorboard")
 # How many skipped steps run.json lists by number (all are counted).
 LISTED_SKIPS = 50
 
@@ -106,17 +99,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set expects key=value, got '{pair}'")
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-def _pop_train_overrides(base: dict, overrides: dict[str, Any]) -> dict[str, Any]:
-    """`--set train.lr=0.001` overrides the method's training recipe `base`; other keys are
-    method hparams. The keys and values are checked against the config schema's train block,
-    so a wrong key or value is named."""
-    train = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("train.")}
-    problems = train_override_problems(train, base, "--set train") if train else []
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return train
 
 
 def _tensorboard_writer(out: Path):
@@ -177,12 +159,6 @@ class TrainingLog:
             csv.DictWriter(f, self.fields).writerow(row)
 
 
-def positive_iterations(value: Any, where: str = "--iterations") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where} must be a positive integer, got {value!r}")
-    return value
-
-
 class Trainer:
     """One run. The constructor checks everything it can (config, method, hparams, net options,
     split, data, device) and touches no file; `run()` then trains, resumes or refuses."""
@@ -195,35 +171,23 @@ class Trainer:
         self.dataset = dataset
         self.spec = get_spec(dataset)
         self.dcfg = dataset_config(config, dataset)
-        overrides = dict(overrides or {})
-        recipe = method_train_config(self.dcfg, method)
-        self.train_cfg = {**recipe, **_pop_train_overrides(recipe, overrides)}
-        if iterations is not None:
-            self.train_cfg["iterations"] = positive_iterations(iterations)
+        recipe = resolve_recipe(config, dataset, method, overrides=overrides,
+                                iterations=iterations)
+        self.method_cls = recipe.method_cls
+        self.train_cfg = recipe.train_cfg
+        self.hparams = recipe.hparams
+        self.selection = recipe.selection
+        self.augmentation = recipe.augmentation
+        self.stages = recipe.stages
+        self.settings = recipe.settings
+        self.stage_starts = list(itertools.accumulate([0] + [s.iterations for s in self.stages]))
+        self.total = self.stage_starts[-1]
         self.ratio = float(ratio)
         self.ratio_tag = ratio_tag(ratio)
         self.seed = seed
         self.progress = progress
         self.force = force
         self.layout = Layout(config, root)
-
-        self.method_cls = get_method(method)
-        check_config({**config, "methods": [method]}, source="config")
-        self.hparams = self.method_cls.hparams_for(
-            dataset,
-            config.get("hparams", {}).get(method, {}),
-            self.dcfg.get("hparams", {}).get(method, {}),
-            overrides,
-        )
-        self.selection = self.dcfg["selection"]
-        self.augmentation = (default_augmentation(self.spec.spatial_dims)
-                             if self.train_cfg["augmentation"] == "auto"
-                             else self.train_cfg["augmentation"])
-        self.stages = self.method_cls.stages(self.hparams, self.train_cfg)
-        for stage in self.stages:
-            positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
-        self.stage_starts = list(itertools.accumulate([0] + [s.iterations for s in self.stages]))
-        self.total = self.stage_starts[-1]
         self.split_path = self.layout.splits(dataset, seed)
         split = read_split(self.split_path)
         if self.ratio_tag not in split["labeled"]:
@@ -239,22 +203,8 @@ class Trainer:
         self.folder = RunFolder(out if out is not None
                                 else self.layout.run(dataset, method, self.ratio, seed))
         self.out = self.folder.path
-        self.settings = self._settings()
         self.identity = run_identity(dataset, method, self.ratio, seed, self.settings)
         self._warn_degenerate_bf16_cpu()
-
-    def _settings(self) -> dict:
-        """Everything that decides the weights a run ends with (hashed into its identity)."""
-        eval_patch, eval_stride = eval_window(self.dcfg["eval"], self.train_cfg["patch"])
-        return {
-            "train": {k: v for k, v in sorted(self.train_cfg.items()) if k not in LOGGING_KEYS},
-            "hparams": dict(sorted(self.hparams.items())),
-            "net": {"name": self.method_cls.net_name(self.spec), **self.dcfg["net"]},
-            "selection": self.selection,
-            "validation_window": {"patch": eval_patch, "stride": eval_stride},
-            "augmentation": self.augmentation,
-            "stages": [dataclasses.asdict(stage) for stage in self.stages],
-        }
 
     def _warn_degenerate_bf16_cpu(self) -> None:
         # oneDNN's bf16 convolution on AVX512-BF16/AMX CPUs is wrong when the innermost output

@@ -1,3 +1,4 @@
+import functools
 import sys
 from pathlib import Path
 
@@ -81,6 +82,19 @@ def all_metrics(dataset=None, method=None):
     """metrics.json of every run of the grid, or of one dataset's or one method's runs."""
     return [LAYOUT.run(*run) / METRICS_JSON for run in RUNS
             if dataset in (None, run[0]) and method in (None, run[1])]
+
+
+@functools.cache
+def _recipe_hash(dataset, method):
+    from agcl.engine.recipe import resolve_recipe
+
+    return resolve_recipe(config, dataset, method).settings_hash
+
+
+def recipe_hash(wildcards):
+    """Hash of the run's resolved training settings (recipe, hparams, net, stages): a train
+    param, so editing a recipe reruns exactly the runs it changes (Snakemake's params trigger)."""
+    return _recipe_hash(wildcards.dataset, wildcards.method)
 
 
 def crag_source(wildcards):

@@ -9,6 +9,7 @@ rule train:
         agcl=AGCL,
         config=CONFIGFILE,
         out=lambda wc: run_dir(wc),
+        settings=recipe_hash,
     threads: 1
     # Appended to (>>): a retried or resumed run keeps the log of its earlier attempts.
     log:

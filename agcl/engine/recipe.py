@@ -1,0 +1,93 @@
+"""What one run trains with, resolved from the config alone (no data, no device, no files).
+
+The Trainer builds its run from this, and the Snakefile hashes the same settings into the train
+rule's params, so editing a recipe in the config reruns exactly the runs it changes, and a
+checkpoint written under other settings is refused on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from agcl.config import ConfigError, dataset_config, method_train_config, train_override_problems
+from agcl.data.loaders import default_augmentation
+from agcl.data.specs import get_spec
+from agcl.inference import eval_window
+from agcl.methods.registry import check_config, get_method
+from agcl.runfolder import settings_hash
+
+# Training-config keys that change what is logged or saved, not the weights a run ends with;
+# they stay out of the settings hash, so changing them never blocks a resume or reruns a job.
+LOGGING_KEYS = ("log_every", "checkpoint_every", "tensorboard")
+
+
+def positive_iterations(value: Any, where: str = "--iterations") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _pop_train_overrides(base: dict, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--set train.lr=0.001` overrides the method's training recipe `base`; other keys are
+    method hparams. The keys and values are checked against the config schema's train block,
+    so a wrong key or value is named."""
+    train = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("train.")}
+    problems = train_override_problems(train, base, "--set train") if train else []
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return train
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    method_cls: type
+    train_cfg: dict
+    hparams: dict
+    selection: str
+    augmentation: dict
+    stages: list
+    settings: dict
+
+    @property
+    def settings_hash(self) -> str:
+        return settings_hash(self.settings)
+
+
+def resolve_recipe(config: dict, dataset: str, method: str, *,
+                   overrides: dict[str, Any] | None = None,
+                   iterations: int | None = None) -> Recipe:
+    """The recipe of `method` on `dataset` under `config` (plus CLI overrides), checked."""
+    spec = get_spec(dataset)
+    dcfg = dataset_config(config, dataset)
+    overrides = dict(overrides or {})
+    base = method_train_config(dcfg, method)
+    train_cfg = {**base, **_pop_train_overrides(base, overrides)}
+    if iterations is not None:
+        train_cfg["iterations"] = positive_iterations(iterations)
+    method_cls = get_method(method)
+    check_config({**config, "methods": [method]}, source="config")
+    hparams = method_cls.hparams_for(
+        dataset,
+        config.get("hparams", {}).get(method, {}),
+        dcfg.get("hparams", {}).get(method, {}),
+        overrides,
+    )
+    augmentation = (default_augmentation(spec.spatial_dims)
+                    if train_cfg["augmentation"] == "auto" else train_cfg["augmentation"])
+    stages = method_cls.stages(hparams, train_cfg)
+    for stage in stages:
+        positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
+    eval_patch, eval_stride = eval_window(dcfg["eval"], train_cfg["patch"])
+    # Everything that decides the weights a run ends with.
+    settings = {
+        "train": {k: v for k, v in sorted(train_cfg.items()) if k not in LOGGING_KEYS},
+        "hparams": dict(sorted(hparams.items())),
+        "net": {"name": method_cls.net_name(spec), **dcfg["net"]},
+        "selection": dcfg["selection"],
+        "validation_window": {"patch": eval_patch, "stride": eval_stride},
+        "augmentation": augmentation,
+        "stages": [dataclasses.asdict(stage) for stage in stages],
+    }
+    return Recipe(method_cls, train_cfg, hparams, dcfg["selection"], augmentation, stages,
+                  settings)
