@@ -156,3 +156,30 @@ def test_editing_a_recipe_reruns_exactly_the_runs_it_changes(tmp_path):
     lr = yaml.safe_load(yaml.safe_dump(config))
     lr["datasets"]["crag"]["train"]["lr"] = 0.01
     assert len(planned(lr)) == 2
+
+
+def test_a_failed_run_under_keep_going_leaves_a_report_of_the_others(tmp_path):
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config.update(seeds=[0], methods=["supervised", "mean_teacher"], ratios=[0.05],
+                  full_supervision=False, run_datasets=["crag"])
+    crag = config["datasets"]["crag"]
+    crag["train"].update(iterations=3, val_every=3, checkpoint_every=3)
+    # mean_teacher's weights blow up after its first step, and the run stops on the NaN loss
+    crag["train_by_method"] = {"mean_teacher": {"lr": 1.0e30, "nonfinite": "stop"}}
+    configfile = tmp_path / "one_fails.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    out = snakemake("--keep-going", "--configfile", str(configfile), "--cores", "1",
+                    "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path))
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert "Error in rule train" in text and "method=mean_teacher" in text
+    assert "rendering the summary and report from the 1 of 2 runs that finished" in text
+    summary = tmp_path / "results" / "demo" / "summary"
+    runs = (summary / "runs.csv").read_text()
+    assert "supervised" in runs and "mean_teacher" not in runs
+    assert "mean_teacher" in (summary / "missing.csv").read_text()
+    html = (tmp_path / "reports" / "demo" / "index.html").read_text()
+    assert "1 of 2 runs of the grid are evaluated" in html
+    assert "<li>crag / mean_teacher / 5% / seed 0" in html  # under "Missing runs"

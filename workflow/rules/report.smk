@@ -36,3 +36,20 @@ rule report:
         ENV
     shell:
         "{params.agcl} report --config {params.config:q} --out {output} > {log} 2>&1"
+
+
+onerror:
+    # Under --keep-going one failed run must not block every table: the summary and the report
+    # are rendered from the runs that did finish (both list the missing ones). Their files are
+    # older than any metrics.json a later, repaired run writes, so the next invocation redoes them.
+    finished = [path for path in all_metrics() if Path(path).exists()]
+    if finished:
+        print(f"Some jobs failed: rendering the summary and report from the {len(finished)} of "
+              f"{len(all_metrics())} runs that finished (missing ones are listed in "
+              f"{rules.aggregate.output.missing})")
+        shell(
+            "{AGCL} aggregate --config {CONFIGFILE:q} --out {rules.aggregate.params.out}"
+            " > {rules.aggregate.log} 2>&1 && {AGCL} report --config {CONFIGFILE:q}"
+            " --out {REPORT_HTML} > {rules.report.log} 2>&1 || echo 'partial report failed:"
+            " see {rules.aggregate.log} and {rules.report.log}'"
+        )
