@@ -203,6 +203,13 @@ def cmd_report(args) -> None:
     print(f"report written to {path}")
 
 
+def cmd_plan(args) -> None:
+    from agcl.config import load_config
+    from agcl.plan import render
+
+    print(render(load_config(args.config), args.config, throughput_path=args.throughput))
+
+
 # --- parser -----------------------------------------------------------------------------------
 def _global_options(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=default,
@@ -323,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", "tables + plots -> <reports_dir>/<name>/index.html", cmd_report)
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="default: <reports_dir>/<name>/index.html")
+
+    p = command("plan", "jobs per rule, projected GPU hours and disk space of a config's grid",
+                cmd_plan)
+    p.add_argument("--config", required=True)
+    p.add_argument("--throughput", default="benchmarks/throughput.csv",
+                   help="steps per second measured by benchmarks/gpu_throughput.py "
+                        "(default: benchmarks/throughput.csv)")
     return parser
 
 

@@ -115,7 +115,7 @@ def identity_differences(saved: dict, expected: dict, saved_settings: dict | Non
     return diffs
 
 
-def _human_bytes(count: float) -> str:
+def human_bytes(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if count < 1024 or unit == "TB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -195,7 +195,7 @@ class RunFolder:
 
     def _write_failure(self, path: Path, exc: BaseException, resume_step: int | None) -> str:
         try:
-            free = f"{_human_bytes(shutil.disk_usage(path.parent).free)} free there"
+            free = f"{human_bytes(shutil.disk_usage(path.parent).free)} free there"
         except OSError:
             free = "free space unknown"
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -97,6 +97,12 @@ def preprocess_acdc(src: Path, out: Path) -> dict:
             present_slices.append(name)
     for frame, (image, _) in volumes.items():
         items[frame]["shape"] = list(image.shape)
+    # Val and test volumes are read by evaluation, not here; checking them now names a broken
+    # file before any training, and their shapes size the predictions (agcl plan).
+    for frame, item in items.items():
+        if "shape" not in item:
+            image, _ = formats.read_h5_volume(frame_files[frame], label_values={0, 1, 2, 3})
+            item["shape"] = list(image.shape)
     return {
         "dataset": "acdc",
         "lists": {s: [f for f in v if f in items] for s, v in lists.items()},

@@ -269,7 +269,8 @@ class Trainer:
         split, data, val_cases, method = (parts[k] for k in ("split", "data", "val_cases", "method"))
         sampler, optimizer, scaler = parts["sampler"], parts["optimizer"], parts["scaler"]
         state = {"step": 0, "stage": 0, "best_val": -math.inf, "best_step": None,
-                 "run_id": uuid.uuid4().hex, "train_seconds": 0.0, "resumed_at": [],
+                 "run_id": uuid.uuid4().hex, "train_seconds": 0.0, "stage_start_seconds": 0.0,
+                 "resumed_at": [],
                  "skipped": 0, "skipped_steps": [], "consecutive_skips": 0, "stages": []}
         if resume is not None:
             method.load_state_dict(resume["method"])
@@ -330,7 +331,7 @@ class Trainer:
             board.close()
 
         state["stages"].append(self._stage_record(state))
-        meta = self._metadata(state, data, split)
+        meta = self._metadata(method, state, data, split)
         # The rename of ckpt_final.pt is what makes the run finished; it carries the metadata, so
         # run.json (written next) can always be restored from it.
         self.folder.save_checkpoint(FINAL, {**self._inference_payload(method, state), "run": meta},
@@ -359,13 +360,16 @@ class Trainer:
                 "last_step": self.stage_starts[state["stage"] + 1],
                 "selection": self.selection,
                 "selected_step": state["best_step"] if best else state["step"],
-                "selected_val_dice": state["best_val"] if best else None}
+                "selected_val_dice": state["best_val"] if best else None,
+                # wall time of the stage's steps, validations and checkpoints (as train_seconds)
+                "seconds": state["train_seconds"] - state.get("stage_start_seconds", 0.0)}
 
     def _next_stage(self, method, optimizer, state: dict) -> None:
         """Hand the selected weights of the finished stage to the next one, which restarts its
         schedule and, unless it keeps it, the optimiser's momentum; the selection policy (last,
         or best on val, never test) picks the weights."""
         state["stages"].append(self._stage_record(state))
+        state["stage_start_seconds"] = state["train_seconds"]
         if self.selection == "best_val" and state["best_step"] is not None:
             saved = self.folder.load_checkpoint(PRETRAIN_BEST, map_location=self.device)
             method.load_state_dict(saved["method"])
@@ -388,6 +392,8 @@ class Trainer:
         channels_last = self.train_cfg["channels_last"]
         batch = Batch(_to_device(x_l, self.device, channels_last), _to_device(y_l, self.device),
                       _to_device(x_u, self.device, channels_last))
+        # Host time to draw, augment and hand over the batch (copies to a GPU run asynchronously).
+        data_seconds = time.perf_counter() - tic
         lr = learning_rate(stage.schedule, step, stage.iterations)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -417,7 +423,8 @@ class Trainer:
         seconds = time.perf_counter() - tic
         return {"step": state["step"] + 1, "stage": stage.name, "stage_step": step + 1, "lr": lr,
                 "loss": float(loss.detach()), **logs,
-                "skipped": int(problem is not None), "seconds": seconds, "it_per_s": 1.0 / seconds}
+                "skipped": int(problem is not None), "seconds": seconds, "it_per_s": 1.0 / seconds,
+                "data_seconds": data_seconds}
 
     def _non_finite(self, step: int, problem: str, state: dict) -> None:
         where = (f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} s{self.seed}, "
@@ -473,7 +480,7 @@ class Trainer:
             "run_id": state["run_id"],
         }
 
-    def _metadata(self, state: dict, data, split: dict) -> dict:
+    def _metadata(self, method, state: dict, data, split: dict) -> dict:
         return {
             "run_id": state["run_id"],
             "identity": self.identity,
@@ -486,6 +493,10 @@ class Trainer:
             "hparams": self.hparams,
             "train": self.train_cfg,
             "net": {"name": self.method_cls.net_name(self.spec), **self.dcfg["net"]},
+            # the evaluated network's, and everything the optimiser updates (e.g. MC-Net+'s
+            # extra decoders, projection heads)
+            "parameters": sum(p.numel() for p in method.inference_net().parameters()),
+            "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
             "labeled": data.labeled_ids,
             "n_labeled": len(data.labeled_ids),
             "n_unlabeled": len(data.unlabeled_ids),

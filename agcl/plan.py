@@ -1,0 +1,255 @@
+"""`agcl plan`: what a config's grid costs before it runs.
+
+Three answers, each from the most direct source there is:
+- jobs per rule: Snakemake's own dry run of this config (the whole grid, and what is still to run);
+- GPU hours per dataset x method: each run's stages (iterations) over the steps per second that
+  benchmarks/gpu_throughput.py measured for the same recipe shape (dataset, method, stage, batch,
+  labeled batch, patch, AMP) on a named card; "not measured" where no such row exists;
+- disk: the data folders as they are on disk, the exact size of every checkpoint (parameters and
+  buffers of the networks, counted without allocating them) and an upper bound for the saved
+  test predictions (one byte per test voxel, before compression).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from agcl.config import Layout, dataset_config, expected_runs
+from agcl.runfolder import human_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+THROUGHPUT_CSV = REPO / "benchmarks" / "throughput.csv"
+# The recipe shape a throughput row was measured at; a run uses a row only if all of these match.
+SHAPE_KEYS = ["dataset", "method", "stage", "batch_size", "labeled_batch_size", "patch", "amp"]
+# amp is the config's value (auto, off, bf16, fp16); amp_dtype what it resolved to on that card.
+THROUGHPUT_COLUMNS = SHAPE_KEYS + [
+    "card", "amp_dtype", "steps_per_s", "wait_share", "val_seconds", "peak_mem_gib", "torch",
+    "code_version", "date",
+]
+
+
+def patch_text(patch) -> str:
+    return "x".join(str(int(side)) for side in patch)
+
+
+def read_throughput(path: str | Path = THROUGHPUT_CSV) -> pd.DataFrame:
+    """The measured throughput table, or an empty one when nothing was measured yet."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame(columns=THROUGHPUT_COLUMNS)
+    table = pd.read_csv(path, dtype={"patch": str})
+    missing = [c for c in SHAPE_KEYS + ["card", "steps_per_s"] if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {THROUGHPUT_COLUMNS}")
+    bad = table[~(pd.to_numeric(table["steps_per_s"], errors="coerce") > 0)]
+    if len(bad):
+        raise ValueError(f"{path}: steps_per_s must be a positive number (row {bad.index[0] + 2})")
+    return table
+
+
+# --- jobs ------------------------------------------------------------------------------------
+def _job_stats(text: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake dry run as {rule: count} (without 'total')."""
+    counts, inside = {}, False
+    for line in text.splitlines():
+        if line.startswith("Job stats:"):
+            inside = True
+            continue
+        words = line.split()
+        if inside and len(words) == 2 and words[1].isdigit():
+            if words[0] != "total":
+                counts[words[0]] = int(words[1])
+        elif inside and counts and not words:
+            break
+    return counts
+
+
+def job_counts(configfile: str | Path, root: str | Path = ".") -> tuple[dict, dict] | str:
+    """({rule: jobs of the whole grid}, {rule: jobs still to run}) from Snakemake dry runs, or
+    the dry run's error text when it cannot plan (e.g. a missing CRAG zip)."""
+    base = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--workflow-profile",
+            "none", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root),
+            "--configfile", str(Path(configfile).resolve())]
+    # The rules run `python -m agcl` from this interpreter's environment, as `make demo` does.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    results = []
+    for extra in (["--forceall"], []):
+        out = subprocess.run(base + extra, capture_output=True, text=True, env=env, check=False)
+        if out.returncode != 0:
+            lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+            return "\n".join(lines[-8:])
+        results.append(_job_stats(out.stdout))
+    whole, remaining = results
+    return whole, {rule: remaining.get(rule, 0) for rule in whole}
+
+
+# --- GPU hours -------------------------------------------------------------------------------
+def _runs_per_cell(config: dict) -> dict[tuple[str, str], int]:
+    cells: dict[tuple[str, str], int] = {}
+    for dataset, method, _, _ in expected_runs(config):
+        cells[dataset, method] = cells.get((dataset, method), 0) + 1
+    return cells
+
+
+def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
+    """One row per dataset x method: runs, iterations per run, and per measured card the hours
+    of one run and of all its runs (NaN: that card has no row for one of the run's stages)."""
+    from agcl.engine.recipe import resolve_recipe
+
+    cards = sorted(throughput["card"].unique()) if len(throughput) else []
+    rows = []
+    for (dataset, method), n_runs in _runs_per_cell(config).items():
+        recipe = resolve_recipe(config, dataset, method)
+        train = recipe.train_cfg
+        row = {"dataset": dataset, "method": method, "runs": n_runs,
+               "iterations_per_run": sum(stage.iterations for stage in recipe.stages)}
+        for card in cards:
+            seconds = 0.0
+            for stage in recipe.stages:
+                shape = {"dataset": dataset, "method": method, "stage": stage.name,
+                         "batch_size": train["batch_size"],
+                         "labeled_batch_size": train["labeled_batch_size"],
+                         "patch": patch_text(train["patch"]), "amp": train["amp"]}
+                match = throughput[(throughput["card"] == card)
+                                   & (throughput[SHAPE_KEYS].astype(str)
+                                      == pd.Series(shape).astype(str)).all(axis=1)]
+                if match.empty:
+                    seconds = math.nan
+                    break
+                measured = match.iloc[-1]  # the newest measurement of that shape
+                seconds += stage.iterations / float(measured["steps_per_s"])
+                val_seconds = pd.to_numeric(measured.get("val_seconds"), errors="coerce")
+                if dataset_config(config, dataset)["selection"] == "best_val" and val_seconds > 0:
+                    seconds += stage.iterations // train["val_every"] * float(val_seconds)
+            row[f"{card} h/run"] = seconds / 3600
+            row[f"{card} h total"] = n_runs * seconds / 3600
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- disk ------------------------------------------------------------------------------------
+def _folder_bytes(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if hasattr(t, "numel"))
+
+
+def checkpoint_bytes(config: dict, dataset: str, method: str) -> dict[str, int]:
+    """Exact sizes (tensor bytes; the zip container adds a few KB) of a run's final checkpoint
+    (the inference network) and of its resume checkpoint (the whole method, with teachers and
+    queues, plus SGD momentum for every trainable parameter). Built on the meta device."""
+    import torch
+
+    from agcl.data.specs import get_spec
+    from agcl.engine.recipe import resolve_recipe
+
+    recipe = resolve_recipe(config, dataset, method)
+    with torch.device("meta"):
+        model = recipe.method_cls(get_spec(dataset), recipe.hparams,
+                                  dataset_config(config, dataset)["net"],
+                                  recipe.stages[-1].iterations)
+    momentum = sum(p.numel() * p.element_size() for p in model.trainable_parameters())
+    final = _state_bytes(model.inference_net().state_dict())
+    return {"final": final, "resume": _state_bytes(model.state_dict()) + momentum}
+
+
+def prediction_bytes(config: dict, dataset: str, root: str | Path = ".") -> int | None:
+    """Upper bound of one run's saved test predictions (uint8 per voxel, before compression),
+    from the processed index; None before the dataset is preprocessed."""
+    from agcl.data.preprocess import load_index
+
+    processed = Layout(config, root).processed(dataset)
+    if not (processed / "index.json").exists():
+        return None
+    index = load_index(processed)
+    shapes = [index["items"][case].get("shape") for case in index["lists"]["test"]]
+    if None in shapes:  # an index written before test shapes were recorded
+        return None
+    return sum(math.prod(shape) for shape in shapes)
+
+
+def disk(config: dict, root: str | Path = ".") -> pd.DataFrame:
+    """Bytes per dataset: data folders as found (None: not there yet), the final checkpoints of
+    all its runs, the largest resume checkpoint one running job keeps (removed when the run
+    finishes), and the predictions of all its runs (None: not preprocessed yet)."""
+    layout = Layout(config, root)
+    rows = []
+    for dataset in config["datasets"]:
+        final_total, largest_resume, n_runs = 0, 0, 0
+        for (d, method), n in _runs_per_cell(config).items():
+            if d == dataset:
+                size = checkpoint_bytes(config, dataset, method)
+                final_total += n * size["final"]
+                largest_resume = max(largest_resume, size["resume"])
+                n_runs += n
+        per_run_predictions = prediction_bytes(config, dataset, root)
+        rows.append({
+            "dataset": dataset,
+            "raw": _folder_bytes(layout.raw(dataset)),
+            "processed": _folder_bytes(layout.processed(dataset)),
+            "final checkpoints": final_total,
+            "largest resume checkpoint": largest_resume,
+            "predictions (upper bound)": (None if per_run_predictions is None
+                                          else per_run_predictions * n_runs),
+        })
+    return pd.DataFrame(rows)
+
+
+def _bytes_cell(count) -> str:
+    if count is None or pd.isna(count):
+        return "-"
+    return human_bytes(count)
+
+
+def render(config: dict, configfile: str | Path, root: str | Path = ".",
+           throughput_path: str | Path = THROUGHPUT_CSV) -> str:
+    """The plan as text, as `agcl plan` prints it."""
+    lines = [(f"Plan of {configfile} (name: {config['name']}; "
+              f"{len(expected_runs(config))} training runs)"),
+             "", "Jobs per rule (Snakemake dry run):"]
+    counts = job_counts(configfile, root)
+    if isinstance(counts, str):
+        lines += ["  the dry run failed, so no job counts:", *("    " + x for x in counts.splitlines())]
+    else:
+        whole, remaining = counts
+        table = pd.DataFrame({"rule": list(whole), "jobs": list(whole.values()),
+                              "still to run": [remaining[r] for r in whole]})
+        lines += ["  " + x for x in table.to_string(index=False).splitlines()]
+
+    throughput = read_throughput(throughput_path)
+    hours = gpu_hours(config, throughput)
+    lines += ["", ("Projected GPU time (training steps and validation, measured by "
+                   "benchmarks/gpu_throughput.py; evaluation not included):")]
+    if throughput.empty:
+        lines.append(f"  not measured: {throughput_path} does not exist (run "
+                     "benchmarks/gpu_throughput.py on the GPU that will train)")
+    else:
+        lines.append("  '-': no measurement of that recipe shape (dataset, method, stage, batch, "
+                     "labeled batch, patch, amp) on that card")
+    shown = hours.copy()
+    for column in [c for c in shown.columns if c.endswith((" h/run", " h total"))]:
+        shown[column] = shown[column].map(lambda h: "-" if math.isnan(h) else f"{h:.2f}")
+    lines += ["  " + x for x in shown.to_string(index=False).splitlines()]
+    for column in [c for c in hours.columns if c.endswith(" h total")]:
+        total = hours[column].sum(min_count=len(hours))
+        lines.append(f"  {column[:-len(' h total')]}: "
+                     + ("incomplete (some recipe shapes not measured)" if math.isnan(total)
+                        else f"{total:.1f} GPU-hours for the whole grid"))
+
+    space = disk(config, root)
+    lines += ["", ("Disk ('-': not there yet; checkpoint sizes are exact, predictions an upper "
+                   "bound before compression):")]
+    sizes = [c for c in space.columns if c != "dataset"]
+    space[sizes] = space[sizes].map(_bytes_cell)
+    lines += ["  " + x for x in space.to_string(index=False).splitlines()]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""`agcl plan`: job counts from Snakemake's dry run, GPU hours from a throughput table, disk."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+
+import h5py
+import pandas as pd
+import pytest
+import torch
+
+from agcl.cli import main
+from agcl.config import expected_runs, load_config
+from agcl.data.preprocess import load_index
+from agcl.plan import (
+    THROUGHPUT_COLUMNS,
+    checkpoint_bytes,
+    gpu_hours,
+    job_counts,
+    prediction_bytes,
+    read_throughput,
+)
+from agcl.runfolder import FINAL
+from tests.test_pipeline import prepare, run_cli
+
+
+def throughput_rows(*rows: dict) -> pd.DataFrame:
+    base = {c: "" for c in THROUGHPUT_COLUMNS}
+    return pd.DataFrame([{**base, **row} for row in rows])
+
+
+def row(method, stage, steps_per_s, card="H100", dataset="la", val_seconds="", **shape):
+    return {"dataset": dataset, "method": method, "stage": stage, "card": card,
+            "batch_size": shape.get("batch_size", 4), "labeled_batch_size": 2,
+            "patch": shape.get("patch", "32x32x16"), "amp": "auto", "steps_per_s": steps_per_s,
+            "val_seconds": val_seconds}
+
+
+def grid_config(tiny_project) -> dict:
+    config = load_config(tiny_project)
+    config["methods"] = ["supervised", "bcp"]
+    return config
+
+
+def test_gpu_hours_from_the_measured_steps_per_second(tiny_project):
+    config = grid_config(tiny_project)
+    config["datasets"]["la"]["hparams"] = {"bcp": {"pretrain_iterations": 6}}
+    throughput = throughput_rows(
+        row("supervised", "main", 2.0),
+        row("bcp", "pretrain", 3.0), row("bcp", "main", 1.0),
+        row("supervised", "main", 0.5, card="T4"),  # T4 lacks bcp: its grid total is incomplete
+        row("supervised", "main", 99.0, batch_size=8),  # another recipe shape: not used
+    )
+    hours = gpu_hours(config, throughput).set_index(["dataset", "method"])
+    sup, bcp = hours.loc[("la", "supervised")], hours.loc[("la", "bcp")]
+    assert sup["runs"] == 2 * 2 and bcp["runs"] == 2 * 2  # ratios x seeds
+    assert sup["iterations_per_run"] == 4 and bcp["iterations_per_run"] == 6 + 4
+    assert sup["H100 h/run"] == pytest.approx(4 / 2.0 / 3600)
+    assert bcp["H100 h/run"] == pytest.approx((6 / 3.0 + 4 / 1.0) / 3600)
+    assert bcp["H100 h total"] == pytest.approx(4 * (6 / 3.0 + 4 / 1.0) / 3600)
+    assert sup["T4 h/run"] == pytest.approx(4 / 0.5 / 3600)
+    assert math.isnan(bcp["T4 h/run"])
+    assert math.isnan(hours.loc[("acdc", "supervised"), "H100 h/run"])  # not measured
+
+
+def test_gpu_hours_add_validation_passes_of_best_val_runs(tiny_project):
+    config = grid_config(tiny_project)  # acdc: best_val, val_every 2, 4 iterations
+    throughput = throughput_rows(row("supervised", "main", 4.0, dataset="acdc", patch="32x32",
+                                     val_seconds=1.5))
+    hours = gpu_hours(config, throughput).set_index(["dataset", "method"])
+    assert hours.loc[("acdc", "supervised"), "H100 h/run"] == pytest.approx((4 / 4.0 + 2 * 1.5)
+                                                                            / 3600)
+
+
+def test_bad_throughput_table_is_named(tmp_path):
+    path = tmp_path / "throughput.csv"
+    path.write_text("dataset,method,steps_per_s\nla,bcp,3\n")
+    with pytest.raises(ValueError, match=r"throughput.csv: missing column\(s\) \['stage'"):
+        read_throughput(path)
+    throughput_rows(row("bcp", "main", 0)).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="steps_per_s must be a positive number"):
+        read_throughput(path)
+    assert read_throughput(tmp_path / "absent.csv").empty
+
+
+def test_checkpoint_sizes_match_a_trained_run(tiny_project):
+    layout = prepare(tiny_project, "la")
+    run = layout.run("la", "supervised", 0.1, 0)
+    run_cli("train", "la", "--config", tiny_project, "--method", "supervised", "--labels", "0.1",
+            "--seed", "0", "--out", run, "--no-progress")
+    state = torch.load(run / FINAL, weights_only=False)["state_dict"]
+    saved = sum(t.numel() * t.element_size() for t in state.values())
+    sizes = checkpoint_bytes(load_config(tiny_project), "la", "supervised")
+    assert sizes["final"] == saved
+    n_params = sum(t.numel() for k, t in state.items() if "running" not in k and "num_batches" not in k)
+    # resume: the whole method (here the student alone) plus one momentum tensor per parameter
+    assert sizes["resume"] == saved + 4 * n_params
+    # the mean teacher keeps a second copy of the network in its resume checkpoint
+    assert checkpoint_bytes(load_config(tiny_project), "la", "mean_teacher")["resume"] == (
+        2 * saved + 4 * n_params)
+
+
+def test_prediction_bound_from_the_test_shapes(tiny_project):
+    layout = prepare(tiny_project, "acdc")
+    config = load_config(tiny_project)
+    index = load_index(layout.processed("acdc"))
+    expected = 0
+    for frame in index["lists"]["test"]:  # preprocess records the shape of every test volume
+        with h5py.File(layout.processed("acdc") / index["items"][frame]["file"]) as h5:
+            expected += math.prod(h5["image"].shape)
+    assert prediction_bytes(config, "acdc") == expected
+    assert prediction_bytes(config, "la") is None  # not preprocessed
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="Snakemake needs git for its metadata")
+def test_plan_prints_jobs_hours_and_disk(tiny_project, capsys):
+    config = load_config(tiny_project)
+    whole, remaining = job_counts(tiny_project)
+    assert whole["train"] == remaining["train"] == len(expected_runs(config)) == 3 * 2 * 2
+    assert whole["evaluate"] == whole["train"] and whole["report"] == 1
+    assert main(["plan", "--config", str(tiny_project), "--throughput", "absent.csv"]) == 0
+    text = capsys.readouterr().out
+    assert "not measured: absent.csv does not exist" in text
+    assert "train    12            12" in text
+    disk = text.split("Disk")[1]  # nothing prepared yet: no data folders, no predictions bound
+    assert re.search(r"^\s+la\s+-\s+-\s+[\d.]+ [KM]B\s+[\d.]+ [KM]B\s+-$", disk, re.MULTILINE), disk
