@@ -53,11 +53,11 @@ def fake_metrics(method: str, ratio: float, seed: int, empty_policy: str) -> dic
             "code_version": "0.1.0+test"}
 
 
-def write_evaluated_run(run, metrics: dict, run_id: str = "fixture-run") -> None:
+def write_evaluated_run(run, metrics: dict, run_id: str = "fixture-run", **meta) -> None:
     """A run folder as training + evaluation leave it: final model, run.json, metrics.json."""
     run.mkdir(parents=True, exist_ok=True)
     (run / FINAL).write_bytes(b"weights")  # aggregation reads only the two JSON files
-    write_json(run / RUN_JSON, {"run_id": run_id})
+    write_json(run / RUN_JSON, {"run_id": run_id, **meta})
     write_json(run / METRICS_JSON, {**metrics, "run_id": run_id})
 
 
@@ -74,7 +74,10 @@ def fixture_grid(tmp_path, monkeypatch):
                 run = layout.run("la", method, ratio, seed)
                 policy = "reference" if (method, ratio, seed) == ("supervised", 0.1, 1) else \
                     "metrics_reloaded"
-                write_evaluated_run(run, fake_metrics(method, ratio, seed, policy))
+                # training time: supervised 60 s + 6 s per seed, semi_agcl twice that
+                seconds = (60 + 6 * seed) * (2 if method == "semi_agcl" else 1)
+                write_evaluated_run(run, fake_metrics(method, ratio, seed, policy),
+                                    train_seconds=seconds, parameters=9_440_000, device="cpu")
                 pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.5],
                               "val_dice": [np.nan, np.nan, np.nan]}).to_csv(
                     run / "train_log.csv", index=False)
@@ -120,6 +123,28 @@ def test_report_renders_every_section_with_a_partial_grid(fixture_grid):
     assert 'id="synthetic-warning"' in html  # the fixture config says its LA is synthetic
 
 
+def test_compute_table_beside_the_papers(fixture_grid):
+    from agcl.report.published import load_published_compute
+    from agcl.report.render import compute_rows
+
+    config, layout = fixture_grid
+    runs = pd.read_csv(layout.results / "summary" / "runs.csv")
+    rows = {(r["dataset"], r["method"]): r
+            for r in compute_rows(runs, load_published_compute(), config["methods"])}
+    sup, agcl = rows[("la", "supervised")], rows[("la", "semi_agcl")]
+    # supervised: 4 runs of 60 or 66 s -> 1.05 +- 0.06 min; semi_agcl: the 3 runs present
+    # (5 %: seeds 0 and 1, 120 and 132 s; 10 %: seed 0, 120 s)
+    assert sup["runs"] == 4 and sup["minutes"] == "1.05 ± 0.06" and sup["params"] == "9.44"
+    assert agcl["runs"] == 3
+    agcl_minutes = (120 + 132 + 120) / 3 / 60
+    assert agcl["ratio"] == f"{agcl_minutes / 1.05:.2f}"
+    assert (agcl["paper_params"], agcl["paper_minutes"]) == ("9.44", "48.6")
+    assert agcl["paper_ratio"] == f"{48.6 / 36.5:.2f}"  # the paper's V-Net row is the base
+    assert rows[("la", "arco")]["runs"] == 0 and rows[("la", "arco")]["minutes"] == "–"
+    html = render_report(config).read_text()
+    assert 'id="compute-table"' in html and "48.6" in html
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless chromium not installed")
 def test_report_opens_in_a_headless_browser(fixture_grid, tmp_path):
     config, _ = fixture_grid
@@ -130,19 +155,31 @@ def test_report_opens_in_a_headless_browser(fixture_grid, tmp_path):
     assert dom.count("<table") >= 3 and 'id="stats-table"' in dom
     shot = tmp_path / "shot.png"
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                    f"--screenshot={shot}", "--window-size=1200,2000", page.resolve().as_uri()],
+                    f"--screenshot={shot}", "--window-size=1400,2000", page.resolve().as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
     # The embedded figures decode in the browser: a copy of the page reports their pixel widths.
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", PROBE_SCRIPT + "</body>"))
-    dom = subprocess.run([*command[:-1], "--virtual-time-budget=5000", probe.as_uri()],
+    dom = subprocess.run([*command[:-1], "--window-size=1400,2000", "--virtual-time-budget=5000",
+                          probe.as_uri()],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     widths = json.loads(re.search(r'data-image-widths="([^"]*)"', dom).group(1).replace("&quot;", '"'))
     assert len(widths) == 3 and all(w > 100 for w in widths)
+    # At 1400 px the main tables are compact: no row wraps onto a second line, none is wider
+    # than the window (one row per method and label ratio, 10 columns).
+    tables = json.loads(re.search(r'data-tables="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert [t["id"] for t in tables] == ["table-la"]
+    for table in tables:
+        assert table["width"] <= 1400 - 32, table
+        assert max(table["row_heights"]) <= 1.6 * min(table["row_heights"][2:]), table
 
 
 PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
   document.body.setAttribute("data-image-widths",
     JSON.stringify([...document.images].map(i => i.naturalWidth)));
+  document.body.setAttribute("data-tables", JSON.stringify(
+    [...document.querySelectorAll("table.paper-table")].map(t => ({
+      id: t.id, width: t.getBoundingClientRect().width,
+      row_heights: [...t.rows].map(r => r.getBoundingClientRect().height)}))));
 });</script>"""

@@ -64,7 +64,11 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
             row.update(policy_applied=rec["policy_applied"] or "",
                        empty_pred=rec["empty_pred"], empty_gt=rec["empty_gt"])
             case_rows.append(row)
+        meta = folder.finished_meta()
         run_rows.append({**key, **summary["foreground_mean"],
+                         "train_seconds": meta.get("train_seconds"),
+                         "parameters": meta.get("parameters"),
+                         "device": meta.get("device"),
                          "selection": summary["selection"]["policy"],
                          "checkpoint_step": summary["selection"]["step"],
                          "units": summary["protocol"]["units"],
@@ -73,9 +77,9 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
                          "code_version": summary["code_version"]})
     return (pd.DataFrame(case_rows, columns=KEYS + ["case", "class", "class_name", *METRICS,
                                                    "policy_applied", "empty_pred", "empty_gt"]),
-            pd.DataFrame(run_rows, columns=KEYS + METRICS + ["selection", "checkpoint_step", "units",
-                                                            "empty_policy", "policy_applied_count",
-                                                            "code_version"]),
+            pd.DataFrame(run_rows, columns=KEYS + METRICS + [
+                "train_seconds", "parameters", "device", "selection", "checkpoint_step", "units",
+                "empty_policy", "policy_applied_count", "code_version"]),
             pd.DataFrame(missing, columns=KEYS + ["expected", "reason"]))
 
 

@@ -151,3 +151,14 @@ def compare_with_published(summary: pd.DataFrame,
     columns = [*KEYS, "n_seeds", "n_expected_seeds", "present", "source", "flag", "note", *per_metric]
     return (merged[columns].sort_values([*KEYS, "source"], kind="stable", na_position="first")
             .reset_index(drop=True))
+
+
+def load_published_compute() -> pd.DataFrame:
+    """The paper's compute table (parameters in millions, training minutes), packaged."""
+    with as_file(files("agcl.report") / "published_compute.csv") as packaged:
+        table = pd.read_csv(packaged)
+    expected = ["dataset", "method", "ratio", "parameters_m", "train_minutes", "source"]
+    if list(table.columns) != expected:
+        raise ValueError(f"published_compute.csv: expected columns {expected}, "
+                         f"got {list(table.columns)}")
+    return table

@@ -8,6 +8,7 @@ grid, listing what is missing.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,11 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from agcl.config import Layout, expected_runs
 from agcl.report import figures
-from agcl.report.published import dice_jaccard_consistency, load_published
+from agcl.report.published import (
+    dice_jaccard_consistency,
+    load_published,
+    load_published_compute,
+)
 from agcl.runfolder import LOG_CSV
 from agcl.utils import code_version, write_text
 
@@ -46,29 +51,123 @@ def _mean_std(mean, std) -> str:
     return _num(mean) if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def paper_tables(published: pd.DataFrame, ratios: list[float]) -> dict[str, list[dict]]:
-    """Per dataset: our mean ± std beside the published number and the difference."""
+# Higher is better for the overlap metrics, lower for the distances.
+BETTER = {"dice": max, "jaccard": max, "hd95": min, "asd": min}
+PRIMARY_SOURCE = "Semi-AGCL paper"  # the paper this kit replicates: its value sits beside ours
+
+
+def _source_order(sources) -> list[str]:
+    unique = list(dict.fromkeys(s for s in sources if isinstance(s, str) and s))
+    return sorted(unique, key=lambda s: (not s.startswith(PRIMARY_SOURCE), unique.index(s)))
+
+
+def _mark_best(rows: list[dict], field: str) -> None:
+    """Flag the best value of each metric column within each label ratio."""
+    for labels in {r["labels"] for r in rows}:
+        group = [r for r in rows if r["labels"] == labels]
+        for index, metric in enumerate(METRIC_TITLES):
+            values = [r["cells"][index][f"{field}_value"] for r in group]
+            finite = [v for v in values if not pd.isna(v)]
+            if len(finite) < 2:
+                continue
+            best = BETTER[metric](finite)
+            for r, v in zip(group, values):
+                r["cells"][index][f"{field}_best"] = not pd.isna(v) and v == best
+
+
+def main_tables(published: pd.DataFrame, ratios: list[float],
+                methods: list[str] | None = None) -> dict[str, dict]:
+    """Per dataset, the paper-style table: one row per method and label ratio with our mean ±
+    std and one published value beside each metric (the Semi-AGCL paper's where it has one),
+    every source a numbered footnote, methods with published numbers only in their own block,
+    the best value of each column marked within each label ratio."""
     if published.empty:
         return {}
     shown = published[published["ratio"].round(6).isin([round(r, 6) for r in ratios])]
     tables = {}
     for dataset, part in shown.groupby("dataset", sort=False):
-        rows = []
-        for rec in part.sort_values(["ratio", "method"]).to_dict("records"):
-            flags = [rec["flag"]] if isinstance(rec["flag"], str) and rec["flag"] else []
-            seeds, expected = rec.get("n_seeds"), rec.get("n_expected_seeds")
-            if not pd.isna(seeds) and not pd.isna(expected) and seeds < expected:
-                flags.insert(0, f"ours over {int(seeds)} of {int(expected)} seeds (see Missing runs)")
-            row = {"method": rec["method"], "labels": f"{100 * rec['ratio']:g}%",
-                   "source": rec["source"] if isinstance(rec["source"], str) else "",
-                   "flag": "; ".join(flags), "present": rec["present"], "cells": []}
+        sources = _source_order(part["source"])
+        number = {source: i + 1 for i, source in enumerate(sources)}
+        notes: list[str] = [f"{source}" for source in sources]
+        ours_rows, published_rows = [], []
+        for (ratio, method), group in part.groupby(["ratio", "method"], sort=True):
+            records = sorted(group.to_dict("records"),
+                             key=lambda r: number.get(r["source"], len(number) + 1))
+            with_ours = [r for r in records if r["present"] != "published_only"]
+            with_theirs = [r for r in records if r["present"] != "ours_only"]
+            first = with_ours[0] if with_ours else records[0]
+            shown_theirs = with_theirs[0] if with_theirs else None
+            marks = [number[shown_theirs["source"]]] if shown_theirs is not None else []
+            for other in with_theirs[1:]:  # further sources: their values in a footnote
+                values = " / ".join(_num(other[f"{m}_published"]) for m in METRIC_TITLES)
+                notes.append(f"{method} {100 * ratio:g}% in {other['source']}: {values} "
+                             f"({' / '.join(METRIC_TITLES.values())})")
+                marks.append(len(notes))
+            flags = [r["flag"] for r in records if isinstance(r["flag"], str) and r["flag"]]
+            seeds, expected = first.get("n_seeds"), first.get("n_expected_seeds")
+            if with_ours and not pd.isna(seeds) and not pd.isna(expected) and seeds < expected:
+                flags.insert(0, f"ours over {int(seeds)} of {int(expected)} seeds "
+                                "(see Missing runs)")
+            for flag in dict.fromkeys(flags):
+                notes.append(f"{method} {100 * ratio:g}%: {flag}")
+                marks.append(len(notes))
+            cells = []
             for m in METRIC_TITLES:
-                row["cells"].append({"ours": _mean_std(rec[f"{m}_ours"], rec[f"{m}_ours_std"]),
-                                     "theirs": _num(rec[f"{m}_published"]),
-                                     "diff": _num(rec[f"{m}_diff"])})
-            rows.append(row)
-        tables[dataset] = rows
+                ours = first[f"{m}_ours"] if with_ours else math.nan
+                theirs = shown_theirs[f"{m}_published"] if shown_theirs is not None else math.nan
+                cells.append({"ours": _mean_std(ours, first[f"{m}_ours_std"] if with_ours
+                                                else math.nan),
+                              "ours_value": ours, "theirs": _num(theirs), "theirs_value": theirs})
+            row = {"method": method, "labels": f"{100 * ratio:g}%", "cells": cells,
+                   "marks": marks, "flagged": bool(flags)}
+            (ours_rows if with_ours else published_rows).append(row)
+        # the config's method order within each label ratio (supervised first, as the paper)
+        order = {m: i for i, m in enumerate(["supervised", *(methods or [])])}
+        ours_rows.sort(key=lambda r: (float(r["labels"][:-1]), order.get(r["method"], len(order)),
+                                      r["method"]))
+        _mark_best(ours_rows, "ours")
+        _mark_best(ours_rows + published_rows, "theirs")
+        tables[dataset] = {"ours": ours_rows, "published_only": published_rows,
+                           "notes": notes}
     return tables
+
+
+def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]) -> list[dict]:
+    """Per dataset x method: parameters of the evaluated network and training wall time (mean ±
+    std over its semi-supervised runs; the 100 % bound excluded), each also as a ratio to
+    supervised, beside the paper's compute table where it has the row."""
+    rows = []
+    ours = runs[runs["ratio"] < 1] if not runs.empty and "train_seconds" in runs else pd.DataFrame()
+    keys = set()
+    if not ours.empty:
+        keys |= set(map(tuple, ours[["dataset", "method"]].drop_duplicates().values))
+    keys |= set(map(tuple, published[["dataset", "method"]].values))
+    order = {m: i for i, m in enumerate(["supervised", *methods])}
+    for dataset, method in sorted(keys, key=lambda k: (k[0], order.get(k[1], len(order)), k[1])):
+        mine = ours[(ours["dataset"] == dataset) & (ours["method"] == method)] if len(ours) else ours
+        base = ours[(ours["dataset"] == dataset) & (ours["method"] == "supervised")] \
+            if len(ours) else ours
+        theirs = published[(published["dataset"] == dataset) & (published["method"] == method)]
+        their_base = published[(published["dataset"] == dataset)
+                               & (published["method"] == "supervised")]
+        minutes = mine["train_seconds"].mean() / 60 if len(mine) else math.nan
+        base_minutes = base["train_seconds"].mean() / 60 if len(base) else math.nan
+        paper = theirs.iloc[0] if len(theirs) else None
+        paper_base = their_base.iloc[0]["train_minutes"] if len(their_base) else math.nan
+        rows.append({
+            "dataset": dataset, "method": method,
+            "runs": len(mine),
+            "params": _num(mine["parameters"].iloc[0] / 1e6) if len(mine) else "–",
+            "minutes": _mean_std(minutes, mine["train_seconds"].std() / 60 if len(mine) else math.nan),
+            "ratio": _num(minutes / base_minutes),
+            "device": ", ".join(sorted(mine["device"].dropna().astype(str).unique()))
+            if len(mine) else "",
+            "paper_params": _num(paper["parameters_m"]) if paper is not None else "–",
+            "paper_minutes": _num(paper["train_minutes"], 1) if paper is not None else "–",
+            "paper_ratio": _num(paper["train_minutes"] / paper_base) if paper is not None else "–",
+            "paper_source": f"{paper['source']}" if paper is not None else "",
+        })
+    return rows
 
 
 def stats_rows(stats: pd.DataFrame) -> list[dict]:
@@ -146,12 +245,14 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
         name=config["name"],
         synthetic=synthetic,
         metric_titles=list(METRIC_TITLES.values()),
-        paper_tables=paper_tables(published, ratios),
+        main_tables=main_tables(published[published["dataset"].isin(datasets)] if len(published)
+                                else published, ratios, methods),
         label_efficiency=figures.label_efficiency(runs, methods, datasets),
         per_case=figures.per_case_distribution(case_means, methods, datasets),
         training=figures.training_curves(training_logs(config, layout), methods, datasets),
         overlays=overlays(config, layout, case_means),
         stats=stats_rows(stats),
+        compute=compute_rows(runs, load_published_compute(), methods),
         missing=missing.to_dict("records"),
         reference_policy_runs=len(reference_policy_runs),
         inconsistent=inconsistent.to_dict("records"),
