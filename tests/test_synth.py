@@ -223,6 +223,22 @@ def test_acdc_variability_varies_patients_and_keeps_the_anatomy(tmp_path):
     assert spread[1.7][1] > 2 * spread[0.0][1]
 
 
+def test_la_variability_varies_the_cases(tmp_path):
+    kwargs = {"n_train": 7, "n_test": 1, "size_xy": (40, 40), "size_z": 24}
+    spread = {}
+    for variability in (0.0, 1.5):
+        out = synth_la(tmp_path / str(variability), seed=0, variability=variability, **kwargs)
+        cases = sorted(out.glob("*/*/mri_norm2.h5"))
+        volume, contrast = [], []
+        for path in cases:
+            image, label = read_h5_volume(path)
+            volume.append(label.sum())
+            contrast.append((image[label == 1].mean() - image[label == 0].mean()) / image.std())
+        spread[variability] = (max(volume) / min(volume), np.ptp(contrast))
+    assert spread[1.5][0] > 1.3 * spread[0.0][0]  # atrium sizes differ more between cases
+    assert spread[1.5][1] > 2 * spread[0.0][1]  # and so does its contrast to the background
+
+
 # --- CRAG ---------------------------------------------------------------------------------------
 
 
@@ -310,3 +326,19 @@ def test_bad_arguments(tmp_path):
         synth_la(tmp_path, seed=-1)
     with pytest.raises(ValueError, match=r"size_hw must be \(min, max\)"):
         synth_acdc(tmp_path, size_hw=(96, 72))
+
+
+def test_crag_variability_varies_gland_size_and_stain_contrast(tmp_path):
+    spread = {}
+    for variability in (0.0, 1.5):
+        out = synth_crag(tmp_path / str(variability), seed=0, n_train=8, n_test=1, size=(80, 80),
+                         variability=variability)
+        gland_share, contrast = [], []
+        for image_path, annotation_path, _ in _crag_pairs(out, "train", "Annotation", 8):
+            rgb, instances = read_crag_pair(image_path, annotation_path)
+            grey = rgb.astype(float).mean(axis=2)
+            gland_share.append((instances > 0).mean())
+            contrast.append(grey.std())
+        spread[variability] = (np.ptp(gland_share), max(contrast) / min(contrast))
+    assert spread[1.5][0] > 1.3 * spread[0.0][0]  # glands differ more in size between tiles
+    assert spread[1.5][1] > 1.5 * spread[0.0][1]  # and so does how strongly the stain contrasts

@@ -82,6 +82,18 @@ def _write_list(path: Path, ids: list[str]) -> None:
 # --- LA -----------------------------------------------------------------------------------------
 
 
+def _patient_variation(rng: np.random.Generator, variability: float) -> dict[str, float]:
+    """Per-case factors of organ size, tissue contrast, noise and intensity curve (gamma).
+
+    At variability 0 every factor is exactly 1 (the stream is separate, so the rest of a patient
+    is the same for every variability); at 1 they span x0.7-1.4, x0.45-1, x1-2 and x0.6-1.65.
+    """
+    if variability < 0:
+        raise ValueError(f"variability must be >= 0, got {variability}")
+    draws = rng.uniform([-0.35, -0.8, 0.0, -0.5], [0.35, 0.0, 0.7, 0.5])
+    return dict(zip(("scale", "contrast", "noise", "gamma"), np.exp(variability * draws)))
+
+
 def _la_ids(rng: np.random.Generator, n: int) -> list[str]:
     ids: list[str] = []
     while len(ids) < n:
@@ -91,12 +103,15 @@ def _la_ids(rng: np.random.Generator, n: int) -> list[str]:
     return ids
 
 
-def _la_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
-    """One LGE-MRI-like volume: an atrium blob with vein-like appendages, plus distractors."""
+def _la_case(rng: np.random.Generator, shape: tuple[int, int, int],
+             variation: dict[str, float]) -> tuple[np.ndarray, ...]:
+    """One LGE-MRI-like volume: an atrium blob with vein-like appendages, plus distractors;
+    `variation` (from _patient_variation) scales atrium size, contrast, noise and gamma."""
     size = np.array(shape, dtype=float)
     points = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), -1)
     center = size / 2 + rng.uniform(-0.06, 0.06, 3) * size
-    semi_axes = np.array([0.29, 0.26, 0.27]) * size * rng.uniform(0.92, 1.08, 3)
+    semi_axes = (np.array([0.29, 0.26, 0.27]) * size * rng.uniform(0.92, 1.08, 3)
+                 * min(variation["scale"], 1.2))  # larger atria would leave the volume
     angle = rng.uniform(0, np.pi)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
                          [0, 0, 1]])
@@ -139,8 +154,12 @@ def _la_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.
     signal = np.where(label, 1.0 + 0.4 * stripes, signal)
     blotches = rng.uniform(0.9, 1.1) + 0.3 * _smooth_noise(rng, shape, 1.5)
     signal = np.where(distractors, blotches, signal)
+    if variation["contrast"] != 1.0:  # towards the background level (0.2)
+        signal = 0.2 + (signal - 0.2) * variation["contrast"]
+    if variation["gamma"] != 1.0:
+        signal = np.clip(signal, 0.0, None) ** variation["gamma"]
     signal = ndimage.gaussian_filter(signal, 0.6)  # partial-volume edges
-    image = signal * _bias_field(rng, shape, 0.5) + rng.normal(0.0, 0.3, shape)
+    image = signal * _bias_field(rng, shape, 0.5) + rng.normal(0.0, 0.3 * variation["noise"], shape)
     image = (image - image.mean()) / image.std()
     return image.astype(np.float32), label.astype(np.uint8)
 
@@ -152,8 +171,13 @@ def synth_la(
     n_test: int = 4,
     size_xy: tuple[int, int] = (56, 72),
     size_z: int = 40,
+    variability: float = 0.0,
 ) -> Path:
-    """Write an LA-format dataset folder (train.list, test.list, h5 cases); return its path."""
+    """Write an LA-format dataset folder (train.list, test.list, h5 cases); return its path.
+
+    variability: how much atrium size, contrast, noise and intensity curve vary between cases
+    (0: one acquisition for all, byte-identical to earlier versions; see _patient_variation).
+    """
     out = Path(out)
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be >= 1, got {n_train}, {n_test}")
@@ -163,7 +187,8 @@ def synth_la(
     for index, case in enumerate(ids):
         rng = _rng(seed, _LA, index)
         shape = (_draw_side(rng, size_xy, "size_xy"), _draw_side(rng, size_xy, "size_xy"), size_z)
-        image, label = _la_case(rng, shape)
+        variation = _patient_variation(_rng(seed, _LA, index, _VARIATION), variability)
+        image, label = _la_case(rng, shape, variation)
         _write_h5(out / LA_CASE_TEMPLATE.format(case=case), image=image, label=label)
     _write_list(out / "train.list", ids[:n_train])
     _write_list(out / "test.list", ids[n_train:])
@@ -171,18 +196,6 @@ def synth_la(
 
 
 # --- ACDC ---------------------------------------------------------------------------------------
-
-
-def _patient_variation(rng: np.random.Generator, variability: float) -> dict[str, float]:
-    """Per-patient factors of heart size, tissue contrast, noise and intensity curve (gamma).
-
-    At variability 0 every factor is exactly 1 (the stream is separate, so the rest of a patient
-    is the same for every variability); at 1 they span x0.7-1.4, x0.45-1, x1-2 and x0.6-1.65.
-    """
-    if variability < 0:
-        raise ValueError(f"variability must be >= 0, got {variability}")
-    draws = rng.uniform([-0.35, -0.8, 0.0, -0.5], [0.35, 0.0, 0.7, 0.5])
-    return dict(zip(("scale", "contrast", "noise", "gamma"), np.exp(variability * draws)))
 
 
 def _acdc_patient(
@@ -329,8 +342,10 @@ _LUMEN = np.array([246, 236, 246], dtype=float)
 _NUCLEUS = np.array([92, 52, 140], dtype=float)
 
 
-def _crag_image(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    """An H&E-like tile: pink stroma with nuclei, glands of epithelium around a pale lumen."""
+def _crag_image(rng: np.random.Generator, shape: tuple[int, int],
+                variation: dict[str, float]) -> tuple[np.ndarray, ...]:
+    """An H&E-like tile: pink stroma with nuclei, glands of epithelium around a pale lumen;
+    `variation` (from _patient_variation) scales gland size, stain contrast, noise and gamma."""
     height, width = shape
     rows, cols = np.meshgrid(np.arange(height, dtype=float), np.arange(width, dtype=float),
                              indexing="ij")
@@ -342,7 +357,7 @@ def _crag_image(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.nd
     for _attempt in range(40):
         if len(placed) == n_glands:
             break
-        radius = rng.uniform(0.1, 0.2) * side
+        radius = rng.uniform(0.1, 0.2) * side * variation["scale"]
         center = rng.uniform(0, 1, 2) * [height, width]
         if any(np.linalg.norm(center - c) < radius + r + 4 for c, r in placed):
             continue
@@ -383,7 +398,12 @@ def _crag_image(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.nd
     rgb[nuclei] = _NUCLEUS
     # Stain varies between slides: a per-image scale and shift of each colour channel.
     rgb = rgb * rng.uniform(0.85, 1.15, 3) + rng.uniform(-15, 15, 3)
-    rgb = ndimage.gaussian_filter(rgb, (0.6, 0.6, 0)) + rng.normal(0, 6, rgb.shape)
+    if variation["contrast"] != 1.0:  # a faint stain: every colour towards the stroma's
+        rgb = _STROMA + (rgb - _STROMA) * variation["contrast"]
+    if variation["gamma"] != 1.0:
+        rgb = 255 * (np.clip(rgb, 0, 255) / 255) ** variation["gamma"]
+    rgb = ndimage.gaussian_filter(rgb, (0.6, 0.6, 0)) + rng.normal(0, 6 * variation["noise"],
+                                                                   rgb.shape)
     rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
     overlay = rgb.copy()
@@ -412,10 +432,13 @@ def synth_crag(
     size: tuple[int, int] = (96, 128),
     layout: str = "v2",
     as_zip: bool = False,
+    variability: float = 0.0,
 ) -> Path:
     """Write CRAG/ as the user's zip unpacks (or out/CRAG.zip); return out or the zip path.
 
     layout "v2": CRAG/{train,valid}/{Images,Annotation,Overlay}; "readme": test/ and Annotations/.
+    variability: how much gland size, stain contrast, noise and colour curve vary between tiles
+    (0: byte-identical to earlier versions; see _patient_variation).
     """
     layouts = {"v2": ("valid", "Annotation"), "readme": ("test", "Annotations")}
     if layout not in layouts:
@@ -433,7 +456,8 @@ def synth_crag(
         if index == n_train + n_test - 1 and len(set(shapes)) == 1 and shape in shapes:
             shape = (size[0], size[1]) if shape != (size[0], size[1]) else (size[1], size[0])
         shapes.append(shape)
-        rgb, instances, overlay = _crag_image(rng, shape)
+        variation = _patient_variation(_rng(seed, _CRAG, index, _VARIATION), variability)
+        rgb, instances, overlay = _crag_image(rng, shape, variation)
         split, name = ("train", f"train_{index + 1}") if index < n_train else (
             test_dir, f"test_{index - n_train + 1}")
         for folder, array in (("Images", rgb), (annotation_dir, instances), ("Overlay", overlay)):
