@@ -207,7 +207,7 @@ def cmd_plan(args) -> None:
     from agcl.config import load_config
     from agcl.plan import render
 
-    print(render(load_config(args.config), args.config, throughput_path=args.throughput))
+    print(render(load_config(*args.config), args.config, throughput_path=args.throughput))
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("plan", "jobs per rule, projected GPU hours and disk space of a config's grid",
                 cmd_plan)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, nargs="+", metavar="FILE",
+                   help="config file(s), layered in order as snakemake --configfile does")
     p.add_argument("--throughput", default="benchmarks/throughput.csv",
                    help="steps per second measured by benchmarks/gpu_throughput.py "
                         "(default: benchmarks/throughput.csv)")

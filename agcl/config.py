@@ -93,8 +93,7 @@ def method_train_config(dcfg: dict, method: str) -> dict:
     return {**dcfg["train"], **dcfg.get("train_by_method", {}).get(method, {})}
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -103,7 +102,27 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(config).__name__}")
-    return validate_config(config, source=str(path))
+    return config
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    """Snakemake's layering of --configfile files: mappings merge key by key, anything else
+    (lists included) is replaced by the later file's value."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path, *overlays: str | Path) -> dict[str, Any]:
+    """A config file, or several layered as `snakemake --configfile a.yaml b.yaml` does, validated."""
+    paths = [Path(path), *map(Path, overlays)]
+    config: dict[str, Any] = {}
+    for each in paths:
+        _merge(config, _read_yaml_mapping(each))
+    return validate_config(config, source=" + ".join(map(str, paths)))
 
 
 def ratio_tag(ratio: float) -> str:

@@ -70,12 +70,14 @@ def _job_stats(text: str) -> dict[str, int]:
     return counts
 
 
-def job_counts(configfile: str | Path, root: str | Path = ".") -> tuple[dict, dict] | str:
+def job_counts(configfile: str | Path | list, root: str | Path = ".") -> tuple[dict, dict] | str:
     """({rule: jobs of the whole grid}, {rule: jobs still to run}) from Snakemake dry runs, or
     the dry run's error text when it cannot plan (e.g. a missing CRAG zip)."""
     base = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--workflow-profile",
             "none", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root),
-            "--configfile", str(Path(configfile).resolve())]
+            "--configfile",
+            *[str(Path(f).resolve()) for f in (configfile if isinstance(configfile, list)
+                                               else [configfile])]]
     # The rules run `python -m agcl` from this interpreter's environment, as `make demo` does.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     results = []
@@ -214,7 +216,8 @@ def _bytes_cell(count) -> str:
 def render(config: dict, configfile: str | Path, root: str | Path = ".",
            throughput_path: str | Path = THROUGHPUT_CSV) -> str:
     """The plan as text, as `agcl plan` prints it."""
-    lines = [(f"Plan of {configfile} (name: {config['name']}; "
+    shown_files = " + ".join(map(str, configfile)) if isinstance(configfile, list) else configfile
+    lines = [(f"Plan of {shown_files} (name: {config['name']}; "
               f"{len(expected_runs(config))} training runs)"),
              "", "Jobs per rule (Snakemake dry run):"]
     counts = job_counts(configfile, root)

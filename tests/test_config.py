@@ -119,3 +119,23 @@ def test_cpu_study_is_acdc_every_method_between_the_bounds():
     assert {(m, r) for _, m, r, _ in runs} == {*((m, "0.05") for m in config["methods"]),
                                               ("supervised", "1")}
     assert len(runs) == 3 * (len(config["methods"]) + 1)
+
+
+def test_layered_config_files_merge_like_snakemake(tmp_path):
+
+
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("name: layered\nratios: [0.2]\ndatasets:\n  la:\n    train: {lr: 0.5}\n")
+    base = REPO_ROOT / "config" / "demo.yaml"
+    config = load_config(base, overlay)
+    plain = load_config(base)
+    assert config["name"] == "layered" and config["ratios"] == [0.2]  # lists are replaced
+    # mappings merge key by key: the overlay's lr, every other train key from the base
+    assert config["datasets"]["la"]["train"]["lr"] == 0.5
+    assert {k: v for k, v in config["datasets"]["la"]["train"].items() if k != "lr"} == {
+        k: v for k, v in plain["datasets"]["la"]["train"].items() if k != "lr"}
+    assert set(config["datasets"]) == set(plain["datasets"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratios: [2]\n")
+    with pytest.raises(ConfigError, match=r"demo.yaml \+ .*bad.yaml: invalid value at 'ratios.0'"):
+        load_config(base, bad)

@@ -183,3 +183,21 @@ def test_a_failed_run_under_keep_going_leaves_a_report_of_the_others(tmp_path):
     html = (tmp_path / "reports" / "demo" / "index.html").read_text()
     assert "1 of 2 runs of the grid are evaluated" in html
     assert "<li>crag / mean_teacher / 5% / seed 0" in html  # under "Missing runs"
+
+
+def test_label_efficiency_overlay_plans_five_ratios(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from agcl.config import expected_runs, load_config
+
+    (tmp_path / "resources").mkdir()
+    (tmp_path / "resources" / "CRAG.zip").touch()
+    files = [str(REPO / "config" / "config.yaml"), str(REPO / "config" / "label_efficiency.yaml")]
+    out, text = dry_run_commands("--configfile", *files, cwd=tmp_path)
+    assert out.returncode == 0, text
+    config = load_config(*files)
+    train_jobs = [line for line in text.splitlines() if "agcl train " in line]
+    # 3 datasets x (6 methods x 5 ratios + the 100 % supervised bound) x 3 seeds
+    assert len(train_jobs) == len(expected_runs(config)) == 3 * (6 * 5 + 1) * 3
+    assert {line.split("--labels ")[1].split()[0] for line in train_jobs} == {
+        "0.01", "0.03", "0.05", "0.1", "0.2", "1"}
+    assert all("results/label_efficiency/runs/" in line for line in train_jobs)
