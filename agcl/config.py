@@ -87,10 +87,12 @@ def _batch_problems(train: dict, where: str) -> list[str]:
     return []
 
 
-def method_train_config(dcfg: dict, method: str) -> dict:
+def method_train_config(dcfg: dict, method: str, base: str | None = None) -> dict:
     """The training recipe of one method on one dataset: the dataset's train block, updated by
-    its train_by_method entry for that method (the reference protocol), if any."""
-    return {**dcfg["train"], **dcfg.get("train_by_method", {}).get(method, {})}
+    its train_by_method entry for that method (the reference protocol), if any; a variant
+    without its own entry takes its base method's."""
+    by_method = dcfg.get("train_by_method", {})
+    return {**dcfg["train"], **by_method.get(method, by_method.get(base or method, {}))}
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Three answers, each from the most direct source there is:
 - jobs per rule: Snakemake's own dry run of this config (the whole grid, and what is still to run);
 - GPU hours per dataset x method: each run's stages (iterations) over the steps per second that
   benchmarks/gpu_throughput.py measured for the same recipe shape (dataset, method, stage, batch,
-  labeled batch, patch, AMP) on a named card; "not measured" where no such row exists;
+  labeled batch, patch, net options, AMP) on a named card; "not measured" where no such row exists;
 - disk: the data folders as they are on disk, the exact size of every checkpoint (parameters and
   buffers of the networks, counted without allocating them) and an upper bound for the saved
   test predictions (one byte per test voxel, before compression).
@@ -26,7 +26,8 @@ from agcl.runfolder import human_bytes
 REPO = Path(__file__).resolve().parents[1]
 THROUGHPUT_CSV = REPO / "benchmarks" / "throughput.csv"
 # The recipe shape a throughput row was measured at; a run uses a row only if all of these match.
-SHAPE_KEYS = ["dataset", "method", "stage", "batch_size", "labeled_batch_size", "patch", "amp"]
+SHAPE_KEYS = ["dataset", "method", "stage", "batch_size", "labeled_batch_size", "patch", "net",
+              "amp"]
 # amp is the config's value (auto, off, bf16, fp16); amp_dtype what it resolved to on that card.
 THROUGHPUT_COLUMNS = SHAPE_KEYS + [
     "card", "amp_dtype", "steps_per_s", "wait_share", "val_seconds", "peak_mem_gib", "torch",
@@ -36,6 +37,11 @@ THROUGHPUT_COLUMNS = SHAPE_KEYS + [
 
 def patch_text(patch) -> str:
     return "x".join(str(int(side)) for side in patch)
+
+
+def net_text(net: dict) -> str:
+    """A dataset's net options as one cell, e.g. 'n_filters=16' (widths change the step time)."""
+    return ",".join(f"{key}={net[key]}" for key in sorted(net))
 
 
 def read_throughput(path: str | Path = THROUGHPUT_CSV) -> pd.DataFrame:
@@ -117,7 +123,9 @@ def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
                 shape = {"dataset": dataset, "method": method, "stage": stage.name,
                          "batch_size": train["batch_size"],
                          "labeled_batch_size": train["labeled_batch_size"],
-                         "patch": patch_text(train["patch"]), "amp": train["amp"]}
+                         "patch": patch_text(train["patch"]),
+                         "net": net_text(dataset_config(config, dataset)["net"]),
+                         "amp": train["amp"]}
                 match = throughput[(throughput["card"] == card)
                                    & (throughput[SHAPE_KEYS].astype(str)
                                       == pd.Series(shape).astype(str)).all(axis=1)]
@@ -238,7 +246,7 @@ def render(config: dict, configfile: str | Path, root: str | Path = ".",
                      "benchmarks/gpu_throughput.py on the GPU that will train)")
     else:
         lines.append("  '-': no measurement of that recipe shape (dataset, method, stage, batch, "
-                     "labeled batch, patch, amp) on that card")
+                     "labeled batch, patch, net, amp) on that card")
     shown = hours.copy()
     for column in [c for c in shown.columns if c.endswith((" h/run", " h total"))]:
         shown[column] = shown[column].map(lambda h: "-" if math.isnan(h) else f"{h:.2f}")

@@ -39,11 +39,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agcl.cli import main as agcl
-from agcl.config import load_config, validate_config
+from agcl.config import Layout, dataset_config, load_config, validate_config
 from agcl.engine.recipe import resolve_recipe
 from agcl.engine.trainer import Trainer
 from agcl.methods.registry import list_methods
-from agcl.plan import THROUGHPUT_COLUMNS, THROUGHPUT_CSV, patch_text, read_throughput
+from agcl.plan import (
+    SHAPE_KEYS,
+    THROUGHPUT_COLUMNS,
+    THROUGHPUT_CSV,
+    net_text,
+    patch_text,
+    read_throughput,
+)
 from agcl.utils import code_version, write_text
 
 # Synthetic stand-ins at the upstream sizes (LA volumes ~ 120-150 x 120-150 x 80-90 voxels; ACDC
@@ -86,8 +93,6 @@ def benchmark_config(config: dict, datasets: list[str], quick: bool, device: str
 
 
 def prepare_data(configfile: Path, config: dict, dataset: str) -> None:
-    from agcl.config import Layout
-
     layout = Layout(config)
     for args in (["synth", dataset, "--out", layout.raw(dataset), "--config", configfile],
                  ["preprocess", dataset, "--src", layout.raw(dataset), "--out",
@@ -124,7 +129,9 @@ def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
         rows.append({
             "dataset": dataset, "method": method, "stage": record["name"],
             "batch_size": train["batch_size"], "labeled_batch_size": train["labeled_batch_size"],
-            "patch": patch_text(train["patch"]), "amp": train["amp"], "card": card,
+            "patch": patch_text(train["patch"]),
+            "net": net_text(dataset_config(config, dataset)["net"]), "amp": train["amp"],
+            "card": card,
             "amp_dtype": meta["amp"],
             "steps_per_s": 1.0 / statistics.median(timed["seconds"]),
             "wait_share": statistics.median(timed["data_seconds"] / timed["seconds"]),
@@ -154,8 +161,7 @@ def save_rows(path: Path, rows: list[dict]) -> None:
     """Replace the rows of the same card and recipe shape, keep the others; atomic write."""
     new = pd.DataFrame(rows, columns=THROUGHPUT_COLUMNS)
     old = read_throughput(path)
-    keys = ["card", "dataset", "method", "stage", "batch_size", "labeled_batch_size", "patch",
-            "amp"]
+    keys = ["card", *SHAPE_KEYS]
     if len(old):
         mark = new[keys].astype(str).agg("|".join, axis=1)
         old = old[~old[keys].astype(str).agg("|".join, axis=1).isin(mark)]

@@ -161,7 +161,7 @@ def test_unregistered_method_is_a_config_error():
     config = demo_config()
     config["methods"].append("mean_teachr")
     with pytest.raises(ConfigError, match=r"methods\[\d\]: 'mean_teachr' is not a registered "
-                                          r"method \(registered: .*mean_teacher"):
+                                          r"method or a variant \(registered: .*mean_teacher"):
         check_config(config)
 
 

@@ -111,11 +111,18 @@ def test_key_errors_print_without_stray_quotes(tmp_path, capsys):
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config()))
+    # an unknown hyperparameter raises a KeyError (HparamError): its text, not repr(), is shown
+    code = main(["train", "la", "--config", str(config), "--method", "supervised", "--labels",
+                 "0.1", "--seed", "0", "--out", str(tmp_path / "run"), "--set", "ema_decayy=0.9"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agcl train: error: method 'supervised' has no hyperparameter "
+                          "ema_decayy (known: ")
     code = main(["train", "la", "--config", str(config), "--method", "nope", "--labels", "0.1",
                  "--seed", "0", "--out", str(tmp_path / "run")])
     assert code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("agcl train: error: unknown method 'nope' (registered: ")
+    assert "methods[0]: 'nope' is not a registered method or a variant (registered: " in err
     assert not (tmp_path / "run").exists()
 
 

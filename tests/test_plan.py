@@ -35,6 +35,7 @@ def row(method, stage, steps_per_s, card="H100", dataset="la", val_seconds="", *
     return {"dataset": dataset, "method": method, "stage": stage, "card": card,
             "batch_size": shape.get("batch_size", 4), "labeled_batch_size": 2,
             "patch": shape.get("patch", "32x32x16"), "amp": "auto", "steps_per_s": steps_per_s,
+            "net": shape.get("net", "n_filters=2" if dataset == "la" else "base_features=2"),
             "val_seconds": val_seconds}
 
 
@@ -52,6 +53,7 @@ def test_gpu_hours_from_the_measured_steps_per_second(tiny_project):
         row("bcp", "pretrain", 3.0), row("bcp", "main", 1.0),
         row("supervised", "main", 0.5, card="T4"),  # T4 lacks bcp: its grid total is incomplete
         row("supervised", "main", 99.0, batch_size=8),  # another recipe shape: not used
+        row("supervised", "main", 98.0, net="n_filters=16"),  # another width: not used
     )
     hours = gpu_hours(config, throughput).set_index(["dataset", "method"])
     sup, bcp = hours.loc[("la", "supervised")], hours.loc[("la", "bcp")]

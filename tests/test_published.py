@@ -37,7 +37,11 @@ def test_packaged_csv_loads_and_validates(published):
     assert (files("agcl.report") / "published.csv").is_file()
     assert list(published.columns) == COLUMNS
     # 15 LA + 13 ACDC + 1 ablation + 11 CRAG + 3 + 3 + 1 releases + 2 BCP (ACDC)
-    assert len(published) == 49
+    # + 4 patch-similarity ablation rows (cosine, class confidence at 5 and 10 %)
+    assert len(published) == 53
+    similarity = one(published, dataset="acdc", method="semi_agcl_cosine", ratio=0.1)
+    assert (similarity["dice"], similarity["jaccard"], similarity["hd95"],
+            similarity["asd"]) == (81.07, 70.35, 9.23, 6.77)
     assert set(published["dataset"]) == {"la", "acdc", "crag"}
     assert set(published["ratio"]) == {0.05, 0.1, 0.2, 1.0}
     counts = published.groupby("source").size()

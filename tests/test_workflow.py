@@ -201,3 +201,16 @@ def test_label_efficiency_overlay_plans_five_ratios(tmp_path):
     assert {line.split("--labels ")[1].split()[0] for line in train_jobs} == {
         "0.01", "0.03", "0.05", "0.1", "0.2", "1"}
     assert all("results/label_efficiency/runs/" in line for line in train_jobs)
+
+
+def test_ablations_overlay_plans_every_variant_on_acdc(tmp_path):
+    files = [str(REPO / "config" / "config.yaml"), str(REPO / "config" / "ablations.yaml")]
+    out, text = dry_run_commands("--configfile", *files, cwd=tmp_path)  # ACDC only: no CRAG zip
+    assert out.returncode == 0, text
+    train_jobs = [line.split("agcl train ")[1].split() for line in text.splitlines()
+                  if "agcl train " in line]
+    methods = {job[job.index("--method") + 1] for job in train_jobs}
+    assert methods == {"semi_agcl", "semi_agcl_cosine", "semi_agcl_class_confidence",
+                       "semi_agcl_gk_l1", "semi_agcl_no_nuclear", "semi_agcl_mix_half",
+                       "semi_agcl_mix_random"}
+    assert len(train_jobs) == 7 * 2 * 3 and {job[0] for job in train_jobs} == {"acdc"}

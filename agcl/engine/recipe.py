@@ -14,7 +14,7 @@ from agcl.config import ConfigError, dataset_config, method_train_config, train_
 from agcl.data.loaders import default_augmentation
 from agcl.data.specs import get_spec
 from agcl.inference import eval_window
-from agcl.methods.registry import check_config, get_method
+from agcl.methods.registry import check_config, resolve_method
 from agcl.runfolder import settings_hash
 
 # Training-config keys that change what is logged or saved, not the weights a run ends with;
@@ -61,16 +61,20 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     spec = get_spec(dataset)
     dcfg = dataset_config(config, dataset)
     overrides = dict(overrides or {})
-    base = method_train_config(dcfg, method)
-    train_cfg = {**base, **_pop_train_overrides(base, overrides)}
+    check_config({**config, "methods": [method]}, source="config")
+    # A variant (e.g. an ablation) is its registered method with some hyperparameters changed:
+    # the method's config hparams and training recipe apply, then the variant's own hparams.
+    method_cls, variant_hparams = resolve_method(config, method)
+    base_name = method_cls.name
+    recipe = method_train_config(dcfg, method, base_name)
+    train_cfg = {**recipe, **_pop_train_overrides(recipe, overrides)}
     if iterations is not None:
         train_cfg["iterations"] = positive_iterations(iterations)
-    method_cls = get_method(method)
-    check_config({**config, "methods": [method]}, source="config")
     hparams = method_cls.hparams_for(
         dataset,
-        config.get("hparams", {}).get(method, {}),
-        dcfg.get("hparams", {}).get(method, {}),
+        config.get("hparams", {}).get(base_name, {}),
+        dcfg.get("hparams", {}).get(base_name, {}),
+        variant_hparams,
         overrides,
     )
     augmentation = (default_augmentation(spec.spatial_dims)

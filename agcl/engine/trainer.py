@@ -173,6 +173,7 @@ class Trainer:
         self.dcfg = dataset_config(config, dataset)
         recipe = resolve_recipe(config, dataset, method, overrides=overrides,
                                 iterations=iterations)
+        self.method_name = method  # a registered method, or a variant of one (config variants)
         self.method_cls = recipe.method_cls
         self.train_cfg = recipe.train_cfg
         self.hparams = recipe.hparams
@@ -475,7 +476,7 @@ class Trainer:
             "num_classes": self.spec.num_classes,
             "state_dict": method.inference_net().state_dict(),
             "step": state["step"],
-            "method": method.name,
+            "method": self.method_name,
             "identity": self.identity,
             "run_id": state["run_id"],
         }
@@ -485,7 +486,8 @@ class Trainer:
             "run_id": state["run_id"],
             "identity": self.identity,
             "dataset": self.dataset,
-            "method": self.method_cls.name,
+            "method": self.method_name,
+            "base_method": self.method_cls.name,
             "ratio": self.ratio,
             "seed": self.seed,
             "iterations": self.total,

@@ -53,6 +53,16 @@ def get_method(name: str) -> type:
         raise KeyError(f"unknown method '{name}' (registered: {', '.join(sorted(_METHODS))})") from None
 
 
+def resolve_method(config: dict, name: str) -> tuple[type, dict]:
+    """(registered class, hyperparameters it adds) of a name in `methods:`: a registered method,
+    or a variant of one declared under `variants:` (an ablation: the method with some
+    hyperparameters changed, trained and reported under its own name)."""
+    variant = config.get("variants", {}).get(name)
+    if variant is None:
+        return get_method(name), {}
+    return get_method(variant["method"]), dict(variant.get("hparams", {}))
+
+
 def check_config(config: dict, source: str = "<config>") -> None:
     """Config errors that need the registry, found before any job runs: every name in `methods:`
     is registered, every `hparams:` block names a registered method and only its hyperparameters,
@@ -64,12 +74,29 @@ def check_config(config: dict, source: str = "<config>") -> None:
 
     _scan()
     registered = ", ".join(sorted(_METHODS))
-    problems = [f"methods[{i}]: '{name}' is not a registered method (registered: {registered})"
-                for i, name in enumerate(config["methods"]) if name not in _METHODS]
+    variants = config.get("variants", {})
+    problems = [f"methods[{i}]: '{name}' is not a registered method or a variant (registered: "
+                f"{registered}; variants: {', '.join(sorted(variants)) or 'none'})"
+                for i, name in enumerate(config["methods"])
+                if name not in _METHODS and name not in variants]
+    for name, variant in variants.items():
+        if name in _METHODS:
+            problems.append(f"variants.{name}: the name of a registered method; a variant needs "
+                            "its own name")
+        elif variant["method"] not in _METHODS:
+            problems.append(f"variants.{name}.method: '{variant['method']}' is not a registered "
+                            f"method (registered: {registered})")
+        else:
+            try:
+                for d in config["datasets"]:
+                    _METHODS[variant["method"]].hparams_for(d, variant.get("hparams", {}))
+            except HparamError as exc:
+                problems.append(f"variants.{name}.hparams: {exc.args[0]}")
     for dataset, dcfg in config["datasets"].items():
         problems += [f"datasets.{dataset}.train_by_method.{name}: '{name}' is not a registered "
                      f"method (registered: {registered})"
-                     for name in dcfg.get("train_by_method", {}) if name not in _METHODS]
+                     for name in dcfg.get("train_by_method", {})
+                     if name not in _METHODS and name not in variants]
     blocks = [("hparams", config.get("hparams", {}), None)]
     blocks += [(f"datasets.{d}.hparams", dcfg.get("hparams", {}), d)
                for d, dcfg in config["datasets"].items()]
@@ -86,7 +113,8 @@ def check_config(config: dict, source: str = "<config>") -> None:
                 problems.append(f"{where}.{name}: {exc.args[0]}")
     for dataset, dcfg in config["datasets"].items():
         spec = get_spec(dataset)
-        nets = sorted({_METHODS[m].net_name(spec) for m in config["methods"] if m in _METHODS})
+        bases = [variants[m]["method"] if m in variants else m for m in config["methods"]]
+        nets = sorted({_METHODS[m].net_name(spec) for m in bases if m in _METHODS})
         for net in nets:
             try:
                 check_kwargs(net, dcfg.get("net", {}), where=f"datasets.{dataset}.net")

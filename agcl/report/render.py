@@ -241,6 +241,7 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
                       autoescape=select_autoescape(["html", "j2"]))
     synthetic = sorted(d for d, c in config["datasets"].items() if c["source"] == "synthetic")
     methods, datasets = list(config["methods"]), list(config["datasets"])
+    compute_published = load_published_compute()
     html = env.get_template("index.html.j2").render(
         name=config["name"],
         synthetic=synthetic,
@@ -252,7 +253,8 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
         training=figures.training_curves(training_logs(config, layout), methods, datasets),
         overlays=overlays(config, layout, case_means),
         stats=stats_rows(stats),
-        compute=compute_rows(runs, load_published_compute(), methods),
+        compute=compute_rows(runs, compute_published[compute_published["dataset"].isin(datasets)],
+                             methods),
         missing=missing.to_dict("records"),
         reference_policy_runs=len(reference_policy_runs),
         inconsistent=inconsistent.to_dict("records"),
