@@ -191,7 +191,8 @@ def prediction_bytes(config: dict, dataset: str, root: str | Path = ".") -> int 
 def disk(config: dict, root: str | Path = ".") -> pd.DataFrame:
     """Bytes per dataset: data folders as found (None: not there yet), the final checkpoints of
     all its runs, the largest resume checkpoint one running job keeps (removed when the run
-    finishes), and the predictions of all its runs (None: not preprocessed yet)."""
+    finishes; with best-on-val selection a best checkpoint of about the same size sits beside
+    it while training), and the predictions of all its runs (None: not preprocessed yet)."""
     layout = Layout(config, root)
     rows = []
     for dataset in config["datasets"]:

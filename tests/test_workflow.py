@@ -214,3 +214,13 @@ def test_ablations_overlay_plans_every_variant_on_acdc(tmp_path):
                        "semi_agcl_gk_l1", "semi_agcl_no_nuclear", "semi_agcl_mix_half",
                        "semi_agcl_mix_random"}
     assert len(train_jobs) == 7 * 2 * 3 and {job[0] for job in train_jobs} == {"acdc"}
+
+
+def test_cpu_study_terms_overlay_plans_the_variants(tmp_path):
+    files = [str(REPO / "config" / "cpu_study.yaml"), str(REPO / "config" / "cpu_study_terms.yaml")]
+    out, text = dry_run_commands("--configfile", *files, cwd=tmp_path)
+    assert out.returncode == 0, text
+    train_jobs = [line.split("agcl train ")[1].split() for line in text.splitlines()
+                  if "agcl train " in line]
+    assert len(train_jobs) == 6 * 3  # bcp, semi_agcl and 4 variants x 3 seeds, 5 % only
+    assert {job[job.index("--labels") + 1] for job in train_jobs} == {"0.05"}
