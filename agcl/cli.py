@@ -205,9 +205,10 @@ def cmd_report(args) -> None:
 
 def cmd_plan(args) -> None:
     from agcl.config import load_config
-    from agcl.plan import render
+    from agcl.plan import THROUGHPUT_CSV, render
 
-    print(render(load_config(*args.config), args.config, throughput_path=args.throughput))
+    print(render(load_config(*args.config), args.config,
+                 throughput_path=args.throughput or THROUGHPUT_CSV))
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -335,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_plan)
     p.add_argument("--config", required=True, nargs="+", metavar="FILE",
                    help="config file(s), layered in order as snakemake --configfile does")
-    p.add_argument("--throughput", default="benchmarks/throughput.csv",
+    p.add_argument("--throughput",
                    help="steps per second measured by benchmarks/gpu_throughput.py "
-                        "(default: benchmarks/throughput.csv)")
+                        "(default: benchmarks/throughput.csv of this checkout, where it writes)")
     return parser
 
 
