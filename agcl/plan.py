@@ -105,6 +105,29 @@ def _runs_per_cell(config: dict) -> dict[tuple[str, str], int]:
     return cells
 
 
+def recipe_shape(config: dict, dataset: str, method: str, recipe, stage_name: str) -> dict:
+    """The SHAPE_KEYS values of one stage of a run: what a throughput row must match."""
+    train = recipe.train_cfg
+    return {"dataset": dataset, "method": method, "stage": stage_name,
+            "batch_size": train["batch_size"], "labeled_batch_size": train["labeled_batch_size"],
+            "patch": patch_text(train["patch"]),
+            "net": net_text(dataset_config(config, dataset)["net"]), "amp": train["amp"]}
+
+
+def schedule_seconds(recipe, measured: dict, validates: bool) -> float:
+    """A run's whole schedule at measured rates: every stage's iterations over its steps per
+    second, plus, for a run that selects on val, one validation pass per val_every steps.
+    `measured` maps stage name -> throughput row (a dict or a pandas row)."""
+    seconds = 0.0
+    for stage in recipe.stages:
+        row = measured[stage.name]
+        seconds += stage.iterations / float(row["steps_per_s"])
+        val_seconds = pd.to_numeric(row.get("val_seconds"), errors="coerce")
+        if validates and val_seconds > 0:
+            seconds += stage.iterations // recipe.train_cfg["val_every"] * float(val_seconds)
+    return seconds
+
+
 def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset x method: runs, iterations per run, and per measured card the hours
     of one run and of all its runs (NaN: that card has no row for one of the run's stages)."""
@@ -114,29 +137,20 @@ def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (dataset, method), n_runs in _runs_per_cell(config).items():
         recipe = resolve_recipe(config, dataset, method)
-        train = recipe.train_cfg
+        validates = dataset_config(config, dataset)["selection"] == "best_val"
         row = {"dataset": dataset, "method": method, "runs": n_runs,
                "iterations_per_run": sum(stage.iterations for stage in recipe.stages)}
         for card in cards:
-            seconds = 0.0
+            measured = {}
             for stage in recipe.stages:
-                shape = {"dataset": dataset, "method": method, "stage": stage.name,
-                         "batch_size": train["batch_size"],
-                         "labeled_batch_size": train["labeled_batch_size"],
-                         "patch": patch_text(train["patch"]),
-                         "net": net_text(dataset_config(config, dataset)["net"]),
-                         "amp": train["amp"]}
+                shape = recipe_shape(config, dataset, method, recipe, stage.name)
                 match = throughput[(throughput["card"] == card)
                                    & (throughput[SHAPE_KEYS].astype(str)
                                       == pd.Series(shape).astype(str)).all(axis=1)]
-                if match.empty:
-                    seconds = math.nan
-                    break
-                measured = match.iloc[-1]  # the newest measurement of that shape
-                seconds += stage.iterations / float(measured["steps_per_s"])
-                val_seconds = pd.to_numeric(measured.get("val_seconds"), errors="coerce")
-                if dataset_config(config, dataset)["selection"] == "best_val" and val_seconds > 0:
-                    seconds += stage.iterations // train["val_every"] * float(val_seconds)
+                if not match.empty:
+                    measured[stage.name] = match.iloc[-1]  # the newest measurement of that shape
+            seconds = (schedule_seconds(recipe, measured, validates)
+                       if len(measured) == len(recipe.stages) else math.nan)
             row[f"{card} h/run"] = seconds / 3600
             row[f"{card} h total"] = n_runs * seconds / 3600
         rows.append(row)

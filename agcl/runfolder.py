@@ -255,23 +255,24 @@ class RunFolder:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     # --- evaluation records ---------------------------------------------------------------
-    def evaluated(self) -> tuple[dict | None, str]:
-        """(metrics, "") when ckpt_final.pt, run.json and metrics.json belong to one run;
-        (None, reason) otherwise. Reads only the two JSON files."""
+    def evaluated(self) -> tuple[dict | None, dict | None, str]:
+        """(metrics, run metadata, "") when ckpt_final.pt, run.json and metrics.json belong to
+        one run; (None, None, reason) otherwise. Reads only the two JSON files."""
         metrics_path = self.file(METRICS_JSON)
         if not metrics_path.is_file():
-            return None, "not evaluated (no metrics.json)"
+            return None, None, "not evaluated (no metrics.json)"
         if not self.is_finished():
-            return None, f"metrics.json without a finished model ({FINAL} missing)"
+            return None, None, f"metrics.json without a finished model ({FINAL} missing)"
         try:
             meta = json.loads(self.file(RUN_JSON).read_text())
             metrics = json.loads(metrics_path.read_text())
         except FileNotFoundError:
-            return None, f"{RUN_JSON} missing: run `agcl evaluate` again (it restores it)"
+            return None, None, f"{RUN_JSON} missing: run `agcl evaluate` again (it restores it)"
         except ValueError as exc:
-            return None, f"unreadable JSON ({exc})"
+            return None, None, f"unreadable JSON ({exc})"
         run_id = meta.get("run_id")
         if run_id is None or metrics.get("run_id") != run_id:
-            return None, (f"metrics.json belongs to another model (run_id {metrics.get('run_id')} "
-                          f"vs {run_id} in run.json): evaluate the run again")
-        return metrics, ""
+            return None, None, (f"metrics.json belongs to another model (run_id "
+                                f"{metrics.get('run_id')} vs {run_id} in run.json): evaluate the "
+                                "run again")
+        return metrics, meta, ""

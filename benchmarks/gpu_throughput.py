@@ -47,9 +47,9 @@ from agcl.plan import (
     SHAPE_KEYS,
     THROUGHPUT_COLUMNS,
     THROUGHPUT_CSV,
-    net_text,
-    patch_text,
     read_throughput,
+    recipe_shape,
+    schedule_seconds,
 )
 from agcl.utils import code_version, write_text
 
@@ -106,9 +106,9 @@ def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
             workdir: Path) -> list[dict]:
     """One row per stage of `method` on `dataset`."""
     length = warmup + steps
-    hparams = resolve_recipe(config, dataset, method).hparams
+    recipe = resolve_recipe(config, dataset, method)
     overrides = {"train.val_every": 10**9, "train.checkpoint_every": 10**9, "train.log_every": 1}
-    if PRETRAIN_KEY in hparams:
+    if PRETRAIN_KEY in recipe.hparams:
         overrides[PRETRAIN_KEY] = length
     trainer = Trainer(config, dataset, method, RATIO, 0, workdir / "runs" / dataset / method,
                       iterations=length, overrides=overrides, force=True, progress=False)
@@ -118,7 +118,6 @@ def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
     peak = (torch.cuda.max_memory_allocated(trainer.device) / 2**30
             if trainer.device.type == "cuda" else float("nan"))
     log = pd.read_csv(trainer.out / "train_log.csv")
-    train = trainer.train_cfg
     card = (torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda"
             else f"cpu {platform.machine()} x{torch.get_num_threads()}")
     rows = []
@@ -127,11 +126,7 @@ def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
         timed = stage_rows[stage_rows["stage_step"] > warmup]
         validates = trainer.selection == "best_val" and meta["n_val"] > 0
         rows.append({
-            "dataset": dataset, "method": method, "stage": record["name"],
-            "batch_size": train["batch_size"], "labeled_batch_size": train["labeled_batch_size"],
-            "patch": patch_text(train["patch"]),
-            "net": net_text(dataset_config(config, dataset)["net"]), "amp": train["amp"],
-            "card": card,
+            **recipe_shape(config, dataset, method, recipe, record["name"]), "card": card,
             "amp_dtype": meta["amp"],
             "steps_per_s": 1.0 / statistics.median(timed["seconds"]),
             "wait_share": statistics.median(timed["data_seconds"] / timed["seconds"]),
@@ -146,15 +141,9 @@ def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
 
 def projected_minutes(config: dict, dataset: str, method: str, rows: list[dict]) -> float:
     """The method's full schedule under `config` at the measured rates (validation included)."""
-    recipe = resolve_recipe(config, dataset, method)
-    by_stage = {row["stage"]: row for row in rows}
-    seconds = 0.0
-    for stage in recipe.stages:
-        row = by_stage[stage.name]
-        seconds += stage.iterations / row["steps_per_s"]
-        if row["val_seconds"] != "":
-            seconds += stage.iterations // recipe.train_cfg["val_every"] * row["val_seconds"]
-    return seconds / 60
+    validates = dataset_config(config, dataset)["selection"] == "best_val"
+    return schedule_seconds(resolve_recipe(config, dataset, method),
+                            {row["stage"]: row for row in rows}, validates) / 60
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:

@@ -47,7 +47,7 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
     for dataset, method, ratio, seed in expected_runs(config):
         folder = RunFolder(layout.run(dataset, method, ratio, seed))
         key = {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": seed}
-        summary, reason = folder.evaluated()
+        summary, meta, reason = folder.evaluated()
         if summary is not None:
             bad = non_finite_values(summary)
             if bad:
@@ -64,7 +64,6 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
             row.update(policy_applied=rec["policy_applied"] or "",
                        empty_pred=rec["empty_pred"], empty_gt=rec["empty_gt"])
             case_rows.append(row)
-        meta = folder.finished_meta()
         run_rows.append({**key, **summary["foreground_mean"],
                          "train_seconds": meta.get("train_seconds"),
                          "parameters": meta.get("parameters"),

@@ -56,6 +56,13 @@ BETTER = {"dice": max, "jaccard": max, "hd95": min, "asd": min}
 PRIMARY_SOURCE = "Semi-AGCL paper"  # the paper this kit replicates: its value sits beside ours
 
 
+def _method_rank(methods: list[str] | None):
+    """Sort key for method names: supervised first (as the paper), then the config's order,
+    then any other (published-only) method by name."""
+    order = {m: i for i, m in enumerate(dict.fromkeys(["supervised", *(methods or [])]))}
+    return lambda method: (order.get(method, len(order)), method)
+
+
 def _source_order(sources) -> list[str]:
     unique = list(dict.fromkeys(s for s in sources if isinstance(s, str) and s))
     return sorted(unique, key=lambda s: (not s.startswith(PRIMARY_SOURCE), unique.index(s)))
@@ -88,7 +95,7 @@ def main_tables(published: pd.DataFrame, ratios: list[float],
     for dataset, part in shown.groupby("dataset", sort=False):
         sources = _source_order(part["source"])
         number = {source: i + 1 for i, source in enumerate(sources)}
-        notes: list[str] = [f"{source}" for source in sources]
+        notes: list[str] = list(sources)
         ours_rows, published_rows = [], []
         for (ratio, method), group in part.groupby(["ratio", "method"], sort=True):
             records = sorted(group.to_dict("records"),
@@ -122,9 +129,8 @@ def main_tables(published: pd.DataFrame, ratios: list[float],
                    "marks": marks, "flagged": bool(flags)}
             (ours_rows if with_ours else published_rows).append(row)
         # the config's method order within each label ratio (supervised first, as the paper)
-        order = {m: i for i, m in enumerate(["supervised", *(methods or [])])}
-        ours_rows.sort(key=lambda r: (float(r["labels"][:-1]), order.get(r["method"], len(order)),
-                                      r["method"]))
+        rank = _method_rank(methods)
+        ours_rows.sort(key=lambda r: (float(r["labels"][:-1]), *rank(r["method"])))
         _mark_best(ours_rows, "ours")
         _mark_best(ours_rows + published_rows, "theirs")
         tables[dataset] = {"ours": ours_rows, "published_only": published_rows,
@@ -142,8 +148,8 @@ def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]
     if not ours.empty:
         keys |= set(map(tuple, ours[["dataset", "method"]].drop_duplicates().values))
     keys |= set(map(tuple, published[["dataset", "method"]].values))
-    order = {m: i for i, m in enumerate(["supervised", *methods])}
-    for dataset, method in sorted(keys, key=lambda k: (k[0], order.get(k[1], len(order)), k[1])):
+    rank = _method_rank(methods)
+    for dataset, method in sorted(keys, key=lambda k: (k[0], *rank(k[1]))):
         mine = ours[(ours["dataset"] == dataset) & (ours["method"] == method)] if len(ours) else ours
         base = ours[(ours["dataset"] == dataset) & (ours["method"] == "supervised")] \
             if len(ours) else ours
