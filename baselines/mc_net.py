@@ -79,6 +79,6 @@ class McNet(Method):
                                                               self.hparams["consistency_rampup"])
         loss_sup = self.hparams["dice_weight"] * loss_dice
         loss = loss_sup + weight * loss_mc
-        logs = {"loss_dice": float(loss_dice.detach()), "loss_sup": float(loss_sup.detach()),
-                "loss_mc": float(loss_mc.detach()), "cons_weight": weight}
+        logs = {"loss_dice": loss_dice.detach(), "loss_sup": loss_sup.detach(),
+                "loss_mc": loss_mc.detach(), "cons_weight": weight}
         return loss, logs

@@ -73,8 +73,8 @@ class MeanTeacher(Method):
         loss_cons, extra = self.consistency(logits[n_labeled:], teacher_logits, x_unlabeled, step)
         weight = consistency_weight(self.hparams, step)
         loss = losses["loss_sup"] + weight * loss_cons
-        logs = {k: float(v.detach()) for k, v in losses.items()}
-        logs.update(loss_cons=float(loss_cons.detach()), cons_weight=weight, **extra)
+        logs = {k: v.detach() for k, v in losses.items()}
+        logs.update(loss_cons=loss_cons.detach(), cons_weight=weight, **extra)
         return loss, logs
 
     def after_optimizer_step(self, step: int) -> None:

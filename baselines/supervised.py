@@ -19,4 +19,4 @@ class Supervised(Method):
         logits = self.student(batch.x_labeled)
         losses = supervised_loss(logits, batch.y_labeled, self.hparams["dice_include_background"],
                                  self.hparams["dice_form"])
-        return losses["loss_sup"], {k: float(v.detach()) for k, v in losses.items()}
+        return losses["loss_sup"], {k: v.detach() for k, v in losses.items()}

@@ -76,4 +76,4 @@ class UaMt(MeanTeacher):
                                           hp["threshold_ceiling"])
         mask = certainty_mask(mean_probs, threshold)
         loss = masked_mse(softmax_mse(student_logits, teacher_logits), mask)
-        return loss, {"mask_fraction": float(mask.mean()), "uncertainty_threshold": threshold}
+        return loss, {"mask_fraction": mask.mean(), "uncertainty_threshold": threshold}

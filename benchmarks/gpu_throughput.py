@@ -107,6 +107,7 @@ def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
     """One row per stage of `method` on `dataset`."""
     length = warmup + steps
     recipe = resolve_recipe(config, dataset, method)
+    # one log row per step: the timings are per step
     overrides = {"train.val_every": 10**9, "train.checkpoint_every": 10**9, "train.log_every": 1}
     if PRETRAIN_KEY in recipe.hparams:
         overrides[PRETRAIN_KEY] = length

@@ -120,6 +120,7 @@ def test_consistency_is_softmax_mse_on_the_unlabeled_part_only(method_cls, extra
     batch = Batch(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long),
                   torch.full((2, 1, 2, 2), math.log(3)))
     loss, logs = method.train_step(batch, 0)
+    logs = {k: float(v) for k, v in logs.items()}
     assert logs["loss_cons"] == pytest.approx(0.0625)
     assert logs["cons_weight"] == pytest.approx(0.1 * math.exp(-5))
     assert loss.item() == pytest.approx(logs["loss_sup"] + 0.1 * math.exp(-5) * 0.0625)
@@ -237,6 +238,7 @@ def test_mc_net_dice_is_summed_over_decoders_on_the_labeled_part():
     batch = Batch(torch.randn(2, 1, 16, 16, 16), torch.randint(0, 2, (2, 16, 16, 16)),
                   torch.randn(2, 1, 16, 16, 16))
     loss, logs = method.train_step(batch, 149)
+    logs = {k: float(v) for k, v in logs.items()}
     with torch.no_grad():
         outputs = method.student.forward_all(torch.cat([batch.x_labeled, batch.x_unlabeled]))
     # MC-Net 3D: Binary_dice_loss, linear denominators, foreground only

@@ -195,3 +195,95 @@ def test_first_nonfinite_gradient_names_the_parameter_and_ignores_overflowing_no
     assert first_nonfinite_gradient(params) == "p2"
     params[0][1].grad[1, 1] = float("nan")
     assert first_nonfinite_gradient(params) == "p0"
+
+
+def test_gradients_finite_is_one_device_flag():
+    from agcl.engine.trainer import gradients_finite
+
+    params = [(f"p{i}", torch.nn.Parameter(torch.zeros(3))) for i in range(2)]
+    assert bool(gradients_finite(params))  # no gradients yet
+    for _, p in params:
+        p.grad = torch.ones(3)
+    flag = gradients_finite(params)
+    assert flag.ndim == 0 and flag.dtype == torch.bool and bool(flag)
+    params[1][1].grad[2] = float("nan")
+    assert not bool(gradients_finite(params))
+
+
+def test_step_log_averages_the_applied_steps_and_reads_once_per_row():
+    from agcl.engine.trainer import StepLog
+
+    log = StepLog()
+    log.add({"step": 1, "stage": "main", "lr": 0.1, "loss": torch.tensor(1.0),
+             "w": 0.5, "seconds": 0.2, "data_seconds": 0.1}, skipped=False)
+    log.add({"step": 2, "stage": "main", "lr": 0.1, "loss": torch.tensor(float("nan")),
+             "w": 0.5, "seconds": 0.4, "data_seconds": 0.1}, skipped=True)
+    log.add({"step": 3, "stage": "main", "lr": 0.05, "loss": torch.tensor(3.0),
+             "w": 1.5, "extra": torch.tensor(7.0), "seconds": 0.3, "data_seconds": 0.1},
+            skipped=False)
+    row = log.read()
+    # terms: means over the two applied steps (the skipped NaN left out); a term that appears in
+    # one step only is that step's value; lr and step are the row's own step's
+    assert row["step"] == 3 and row["lr"] == 0.05 and row["skipped"] == 1
+    assert row["loss"] == pytest.approx(2.0) and row["w"] == pytest.approx(1.0)
+    assert row["extra"] == pytest.approx(7.0)
+    assert row["seconds"] == pytest.approx(0.3) and row["it_per_s"] == pytest.approx(1 / 0.3)
+    assert all(not torch.is_tensor(v) for v in row.values())
+    log.add({"step": 4, "stage": "main", "lr": 0.05, "loss": torch.tensor(5.0),
+             "seconds": 0.1, "data_seconds": 0.0}, skipped=False)
+    assert log.read() == pytest.approx({"step": 4, "stage": "main", "lr": 0.05, "loss": 5.0,
+                                        "seconds": 0.1, "data_seconds": 0.0, "skipped": 0,
+                                        "it_per_s": 10.0})
+
+
+def test_a_row_every_k_steps_is_the_mean_of_the_k_per_step_rows(tiny_project):
+    """log_every changes how often values are read back from the device, not the training: the
+    weights are identical and a row is the mean of the per-step rows it stands for."""
+    prepare(tiny_project, "la")
+    config = load_config(tiny_project)
+    logs, weights = {}, {}
+    for every in (1, 2):
+        run = Path(f"runs/every{every}")
+        Trainer(config, "la", "mean_teacher", 0.1, 0, run, progress=False,
+                overrides={"train.iterations": 5, "train.log_every": every}).run()
+        logs[every] = pd.read_csv(run / "train_log.csv")
+        weights[every] = final_weights(run)
+    assert list(logs[2]["step"]) == [2, 4, 5]  # and the stage's last step
+    per_step = logs[1]
+    previous = 0
+    for _, row in logs[2].iterrows():
+        steps = per_step[(per_step["step"] > previous) & (per_step["step"] <= row["step"])]
+        previous = row["step"]
+        for term in ("loss", "loss_sup", "loss_cons", "cons_weight"):
+            assert row[term] == pytest.approx(steps[term].mean(), rel=1e-6)
+    for name, tensor in weights[1].items():
+        assert torch.equal(tensor, weights[2][name]), name
+
+
+def test_the_training_set_goes_to_the_gpu_when_it_fits(monkeypatch):
+    from types import SimpleNamespace
+
+    from agcl.engine.trainer import data_device
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    assert data_device("auto", gpu, 20 * 2**30) == gpu  # a quarter of the card
+    assert data_device("auto", gpu, 21 * 2**30) is None  # more: host memory, pinned copies
+    assert data_device("device", gpu, 60 * 2**30) == gpu  # asked for
+    assert data_device("host", gpu, 1) is None
+    assert data_device("auto", cpu, 1) is None and data_device("device", cpu, 1) is None
+
+
+def test_deterministic_kernels_by_default_on_the_cpu_and_autotuning_on_cuda(tiny_project):
+    from agcl.engine.trainer import resolve_deterministic
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
+    assert resolve_deterministic("auto", cpu) is True
+    assert resolve_deterministic("auto", gpu) is False
+    assert resolve_deterministic(True, gpu) is True and resolve_deterministic(False, cpu) is False
+    prepare(tiny_project, "la")
+    meta = Trainer(load_config(tiny_project), "la", "supervised", 0.1, 0, Path("runs/det"),
+                   progress=False, overrides={"train.iterations": 1}).run()
+    assert meta["deterministic"] is True and meta["data_on"] == "host"
+    assert torch.are_deterministic_algorithms_enabled()

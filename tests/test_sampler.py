@@ -1,11 +1,20 @@
-"""The two-stream sampler's augmentation follows the references per dataset."""
+"""The two-stream sampler's augmentation follows the references per dataset, and its tensor
+ops give exactly what numpy's rot90/flip and scipy's rotate give."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
-from agcl.data.loaders import PatchSampler, TrainingSet, default_augmentation
+from agcl.data.loaders import (
+    ROTATION_DEGREES,
+    PatchSampler,
+    TrainingSet,
+    default_augmentation,
+    rotation_source_index,
+)
 
 
 def one_pixel_set(size: int = 16) -> TrainingSet:
@@ -37,7 +46,7 @@ def test_rot_flip_only_permutes_the_square():
     sampler = PatchSampler(one_pixel_set(), [16, 16], 1, 0, seed=0, augmentation="rot_flip")
     allowed = rot_flip_positions()
     for _ in range(100):
-        images, labels, _ = sampler.next_batch()
+        images, labels = (t.numpy() for t in sampler.next_batch()[:2])
         where = tuple(int(i) for i in np.argwhere(images[0, 0] > 0.5)[0])
         assert where in allowed and labels[0][where] == 1
 
@@ -49,7 +58,7 @@ def test_half_of_the_2d_samples_are_rotated_by_a_small_angle_with_the_label():
     rotated = 0
     n = 400
     for _ in range(n):
-        images, labels, _ = sampler.next_batch()
+        images, labels = (t.numpy() for t in sampler.next_batch()[:2])
         image, label = images[0, 0], labels[0]
         # nearest neighbour for both: the label is still exactly where the image pixel went
         assert np.array_equal(image > 0.5, label == 1)
@@ -59,3 +68,97 @@ def test_half_of_the_2d_samples_are_rotated_by_a_small_angle_with_the_label():
     # P(rotation) = 1/2; an angle of 0 (1 in 40) or one that keeps the pixel in place looks like
     # a symmetry, so a little under half
     assert 0.38 < rotated / n < 0.55
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (20, 28)])
+def test_rotation_gather_is_scipys_nearest_rotation_at_every_angle(shape):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, *shape)).astype(np.float32)
+    label = rng.integers(1, 4, size=shape).astype(np.uint8)  # no zeros: the fill is visible
+    for angle in range(*ROTATION_DEGREES):
+        index = rotation_source_index(angle, shape)
+        inside = index >= 0
+        assert inside.sum() > 0.7 * index.size  # a small rotation keeps most of the patch
+        got_image = np.where(inside, image.reshape(2, -1)[:, index.clip(0)], 0)
+        got_label = np.where(inside, label.reshape(-1)[index.clip(0)], 0)
+        np.testing.assert_array_equal(
+            got_image, ndimage.rotate(image, angle, axes=(2, 1), order=0, reshape=False))
+        np.testing.assert_array_equal(
+            got_label, ndimage.rotate(label, angle, axes=(1, 0), order=0, reshape=False))
+
+
+def numpy_oracle(data: TrainingSet, patch, labeled_batch, unlabeled_batch, seed, augmentation,
+                 steps):
+    """The sampler written with numpy and scipy on the host, drawing in the same order."""
+    rng = np.random.default_rng(seed)
+    queues = {"labeled": [], "unlabeled": []}
+
+    def take(stream, count, size):
+        while len(queues[stream]) < count:
+            queues[stream].extend(int(i) for i in rng.permutation(size))
+        out, queues[stream] = queues[stream][:count], queues[stream][count:]
+        return out
+
+    def sample(image, label):
+        pads = [max(0, p - s) for p, s in zip(patch, image.shape[1:])]
+        widths = [(pad // 2, pad - pad // 2) for pad in pads]
+        image = np.pad(image, [(0, 0), *widths])
+        label = np.pad(label, widths) if label is not None else None
+        starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(image.shape[1:], patch)]
+        region = tuple(slice(st, st + p) for st, p in zip(starts, patch))
+        image, label = image[(slice(None), *region)], (label[region] if label is not None else None)
+        if augmentation == "rot_flip_or_rotate" and rng.random() >= 0.5:
+            angle = int(rng.integers(*ROTATION_DEGREES))
+            image = ndimage.rotate(image, angle, axes=(2, 1), order=0, reshape=False)
+            label = (ndimage.rotate(label, angle, axes=(1, 0), order=0, reshape=False)
+                     if label is not None else None)
+            return image, label
+        k = int(rng.integers(0, 4)) if patch[0] == patch[1] else 0
+        axis = int(rng.integers(0, 2))
+        image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
+        label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis) if label is not None else None
+        return image, label
+
+    for _ in range(steps):
+        pairs = [sample(data.labeled_images[i], data.labeled_labels[i])
+                 for i in take("labeled", labeled_batch, len(data.labeled_images))]
+        unlabeled = [sample(data.unlabeled_images[i], None)[0]
+                     for i in take("unlabeled", unlabeled_batch, len(data.unlabeled_images))]
+        yield (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]).astype(np.int64),
+               np.stack(unlabeled))
+
+
+def random_set(shapes, seed=0) -> TrainingSet:
+    rng = np.random.default_rng(seed)
+    images = [rng.normal(size=(1, *s)).astype(np.float32) for s in shapes]
+    labels = [rng.integers(0, 3, size=s).astype(np.uint8) for s in shapes]
+    return TrainingSet(images[:3], labels[:3], images[3:])
+
+
+@pytest.mark.parametrize("augmentation, patch, shapes", [
+    ("rot_flip_or_rotate", [24, 24], [(30, 26), (24, 40), (20, 30), (26, 26), (28, 22)]),
+    ("rot_flip", [12, 12, 8], [(14, 16, 10), (12, 13, 6), (20, 12, 9), (15, 15, 15)]),
+    ("rot_flip", [12, 16, 8], [(14, 16, 10), (12, 18, 9), (20, 17, 9), (15, 16, 15)]),
+])
+def test_batches_are_numpys_bit_for_bit(augmentation, patch, shapes):
+    """Same seed -> the same crops, rot90s, flips and rotations as the host numpy/scipy recipe,
+    including images smaller than the patch (padded) and non-square patches (no rot90)."""
+    data = random_set(shapes)
+    sampler = PatchSampler(data, patch, 2, 3, seed=7, augmentation=augmentation)
+    for want in numpy_oracle(data, patch, 2, 3, 7, augmentation, steps=30):
+        got = sampler.next_batch()
+        assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.numpy(), w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_set_on_the_gpu_gives_the_host_batches():
+    data = random_set([(30, 26), (24, 40), (20, 30), (26, 26), (28, 22)])
+    host = PatchSampler(data, [24, 24], 2, 3, seed=3, augmentation="rot_flip_or_rotate")
+    gpu = PatchSampler(data, [24, 24], 2, 3, seed=3, augmentation="rot_flip_or_rotate",
+                       device="cuda")
+    for _ in range(20):
+        for h, g in zip(host.next_batch(), gpu.next_batch()):
+            assert g.device.type == "cuda"
+            torch.testing.assert_close(g.cpu(), h, rtol=0, atol=0)

@@ -337,7 +337,7 @@ def test_nuclear_switch_changes_the_graph_loss():
     logs = {}
     for flag in (True, False):
         method = tiny_method("acdc", nuclear_norm=flag)
-        logs[flag] = method.train_step(tiny_batch("acdc"), 0)[1]
+        logs[flag] = {k: float(v) for k, v in method.train_step(tiny_batch("acdc"), 0)[1].items()}
     assert logs[True]["affinity_trace"] == pytest.approx(logs[False]["affinity_trace"])
     n = logs[True]["n_anchors"]
     assert logs[True]["loss_pl_agg"] == pytest.approx(
@@ -413,6 +413,7 @@ def test_default_weights_and_ramp_combine_the_terms_as_documented():
     method = tiny_method("acdc", rampup=2, rampup_epoch_iterations=10)
     fill_queue(method)
     loss, logs = method.train_step(tiny_batch("acdc"), 15)  # "epoch" 15 // 10 = 1 of 2
+    logs = {k: float(v) for k, v in logs.items()}
     ramp = math.exp(-5 * (1 - 1 / 2) ** 2)
     assert logs["rampup"] == pytest.approx(ramp)
     expected = logs["loss_bcp"] + ramp * (logs["loss_pl_agg"] + 0.1 * logs["loss_rw_agg"])

@@ -6,12 +6,14 @@ no per-iteration h5 reads and no worker processes (which also keeps runs determi
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from scipy import ndimage
 
 from agcl.data import formats
@@ -167,26 +169,45 @@ class PatchSampler:
     `augmentation`: rot_flip = random rot90 (in the first two spatial axes) + flip; or
     rot_flip_or_rotate = SSL4MIS's RandomGenerator: with probability 1/2 that, otherwise a
     rotation by a random integer angle in [-20, 20) degrees (nearest neighbour for image and
-    label alike, no reshape, zeros outside). Upstream rotates the slice at its native size and
-    then resizes it; ACDC slices here are resized once when loaded, then augmented.
+    label alike, no reshape, zeros outside: scipy.ndimage.rotate's result, see
+    rotation_source_index). Upstream rotates the slice at its native size and then resizes it;
+    ACDC slices here are resized once when loaded, then augmented.
     Indices are drawn epoch by epoch from seeded permutations, labeled and unlabeled separately;
     the whole state (RNG and the rest of the current epochs) is saved with checkpoints.
+
+    Every random draw happens on the host (one numpy generator), and cropping, rot90, flips and
+    rotations are torch indexing ops on wherever the training set lives: `device` None keeps it
+    in host memory; a CUDA device holds it there once, so a batch is cut, augmented and stacked
+    on the GPU with no copy from the host. Either way the batches are the same, bit for bit.
     """
 
     def __init__(self, data: TrainingSet, patch: list[int], labeled_batch: int, unlabeled_batch: int,
-                 seed: int, augmentation: str = "rot_flip"):
+                 seed: int, augmentation: str = "rot_flip", device: torch.device | str | None = None):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation: expected one of {', '.join(AUGMENTATIONS)}, "
                              f"got {augmentation!r}")
         self.augmentation = augmentation
-        self.data = data
         self.patch = tuple(patch)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.labeled_batch = labeled_batch
         self.unlabeled_batch = unlabeled_batch if data.unlabeled_images else 0
+        # Padded once to at least the patch (centred, zeros), then held as tensors.
+        self.labeled_images = [self._resident(image, 1) for image in data.labeled_images]
+        self.labeled_labels = [self._resident(label, 0) for label in data.labeled_labels]
+        self.unlabeled_images = ([self._resident(image, 1) for image in data.unlabeled_images]
+                                 if self.unlabeled_batch else [])
         self.rng = np.random.default_rng(seed)
         self.queues: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
         # rot90 keeps the patch shape only when the two rotated axes have equal length.
         self.can_rotate = self.patch[0] == self.patch[1]
+        self._rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _resident(self, array: np.ndarray, leading: int) -> torch.Tensor:
+        spatial = array.shape[leading:]
+        pads = [max(0, p - s) for p, s in zip(self.patch, spatial)]
+        if any(pads):
+            array = np.pad(array, [(0, 0)] * leading + [(pad // 2, pad - pad // 2) for pad in pads])
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _take(self, stream: str, count: int, pool_size: int) -> list[int]:
         queue = self.queues[stream]
@@ -195,51 +216,46 @@ class PatchSampler:
         taken, self.queues[stream] = queue[:count], queue[count:]
         return taken
 
-    def _crop(self, image: np.ndarray, label: np.ndarray | None):
-        spatial = image.shape[1:]
-        pads = [max(0, p - s) for p, s in zip(self.patch, spatial)]
-        if any(pads):
-            widths = [(pad // 2, pad - pad // 2) for pad in pads]
-            image = np.pad(image, [(0, 0), *widths])
-            if label is not None:
-                label = np.pad(label, widths)
-            spatial = image.shape[1:]
-        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(spatial, self.patch)]
+    def _crop(self, image: torch.Tensor, label: torch.Tensor | None):
+        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(image.shape[1:], self.patch)]
         region = tuple(slice(st, st + p) for st, p in zip(starts, self.patch))
-        image = image[(slice(None), *region)]
-        label = label[region] if label is not None else None
-        return image, label
+        return image[(slice(None), *region)], (label[region] if label is not None else None)
 
-    def _augment(self, image: np.ndarray, label: np.ndarray | None):
+    def _rotation(self, angle: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source index clamped to the patch, inside mask) of one angle, cached on the device."""
+        if angle not in self._rotations:
+            index = torch.from_numpy(rotation_source_index(angle, self.patch[:2])).to(self.device)
+            self._rotations[angle] = index.clamp(min=0), index >= 0
+        return self._rotations[angle]
+
+    def _augment(self, image: torch.Tensor, label: torch.Tensor | None):
         if self.augmentation == "rot_flip_or_rotate" and self.rng.random() >= 0.5:
-            angle = int(self.rng.integers(*ROTATION_DEGREES))
-            # axes as scipy's default (1, 0) on an (H, W) slice, here behind the channel axis
-            image = ndimage.rotate(image, angle, axes=(2, 1), order=0, reshape=False)
+            index, inside = self._rotation(int(self.rng.integers(*ROTATION_DEGREES)))
+            image = torch.where(inside, image.flatten(1)[:, index], 0)
             if label is not None:
-                label = ndimage.rotate(label, angle, axes=(1, 0), order=0, reshape=False)
+                label = torch.where(inside, label.flatten()[index], 0)
             return image, label
         k = int(self.rng.integers(0, 4)) if self.can_rotate else 0
         axis = int(self.rng.integers(0, 2))
-        image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
+        image = torch.flip(torch.rot90(image, k, dims=(1, 2)), dims=(axis + 1,))
         if label is not None:
-            label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
+            label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(axis,))
         return image, label
 
-    def _sample(self, image, label):
-        image, label = self._augment(*self._crop(image, label))
-        return np.ascontiguousarray(image), (np.ascontiguousarray(label) if label is not None else None)
-
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(labeled images float32, their labels int64, unlabeled images float32 or None), on
+        the sampler's device."""
         images, labels = [], []
-        for i in self._take("labeled", self.labeled_batch, len(self.data.labeled_images)):
-            image, label = self._sample(self.data.labeled_images[i], self.data.labeled_labels[i])
+        for i in self._take("labeled", self.labeled_batch, len(self.labeled_images)):
+            image, label = self._augment(*self._crop(self.labeled_images[i], self.labeled_labels[i]))
             images.append(image)
             labels.append(label)
         unlabeled = None
         if self.unlabeled_batch:
-            picks = self._take("unlabeled", self.unlabeled_batch, len(self.data.unlabeled_images))
-            unlabeled = np.stack([self._sample(self.data.unlabeled_images[i], None)[0] for i in picks])
-        return np.stack(images), np.stack(labels).astype(np.int64), unlabeled
+            picks = self._take("unlabeled", self.unlabeled_batch, len(self.unlabeled_images))
+            unlabeled = torch.stack([self._augment(*self._crop(self.unlabeled_images[i], None))[0]
+                                     for i in picks])
+        return torch.stack(images), torch.stack(labels).long(), unlabeled
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "queues": {k: list(v) for k, v in self.queues.items()}}
@@ -247,3 +263,22 @@ class PatchSampler:
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.queues = {k: list(v) for k, v in state["queues"].items()}
+
+
+@functools.cache
+def rotation_source_index(angle: int, shape: tuple[int, int]) -> np.ndarray:
+    """For an (H, W) patch rotated by `angle` degrees as scipy.ndimage.rotate(axes=(1, 0),
+    order=0, reshape=False) does it, the flat index of the source pixel each output pixel takes,
+    or -1 where scipy fills zeros. Rotating the image of pixel indices with scipy itself makes
+    the gather exactly scipy's nearest-neighbour result, on any device."""
+    grid = np.arange(shape[0] * shape[1], dtype=np.float64).reshape(shape)
+    rotated = ndimage.rotate(grid, angle, axes=(1, 0), order=0, reshape=False, mode="constant",
+                             cval=-1.0)
+    return rotated.astype(np.int64)
+
+
+def training_set_bytes(data: TrainingSet, unlabeled: bool = True) -> int:
+    """Bytes of the arrays a sampler holds (what keeping them on a GPU costs, before padding);
+    a method that draws no unlabeled batch holds only the labeled ones."""
+    arrays = [*data.labeled_images, *data.labeled_labels, *(data.unlabeled_images if unlabeled else [])]
+    return sum(a.nbytes for a in arrays)

@@ -17,9 +17,10 @@ from agcl.inference import eval_window
 from agcl.methods.registry import check_config, resolve_method
 from agcl.runfolder import settings_hash
 
-# Training-config keys that change what is logged or saved, not the weights a run ends with;
-# they stay out of the settings hash, so changing them never blocks a resume or reruns a job.
-LOGGING_KEYS = ("log_every", "checkpoint_every", "tensorboard")
+# Training-config keys that change what is logged or saved, where the training set is held or
+# whether CUDA may pick nondeterministic kernels, not the recipe a run trains with; they stay out
+# of the settings hash, so changing them never blocks a resume or reruns a job.
+EXECUTION_KEYS = ("log_every", "checkpoint_every", "tensorboard", "data_placement", "deterministic")
 
 
 def positive_iterations(value: Any, where: str = "--iterations") -> int:
@@ -85,7 +86,7 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     eval_patch, eval_stride = eval_window(dcfg["eval"], train_cfg["patch"])
     # Everything that decides the weights a run ends with.
     settings = {
-        "train": {k: v for k, v in sorted(train_cfg.items()) if k not in LOGGING_KEYS},
+        "train": {k: v for k, v in sorted(train_cfg.items()) if k not in EXECUTION_KEYS},
         "hparams": dict(sorted(hparams.items())),
         "net": {"name": method_cls.net_name(spec), **dcfg["net"]},
         "selection": dcfg["selection"],

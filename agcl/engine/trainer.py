@@ -33,6 +33,7 @@ from agcl.data.loaders import (
     load_cases,
     load_training_set,
     read_split,
+    training_set_bytes,
 )
 from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
@@ -66,17 +67,26 @@ class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss or gradient and the policy says stop."""
 
 
-def seed_everything(seed: int, device: torch.device) -> None:
+def seed_everything(seed: int, device: torch.device, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if device.type == "cuda":
         # cuBLAS needs this for deterministic GEMMs; some 3D CUDA kernels have no deterministic
         # version, so on CUDA we warn instead of failing (CPU runs are exactly repeatable).
+        # Not deterministic: cuDNN benchmarks and picks the fastest convolution algorithms.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=device.type == "cuda")
+
+
+def resolve_deterministic(setting: str | bool, device: torch.device) -> bool:
+    """train.deterministic: auto = on the CPU (where it costs nothing and runs repeat exactly),
+    off on CUDA (cuDNN autotuning; GPU runs are not bit-repeatable even with it on)."""
+    if setting == "auto":
+        return device.type != "cuda"
+    return bool(setting)
 
 
 def learning_rate(train_cfg: dict, step: int, total: int) -> float:
@@ -115,16 +125,86 @@ def channels_last_format(ndim: int) -> torch.memory_format:
     return {4: torch.channels_last, 5: torch.channels_last_3d}[ndim]
 
 
-def _to_device(array: np.ndarray | None, device: torch.device,
+def _to_device(batch: torch.Tensor | None, device: torch.device,
                channels_last: bool = False) -> torch.Tensor | None:
-    if array is None:
+    """A sampler's batch on the training device (a no-op when the training set lives there)."""
+    if batch is None:
         return None
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    if batch.device != device:
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True)
     if channels_last:
-        tensor = tensor.contiguous(memory_format=channels_last_format(tensor.ndim))
-    return tensor
+        batch = batch.contiguous(memory_format=channels_last_format(batch.ndim))
+    return batch
+
+
+# data_placement auto holds the training set on a GPU when it takes at most this share of the
+# card's memory (LA: ~0.5 GB, ACDC: ~0.4 GB at the upstream sizes; an H100 has 80 GB).
+DEVICE_DATA_SHARE = 0.25
+
+
+def data_device(placement: str, device: torch.device, nbytes: int) -> torch.device | None:
+    """Where the sampler keeps the training set: on the training device (None = host memory)."""
+    if device.type != "cuda" or placement == "host":
+        return None
+    if placement == "device":
+        return device
+    total = torch.cuda.get_device_properties(device).total_memory
+    return device if nbytes <= DEVICE_DATA_SHARE * total else None
+
+
+# Log-row keys that are not summed over the steps between two written rows: the row shows the
+# value of its own step.
+LAST_VALUE_KEYS = ("step", "stage", "stage_step", "lr")
+
+
+class StepLog:
+    """The log rows of one run, accumulated where the values live.
+
+    A method's log values and the loss stay tensors on the training device; each step adds them
+    to device-side sums, and only a written row (every log_every steps, at validations and at the
+    end of a stage) reads them back, in one transfer. Terms are means over the applied steps
+    since the last row (skipped steps are counted in `skipped`, their NaN terms left out);
+    `seconds` is the mean step time and `it_per_s` its inverse.
+    """
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, Any] = {}
+        self.skipped = 0
+        self.steps = 0
+
+    def add(self, row: dict, skipped: bool) -> None:
+        self.steps += 1
+        self.skipped += int(skipped)
+        for key, value in row.items():
+            if key in LAST_VALUE_KEYS:
+                self.last[key] = value
+            elif skipped and key not in ("seconds", "data_seconds"):
+                continue
+            else:
+                value = value.detach() if torch.is_tensor(value) else float(value)
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def read(self) -> dict:
+        """The row of the steps since the last read (one host transfer for all tensor terms)."""
+        tensors = [k for k, v in self.sums.items() if torch.is_tensor(v)]
+        values = dict(self.sums)
+        if tensors:
+            read = torch.stack([self.sums[k].float().reshape(()) for k in tensors]).tolist()
+            values.update(zip(tensors, read))
+        row = dict(self.last)
+        row.update({k: values[k] / self.counts[k] for k in values})
+        row["skipped"] = self.skipped
+        row["it_per_s"] = self.steps / values["seconds"]
+        self._reset()
+        return row
 
 
 class TrainingLog:
@@ -201,6 +281,7 @@ class Trainer:
         load_index(self.layout.processed(dataset))  # fails now, naming the file, if missing
         self.device = resolve_device(device or config.get("device", "auto"))
         self.amp_dtype = resolve_amp(self.train_cfg["amp"], self.device)
+        self.deterministic = resolve_deterministic(self.train_cfg["deterministic"], self.device)
         self.folder = RunFolder(out if out is not None
                                 else self.layout.run(dataset, method, self.ratio, seed))
         self.out = self.folder.path
@@ -243,7 +324,7 @@ class Trainer:
             return self._train(parts, resume)
 
     def _prepare(self) -> dict:
-        seed_everything(self.seed, self.device)
+        seed_everything(self.seed, self.device, self.deterministic)
         split = read_split(self.split_path)
         processed = self.layout.processed(self.dataset)
         data = load_training_set(processed, split, self.ratio_tag, self.train_cfg["patch"])
@@ -255,10 +336,12 @@ class Trainer:
             method.to(memory_format=channels_last_format(2 + len(self.train_cfg["patch"])))
         labeled_bs = self.train_cfg["labeled_batch_size"]
         unlabeled_bs = self.train_cfg["batch_size"] - labeled_bs if method.uses_unlabeled else 0
+        self.data_device = data_device(self.train_cfg["data_placement"], self.device,
+                                       training_set_bytes(data, unlabeled=unlabeled_bs > 0))
         return {
             "split": split, "data": data, "val_cases": val_cases, "method": method,
             "sampler": PatchSampler(data, self.train_cfg["patch"], labeled_bs, unlabeled_bs,
-                                    self.seed, self.augmentation),
+                                    self.seed, self.augmentation, device=self.data_device),
             "optimizer": torch.optim.SGD(method.trainable_parameters(), lr=self.train_cfg["lr"],
                                          momentum=self.train_cfg["momentum"],
                                          weight_decay=self.train_cfg["weight_decay"]),
@@ -296,30 +379,39 @@ class Trainer:
         method.train()
         segment_start, seconds_before = time.perf_counter(), state["train_seconds"]
         saved_step = state["step"]  # the step a failed write would resume from
+        step_log = StepLog()
         with bar:
             for step in range(state["step"], self.total):
                 if step == self.stage_starts[state["stage"] + 1]:  # the previous stage is done
                     self._next_stage(method, optimizer, state)
                 stage = self.stages[state["stage"]]
                 local = step - self.stage_starts[state["stage"]]
-                row = self._step(method, trainable, sampler, optimizer, scaler, stage, local, state)
+                values, skipped = self._step(method, trainable, sampler, optimizer, scaler, stage,
+                                             local, state)
+                step_log.add(values, skipped)
                 state["step"] = step + 1
                 state["train_seconds"] = seconds_before + time.perf_counter() - segment_start
                 stage_done = local + 1 == stage.iterations
+                val_dice = None
                 if val_cases and ((local + 1) % self.train_cfg["val_every"] == 0 or stage_done):
-                    row["val_dice"] = self._validate(method, val_cases)
-                    if row["val_dice"] > state["best_val"]:
-                        state["best_val"], state["best_step"] = row["val_dice"], state["step"]
+                    val_dice = self._validate(method, val_cases)
+                    if val_dice > state["best_val"]:
+                        state["best_val"], state["best_step"] = val_dice, state["step"]
                         self._save_best(method, state, saved_step)
                     method.train()
-                if state["step"] % self.train_cfg["log_every"] == 0 or "val_dice" in row:
+                if (state["step"] % self.train_cfg["log_every"] == 0 or val_dice is not None
+                        or stage_done):
+                    row = step_log.read()
+                    if val_dice is not None:
+                        row["val_dice"] = val_dice
                     train_log.write(row)
                     if board is not None:
                         for key, value in row.items():
                             if key not in ("step", "stage"):
                                 board.add_scalar(key, value, state["step"])
+                    bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", stage=stage.name,
+                                    refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", stage=stage.name)
                 if state["step"] % self.train_cfg["checkpoint_every"] == 0 and state["step"] < self.total:
                     self.folder.save_checkpoint(LAST, {
                         "identity": self.identity, "settings": self.settings,
@@ -385,15 +477,20 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
     def _step(self, method, trainable, sampler, optimizer, scaler, stage, step: int,
-              state: dict) -> dict:
+              state: dict) -> tuple[dict, bool]:
         """One optimiser step at `step` of `stage` (or a skipped one, by the non-finite policy);
-        returns the log row."""
+        returns the step's log values (tensors stay on the device) and whether it was skipped.
+
+        The step reads one value back from the device, whether the loss and every gradient are
+        finite (GradScaler's fp16 step reads its own): the skip decision must precede the update.
+        """
         tic = time.perf_counter()
         x_l, y_l, x_u = sampler.next_batch()
         channels_last = self.train_cfg["channels_last"]
         batch = Batch(_to_device(x_l, self.device, channels_last), _to_device(y_l, self.device),
                       _to_device(x_u, self.device, channels_last))
-        # Host time to draw, augment and hand over the batch (copies to a GPU run asynchronously).
+        # Host time to draw, augment and hand over the batch (GPU work and copies run
+        # asynchronously, so with the training set on the GPU this is launch time only).
         data_seconds = time.perf_counter() - tic
         lr = learning_rate(stage.schedule, step, stage.iterations)
         for group in optimizer.param_groups:
@@ -401,18 +498,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, logs = method.train_step(batch, step)
+        loss_value = loss.detach()
         optimizer.zero_grad(set_to_none=True)
-        problem = None
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
-            problem = f"the loss is {float(loss)} ({terms})"
-        else:
-            scaler.scale(loss).backward()
-            if not scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN itself
-                bad = first_nonfinite_gradient(trainable)
-                if bad is not None:
-                    problem = (f"the gradient of {bad} is not finite (the loss is "
-                               f"{float(loss.detach()):.4g})")
+        scaler.scale(loss).backward()
+        finite = torch.isfinite(loss_value)
+        if not scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN gradients itself
+            finite = finite & gradients_finite(trainable)
+        problem = None if bool(finite) else self._non_finite_problem(loss_value, logs, trainable)
         if problem is None:
             scaler.step(optimizer)
             scaler.update()
@@ -421,11 +513,20 @@ class Trainer:
         else:
             optimizer.zero_grad(set_to_none=True)
             self._non_finite(step, problem, state)
-        seconds = time.perf_counter() - tic
-        return {"step": state["step"] + 1, "stage": stage.name, "stage_step": step + 1, "lr": lr,
-                "loss": float(loss.detach()), **logs,
-                "skipped": int(problem is not None), "seconds": seconds, "it_per_s": 1.0 / seconds,
-                "data_seconds": data_seconds}
+        values = {"step": state["step"] + 1, "stage": stage.name, "stage_step": step + 1, "lr": lr,
+                  "loss": loss_value, **logs, "seconds": time.perf_counter() - tic,
+                  "data_seconds": data_seconds}
+        return values, problem is not None
+
+    def _non_finite_problem(self, loss: torch.Tensor, logs: dict, trainable) -> str | None:
+        """What is not finite, read exactly (None: only the fused gradient norm overflowed)."""
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+            return f"the loss is {float(loss)} ({terms})"
+        bad = first_nonfinite_gradient(trainable)
+        if bad is not None:
+            return f"the gradient of {bad} is not finite (the loss is {float(loss):.4g})"
+        return None
 
     def _non_finite(self, step: int, problem: str, state: dict) -> None:
         where = (f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} s{self.seed}, "
@@ -507,6 +608,8 @@ class Trainer:
             "best_val_dice": None if state["best_step"] is None else state["best_val"],
             "best_val_step": state["best_step"],
             "device": str(self.device),
+            "data_on": str(self.data_device or "host"),
+            "deterministic": self.deterministic,
             "amp": amp_name(self.amp_dtype),
             "train_seconds": state["train_seconds"],
             "resumed_at_steps": state["resumed_at"],
@@ -519,14 +622,20 @@ class Trainer:
         }
 
 
+def gradients_finite(named_params) -> torch.Tensor:
+    """A 0-d bool tensor on the device: is every gradient finite? One fused norm over all of
+    them is finite iff they are, barring an overflow of the squares (first_nonfinite_gradient
+    then clears it)."""
+    grads = [p.grad for _, p in named_params if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+
+
 def first_nonfinite_gradient(named_params) -> str | None:
-    """Name of the first parameter whose gradient holds NaN/Inf; one host sync per step."""
+    """Name of the first parameter whose gradient holds NaN/Inf, checked exactly."""
     grads = [(name, p.grad) for name, p in named_params if p.grad is not None]
     if not grads:
-        return None
-    # Fast path: one fused norm over every gradient is finite iff all of them are (barring an
-    # overflow of the squares, which the exact per-parameter check below then clears).
-    if bool(torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in grads], foreach=True))):
         return None
     finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
     if bool(finite.all()):

@@ -99,7 +99,10 @@ class Method(nn.Module):
         self.student = build(self.net_name(spec), spec.in_channels, spec.num_classes, **net_kwargs)
         self.stage = MAIN
 
-    def train_step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def train_step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of one batch and the terms to log: name -> 0-d tensor or float. Return
+        tensors (detached) rather than `float(t)`: the engine sums them on the device and reads
+        them once per log row, while a float() here would stall the GPU every step."""
         raise NotImplementedError
 
     def after_optimizer_step(self, step: int) -> None:

@@ -184,7 +184,7 @@ class SemiAGCL(BCP):
         ramp = sigmoid_rampup(step // hp["rampup_epoch_iterations"], hp["rampup"])
         unsup = hp["w_reg"] * agcl["loss_reg"] + hp["w_pl"] * agcl["loss_pl_agg"] \
             + hp["w_rw"] * agcl["loss_rw_agg"]
-        logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in agcl.items()}
+        logs = {k: v.detach() if torch.is_tensor(v) else float(v) for k, v in agcl.items()}
         return ramp * unsup, {**logs, "rampup": ramp}
 
     def _patch_embeddings(self, head, feats, region, keep) -> torch.Tensor:
