@@ -130,10 +130,10 @@ def _to_device(batch: torch.Tensor | None, device: torch.device,
     """A sampler's batch on the training device (a no-op when the training set lives there)."""
     if batch is None:
         return None
-    if batch.device != device:
-        if device.type == "cuda":
-            batch = batch.pin_memory()
-        batch = batch.to(device, non_blocking=True)
+    if batch.device.type == "cpu" and device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    elif batch.device != device:
+        batch = batch.to(device)
     if channels_last:
         batch = batch.contiguous(memory_format=channels_last_format(batch.ndim))
     return batch
@@ -197,7 +197,11 @@ class StepLog:
         tensors = [k for k, v in self.sums.items() if torch.is_tensor(v)]
         values = dict(self.sums)
         if tensors:
-            read = torch.stack([self.sums[k].float().reshape(()) for k in tensors]).tolist()
+            # a method may log a host scalar beside device ones: gather them on one device
+            device = next((self.sums[k].device for k in tensors
+                           if self.sums[k].device.type != "cpu"), torch.device("cpu"))
+            read = torch.stack([self.sums[k].float().reshape(()).to(device)
+                                for k in tensors]).tolist()
             values.update(zip(tensors, read))
         row = dict(self.last)
         row.update({k: values[k] / self.counts[k] for k in values})
