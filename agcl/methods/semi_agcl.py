@@ -168,56 +168,81 @@ class SemiAGCL(BCP):
         if not self.agcl_active:
             return None, {}
         hp = self.hparams
-        t_probs = torch.cat([p.teacher_probs for p in pairs])
-        t_feats = torch.cat([p.teacher_features for p in pairs])
         if hp["agcl_view"] == "mixed":
-            s_logits = torch.cat([p.logits for p in pairs])
-            s_feats = torch.cat([p.features for p in pairs])
-            region = torch.cat([p.unlabeled_region for p in pairs])
+            views = [(p.logits, p.features, p.unlabeled_region) for p in pairs]
         else:  # the separate strong views, whole images
-            s_logits, s_feats = self.student.forward_features(
+            logits, feats = self.student.forward_features(
                 self._strong(torch.cat([p.unlabeled for p in pairs])))
-            region = torch.ones_like(torch.cat([p.unlabeled_region for p in pairs]))
-        with torch.autocast(s_logits.device.type, enabled=False):  # svdvals has no half kernel
-            agcl = self._agcl_terms(torch.softmax(s_logits.float(), 1), s_feats.float(), t_probs,
-                                    t_feats.float(), region)
+            sizes = [p.unlabeled.shape[0] for p in pairs]
+            views = [(lg, ft, torch.ones_like(p.unlabeled_region))
+                     for lg, ft, p in zip(logits.split(sizes), feats.split(sizes), pairs)]
+        t_feats = [p.teacher_features for p in pairs]
+        with torch.autocast(pairs[0].logits.device.type, enabled=False):  # svdvals: no half kernel
+            if hp["project_voxels"]:  # every voxel through the heads, both mixes in one batch
+                sizes = [f.shape[0] for _, f, _ in views]
+                s_feats = self.head(torch.cat([f for _, f, _ in views]).float()).split(sizes)
+                views = [(lg, ft, rg) for (lg, _, rg), ft in zip(views, s_feats)]
+                with torch.no_grad():
+                    t_feats = self.teacher_head(torch.cat(t_feats).float()).split(sizes)
+            # Patch statistics per mix, concatenated once pooled: concatenating the full-size
+            # probability and feature maps first would copy them all (~0.5 GB a step on LA).
+            per_mix = [self._patch_statistics(logits, feats, p.teacher_probs, t_feat, region)
+                       for (logits, feats, region), p, t_feat in zip(views, pairs, t_feats)]
+            stats = {k: torch.cat([m[k] for m in per_mix]) for k in per_mix[0]}
+            agcl = self._agcl_terms(stats, pairs[0].features.ndim)
         ramp = sigmoid_rampup(step // hp["rampup_epoch_iterations"], hp["rampup"])
         unsup = hp["w_reg"] * agcl["loss_reg"] + hp["w_pl"] * agcl["loss_pl_agg"] \
             + hp["w_rw"] * agcl["loss_rw_agg"]
         logs = {k: v.detach() if torch.is_tensor(v) else float(v) for k, v in agcl.items()}
         return ramp * unsup, {**logs, "rampup": ramp}
 
-    def _patch_embeddings(self, head, feats, region, keep) -> torch.Tensor:
-        """L2-normalised embeddings (N_kept, D) of the kept patches (``keep``: flat indices)."""
+    def _patch_statistics(self, s_logits, s_feats, t_probs, t_feats, region) -> dict:
+        """Per-patch means over the unlabeled voxels of one mix, one row per patch (image-major):
+        coverage, student / teacher class probabilities, student / teacher features (already
+        through the heads under project_voxels) and the teacher's Eq 1 entropy."""
         patch = self.hparams["patch_size"]
-        if self.hparams["project_voxels"]:
-            pooled = L.flatten_patches(L.patch_mean(head(feats), patch, region))[keep]
-        else:  # the head on each patch's mean feature: one vector per patch, not per voxel
-            pooled = L.flatten_patches(L.patch_mean(feats, patch, region))[keep]
-            as_map = pooled.T[None].reshape(1, pooled.shape[1], -1, *[1] * (feats.ndim - 3))
+
+        def pooled(x):
+            return L.flatten_patches(L.patch_mean(x, patch, region))
+
+        stats = {"coverage": L.patch_coverage(region, patch).flatten(),
+                 "y_s": pooled(torch.softmax(s_logits.float(), 1)), "q": pooled(s_feats.float())}
+        with torch.no_grad():
+            stats["y_t"] = pooled(t_probs)
+            stats["keys"] = pooled(t_feats.float())
+            stats["entropy"] = L.flatten_patches(L.average_patch_entropy(t_probs, patch, region))
+        return stats
+
+    def _embed(self, head, pooled: torch.Tensor, feature_ndim: int) -> torch.Tensor:
+        """L2-normalised embeddings (N, D) of pooled patch features (N, C): the head on each
+        patch's mean feature (one vector per patch, not per voxel) unless project_voxels already
+        applied it to every voxel."""
+        if not self.hparams["project_voxels"]:
+            as_map = pooled.T[None].reshape(1, pooled.shape[1], -1, *[1] * (feature_ndim - 3))
             pooled = head(as_map).flatten(2)[0].T
         return F.normalize(pooled, dim=1)
 
-    def _agcl_terms(self, s_probs, s_feats, t_probs, t_feats, region) -> dict[str, torch.Tensor]:
-        """Eq 1-7 on the patches of the unlabeled voxels; updates the queue after using it."""
+    def _agcl_terms(self, stats: dict[str, torch.Tensor], feature_ndim: int
+                    ) -> dict[str, torch.Tensor]:
+        """Eq 1-7 on the patches of the unlabeled voxels (`stats` from _patch_statistics);
+        updates the queue after using it."""
         hp = self.hparams
-        patch, k = hp["patch_size"], self.spec.num_classes
-        keep = torch.nonzero(
-            L.patch_coverage(region, patch).flatten() >= hp["min_patch_coverage"])[:, 0]
+        k = self.spec.num_classes
+        keep = torch.nonzero(stats["coverage"] >= hp["min_patch_coverage"])[:, 0]
         if len(keep) < 2:  # no pair of unlabeled patches in this step: nothing to contrast
-            zero = s_probs.sum() * 0.0
+            zero = stats["y_s"].sum() * 0.0
             return {"loss_reg": zero, "loss_pl_agg": zero, "loss_rw_agg": zero,
                     "affinity_trace": zero.detach(), "affinity_nuclear": zero.detach(),
                     "n_anchors": zero.detach(), "queue_fill": self._queue_fill()}
-        y_s = L.flatten_patches(L.patch_mean(s_probs, patch, region))[keep]
-        q = self._patch_embeddings(self.head, s_feats, region, keep)
+        y_s = stats["y_s"][keep]
+        q = self._embed(self.head, stats["q"][keep], feature_ndim)
         with torch.no_grad():
-            y_t = L.flatten_patches(L.patch_mean(t_probs, patch, region))[keep]
-            keys = self._patch_embeddings(self.teacher_head, t_feats, region, keep)
-            entropy = L.flatten_patches(L.average_patch_entropy(t_probs, patch, region))[keep]
+            y_t = stats["y_t"][keep]
+            keys = self._embed(self.teacher_head, stats["keys"][keep], feature_ndim)
             labels = y_t.argmax(1)
             scores = L.sampling_scores(hp["patch_similarity"], labels=labels, teacher_probs=y_t,
-                                       entropy=entropy, student_emb=q, teacher_emb=keys)
+                                       entropy=stats["entropy"][keep], student_emb=q,
+                                       teacher_emb=keys)
             anchors = L.select_anchor_patches(scores, labels, torch.ones_like(labels, dtype=bool),
                                               max(1, hp["n_patches"] // k), k)
         y_s, y_t, q, keys, labels = (t[anchors] for t in (y_s, y_t, q, keys, labels))
