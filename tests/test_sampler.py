@@ -139,6 +139,7 @@ def random_set(shapes, seed=0) -> TrainingSet:
     ("rot_flip_or_rotate", [24, 24], [(30, 26), (24, 40), (20, 30), (26, 26), (28, 22)]),
     ("rot_flip", [12, 12, 8], [(14, 16, 10), (12, 13, 6), (20, 12, 9), (15, 15, 15)]),
     ("rot_flip", [12, 16, 8], [(14, 16, 10), (12, 18, 9), (20, 17, 9), (15, 16, 15)]),
+    ("rot_flip_or_rotate", [12, 12, 8], [(14, 16, 10), (12, 13, 6), (20, 12, 9), (15, 15, 15)]),
 ])
 def test_batches_are_numpys_bit_for_bit(augmentation, patch, shapes):
     """Same seed -> the same crops, rot90s, flips and rotations as the host numpy/scipy recipe,

@@ -231,9 +231,11 @@ class PatchSampler:
     def _augment(self, image: torch.Tensor, label: torch.Tensor | None):
         if self.augmentation == "rot_flip_or_rotate" and self.rng.random() >= 0.5:
             index, inside = self._rotation(int(self.rng.integers(*ROTATION_DEGREES)))
-            image = torch.where(inside, image.flatten(1)[:, index], 0)
+            # the first two spatial axes rotate; a third (3D patches) goes along unchanged
+            inside = inside.view(*inside.shape, *[1] * (image.dim() - 3))
+            image = torch.where(inside, image.flatten(1, 2)[:, index], 0)
             if label is not None:
-                label = torch.where(inside, label.flatten()[index], 0)
+                label = torch.where(inside, label.flatten(0, 1)[index], 0)
             return image, label
         k = int(self.rng.integers(0, 4)) if self.can_rotate else 0
         axis = int(self.rng.integers(0, 2))

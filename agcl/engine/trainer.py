@@ -286,6 +286,7 @@ class Trainer:
         self.device = resolve_device(device or config.get("device", "auto"))
         self.amp_dtype = resolve_amp(self.train_cfg["amp"], self.device)
         self.deterministic = resolve_deterministic(self.train_cfg["deterministic"], self.device)
+        self.data_device: torch.device | None = None  # decided with the data, in _prepare
         self.folder = RunFolder(out if out is not None
                                 else self.layout.run(dataset, method, self.ratio, seed))
         self.out = self.folder.path
