@@ -114,10 +114,11 @@ def recipe_shape(config: dict, dataset: str, method: str, recipe, stage_name: st
             "net": net_text(dataset_config(config, dataset)["net"]), "amp": train["amp"]}
 
 
-def schedule_seconds(recipe, measured: dict, validates: bool) -> float:
+def schedule_seconds(recipe, measured: dict) -> float:
     """A run's whole schedule at measured rates: every stage's iterations over its steps per
     second, plus, for a run that selects on val, one validation pass per val_every steps.
     `measured` maps stage name -> throughput row (a dict or a pandas row)."""
+    validates = recipe.selection == "best_val"
     seconds = 0.0
     for stage in recipe.stages:
         row = measured[stage.name]
@@ -137,7 +138,6 @@ def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (dataset, method), n_runs in _runs_per_cell(config).items():
         recipe = resolve_recipe(config, dataset, method)
-        validates = dataset_config(config, dataset)["selection"] == "best_val"
         row = {"dataset": dataset, "method": method, "runs": n_runs,
                "iterations_per_run": sum(stage.iterations for stage in recipe.stages)}
         for card in cards:
@@ -149,7 +149,7 @@ def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
                                       == pd.Series(shape).astype(str)).all(axis=1)]
                 if not match.empty:
                     measured[stage.name] = match.iloc[-1]  # the newest measurement of that shape
-            seconds = (schedule_seconds(recipe, measured, validates)
+            seconds = (schedule_seconds(recipe, measured)
                        if len(measured) == len(recipe.stages) else math.nan)
             row[f"{card} h/run"] = seconds / 3600
             row[f"{card} h total"] = n_runs * seconds / 3600

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agcl.cli import main as agcl
-from agcl.config import Layout, dataset_config, load_config, validate_config
+from agcl.config import Layout, load_config, validate_config
 from agcl.engine.recipe import resolve_recipe
 from agcl.engine.trainer import Trainer
 from agcl.methods.registry import list_methods
@@ -102,11 +102,10 @@ def prepare_data(configfile: Path, config: dict, dataset: str) -> None:
             raise RuntimeError(f"agcl {' '.join(map(str, args))} failed")
 
 
-def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
+def measure(config: dict, dataset: str, method: str, recipe, warmup: int, steps: int,
             workdir: Path) -> list[dict]:
-    """One row per stage of `method` on `dataset`."""
+    """One row per stage of `method` on `dataset` (`recipe`: its resolved recipe)."""
     length = warmup + steps
-    recipe = resolve_recipe(config, dataset, method)
     # one log row per step: the timings are per step
     overrides = {"train.val_every": 10**9, "train.checkpoint_every": 10**9, "train.log_every": 1}
     if PRETRAIN_KEY in recipe.hparams:
@@ -138,13 +137,6 @@ def measure(config: dict, dataset: str, method: str, warmup: int, steps: int,
             "date": datetime.date.today().isoformat(),
         })
     return rows
-
-
-def projected_minutes(config: dict, dataset: str, method: str, rows: list[dict]) -> float:
-    """The method's full schedule under `config` at the measured rates (validation included)."""
-    validates = dataset_config(config, dataset)["selection"] == "best_val"
-    return schedule_seconds(resolve_recipe(config, dataset, method),
-                            {row["stage"]: row for row in rows}, validates) / 60
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:
@@ -199,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                 if method not in config["methods"]:
                     print(f"# {method} is not in {args.config}'s methods: skipped")
                     continue
-                measured = measure(config, dataset, method, args.warmup, args.steps, workdir)
+                recipe = resolve_recipe(config, dataset, method)
+                measured = measure(config, dataset, method, recipe, args.warmup, args.steps,
+                                   workdir)
                 # the config's own schedule (its iterations), at the measured rates
-                minutes = projected_minutes(config, dataset, method, measured)
+                minutes = schedule_seconds(recipe, {row["stage"]: row for row in measured}) / 60
                 for row in measured:
                     print(f"{dataset},{method},{row['stage']},{row['steps_per_s']:.3f},"
                           f"{row['wait_share']:.3f},{row['val_seconds'] or ''},"
