@@ -164,6 +164,15 @@ class Layout:
         return self.results / "runs" / dataset / method / f"r{tag}" / f"s{seed}"
 
 
+NOISE_TWIN_SUFFIX = "_ulp"
+
+
+def noise_twins(config: dict) -> dict[str, str]:
+    """{twin name: method} of the noise floor (config `noise_floor.methods`): the twin is the
+    method trained again, same seed and recipe, with its initial weights moved by one ulp."""
+    return {f"{m}{NOISE_TWIN_SUFFIX}": m for m in config.get("noise_floor", {}).get("methods", [])}
+
+
 def expected_runs(config: dict) -> list[tuple[str, str, str, int]]:
     """(dataset, method, ratio tag, seed) of every run the grid asks for.
 
@@ -172,7 +181,7 @@ def expected_runs(config: dict) -> list[tuple[str, str, str, int]]:
     """
     runs = []
     for dataset in config["datasets"]:
-        for method in config["methods"]:
+        for method in [*config["methods"], *noise_twins(config)]:
             ratios = list(config["ratios"])
             if method == "supervised" and config["full_supervision"]:
                 ratios.append(1.0)
