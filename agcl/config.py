@@ -55,7 +55,12 @@ def validate_config(config: dict, source: str = "<config>") -> dict:
             raise ConfigError(f"{source}: run_datasets names {missing}, which datasets does not "
                               f"configure (configured: {', '.join(config['datasets'])})")
         config["datasets"] = {d: config["datasets"][d] for d in config["run_datasets"]}
-    problems = []
+    problems = [f"noise_floor.methods: '{m}' is not in methods ({', '.join(config['methods'])}); "
+                "a noise floor retrains a method of the grid"
+                for m in config["noise_floor"].get("methods", []) if m not in config["methods"]]
+    taken = set(config["methods"]) | set(config["variants"])
+    problems += [f"noise_floor: the twin name '{t}' is already a method or variant name"
+                 for t in sorted(set(noise_twins(config)) & taken)]
     for dataset, dcfg in config["datasets"].items():
         problems += _batch_problems(dcfg["train"], f"datasets.{dataset}.train")
         # Per-method recipes (the reference protocol) are checked like the train block itself.

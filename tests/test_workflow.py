@@ -224,3 +224,20 @@ def test_cpu_study_terms_overlay_plans_the_variants(tmp_path):
                   if "agcl train " in line]
     assert len(train_jobs) == 6 * 3  # bcp, semi_agcl and 4 variants x 3 seeds, 5 % only
     assert {job[job.index("--labels") + 1] for job in train_jobs} == {"0.05"}
+
+
+def test_noise_floor_plans_a_twin_of_each_run_of_the_named_method(tmp_path):
+    import yaml
+
+    overlay = tmp_path / "noise.yaml"
+    overlay.write_text(yaml.safe_dump({"methods": ["supervised", "bcp"], "full_supervision": False,
+                                       "noise_floor": {"methods": ["bcp"]}}))
+    out, text = dry_run_commands("--configfile", str(REPO / "config" / "demo.yaml"), str(overlay),
+                                 cwd=tmp_path)
+    assert out.returncode == 0, text
+    jobs = [line.split("agcl train ")[1].split() for line in text.splitlines()
+            if "agcl train " in line]
+    methods = [job[job.index("--method") + 1] for job in jobs]
+    # 3 datasets x 2 ratios x 2 seeds of each: supervised, bcp and bcp's twin
+    assert {m: methods.count(m) for m in set(methods)} == {"supervised": 12, "bcp": 12,
+                                                           "bcp_ulp": 12}

@@ -10,7 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from agcl.config import ConfigError, dataset_config, method_train_config, train_override_problems
+from agcl.config import (
+    ConfigError,
+    dataset_config,
+    method_train_config,
+    noise_twins,
+    train_override_problems,
+)
 from agcl.data.loaders import default_augmentation
 from agcl.data.specs import get_spec
 from agcl.inference import eval_window
@@ -49,6 +55,10 @@ class Recipe:
     augmentation: dict
     stages: list
     settings: dict
+    # "ulp": the noise-floor twin of a method (config noise_floor): its initial weights are moved
+    # by one ulp, a change that is nothing in expectation; None for every ordinary run.
+    init_perturbation: str | None = None
+    noise_floor_of: str | None = None
 
     @property
     def settings_hash(self) -> str:
@@ -58,7 +68,16 @@ class Recipe:
 def resolve_recipe(config: dict, dataset: str, method: str, *,
                    overrides: dict[str, Any] | None = None,
                    iterations: int | None = None) -> Recipe:
-    """The recipe of `method` on `dataset` under `config` (plus CLI overrides), checked."""
+    """The recipe of `method` on `dataset` under `config` (plus CLI overrides), checked.
+
+    A noise-floor twin (`<method>_ulp`) is its method's recipe plus the one-ulp perturbation of
+    the initial weights, which is part of its settings (so its hash differs from the method's).
+    """
+    twin_of = noise_twins(config).get(method)
+    if twin_of is not None:
+        base = resolve_recipe(config, dataset, twin_of, overrides=overrides, iterations=iterations)
+        return dataclasses.replace(base, settings={**base.settings, "init_perturbation": "ulp"},
+                                   init_perturbation="ulp", noise_floor_of=twin_of)
     spec = get_spec(dataset)
     dcfg = dataset_config(config, dataset)
     overrides = dict(overrides or {})

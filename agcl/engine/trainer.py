@@ -265,6 +265,8 @@ class Trainer:
         self.augmentation = recipe.augmentation
         self.stages = recipe.stages
         self.settings = recipe.settings
+        self.init_perturbation = recipe.init_perturbation
+        self.noise_floor_of = recipe.noise_floor_of
         self.stage_starts = list(itertools.accumulate([0] + [s.iterations for s in self.stages]))
         self.total = self.stage_starts[-1]
         self.ratio = float(ratio)
@@ -336,6 +338,8 @@ class Trainer:
         val_cases = load_cases(processed, split["val"]) if split["val"] else []
         method = self.method_cls(self.spec, self.hparams, self.dcfg["net"],
                                  self.stages[-1].iterations).to(self.device)
+        if self.init_perturbation == "ulp":
+            perturb_one_ulp(method)
         if self.train_cfg["channels_last"]:
             # Applies to the conv weights of the spatial rank (4-D for 2D nets, 5-D for 3D ones).
             method.to(memory_format=channels_last_format(2 + len(self.train_cfg["patch"])))
@@ -594,6 +598,9 @@ class Trainer:
             "dataset": self.dataset,
             "method": self.method_name,
             "base_method": self.method_cls.name,
+            # a noise-floor twin: this method's run again with its initial weights one ulp away
+            "noise_floor_of": self.noise_floor_of,
+            "init_perturbation": self.init_perturbation,
             "ratio": self.ratio,
             "seed": self.seed,
             "iterations": self.total,
@@ -625,6 +632,16 @@ class Trainer:
             "config_name": self.config["name"],
             "config": self.config,
         }
+
+
+@torch.no_grad()
+def perturb_one_ulp(module: torch.nn.Module) -> None:
+    """Move every floating-point parameter (student, teacher, heads) one ulp towards +inf: the
+    noise floor's perturbation, nothing in expectation, yet enough for a small run to diverge
+    chaotically from its unperturbed twin."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
 
 
 def gradients_finite(named_params) -> torch.Tensor:
