@@ -24,8 +24,11 @@ demo: $(VENV)/.installed
 		--configfile config/demo.yaml
 	@echo "report: reports/demo/index.html   tables: results/demo/summary/"
 
+# The tests run under the reproducible CPU switches (agcl/numerics.py), as the demo does.
+REPRODUCIBLE_CPU_ENV = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
+
 test: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q
+	$(REPRODUCIBLE_CPU_ENV) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -349,11 +349,34 @@ def error_message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _wants_reproducible_cpu(config_path) -> bool:
+    """The config's `reproducible_cpu`, read before anything imports torch (a file that cannot
+    be read says False here; loading it properly reports the error)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(config_path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("reproducible_cpu") is True
+
+
+def _pin_numerics_if_asked(args) -> None:
+    config_path = getattr(args, "config", None)
+    if isinstance(config_path, str) and _wants_reproducible_cpu(config_path):
+        from agcl.numerics import REPRODUCIBLE_THREADS, pin_cpu_numerics
+
+        pin_cpu_numerics()
+        if hasattr(args, "threads") and args.threads is None:
+            args.threads = REPRODUCIBLE_THREADS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _pin_numerics_if_asked(args)
         args.func(args)
     except (KeyboardInterrupt, SystemExit):
         raise

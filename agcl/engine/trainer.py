@@ -42,6 +42,7 @@ from agcl.engine import checkpoint
 from agcl.engine.recipe import resolve_recipe
 from agcl.inference import dice_per_class, eval_window, predict_case
 from agcl.methods.base import Batch
+from agcl.numerics import cpu_numerics
 from agcl.runfolder import (
     BEST,
     FINAL,
@@ -622,6 +623,7 @@ class Trainer:
             "device": str(self.device),
             "data_on": str(self.data_device or "host"),
             "deterministic": self.deterministic,
+            "cpu_numerics": cpu_numerics(),
             "amp": amp_name(self.amp_dtype),
             "train_seconds": state["train_seconds"],
             "resumed_at_steps": state["resumed_at"],

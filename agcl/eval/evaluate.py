@@ -21,6 +21,7 @@ from agcl.eval.metrics import multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
 from agcl.inference import eval_window, predict_case
 from agcl.nets import build
+from agcl.numerics import cpu_numerics
 from agcl.runfolder import BEST, FINAL, METRICS_JSON, PREDICTIONS, RunFolder, RunFolderError
 from agcl.utils import atomic_path, code_version, write_json
 
@@ -137,6 +138,7 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
         "config_name": config["name"],
         "code_version": code_version(),
         "train_code_version": meta["code_version"],
+        "cpu_numerics": cpu_numerics(),
         "selection": {"policy": policy, "checkpoint": ckpt_name, "step": ckpt["step"],
                       "test_used_for_selection": False},
         "protocol": {
