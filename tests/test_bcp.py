@@ -260,3 +260,43 @@ def test_best_val_pretraining_hands_on_its_best_weights(tiny_project, monkeypatc
     assert all(torch.equal(handed[k], v) for k, v in saved[2].items())
     assert meta["best_val_step"] == 7  # the main stage's own best (its step 4)
     assert not (run / PRETRAIN_BEST).exists()  # removed once the run is finished
+
+
+def test_a_stage_that_keeps_the_optimiser_takes_the_momentum_of_the_selected_weights(
+        tiny_project, monkeypatch):
+    """BCP's ACDC code saves model and optimiser together at the best val (save_net_opt) and
+    self-training loads both (load_net_opt): the momentum handed on is the best step's, not the
+    last pre-training step's."""
+    from agcl.runfolder import RunFolder
+
+    prepare(tiny_project, "acdc")
+    scores = iter([0.9, 0.3, 0.1, 0.5])  # pretrain: val at its steps 2 and 3 (best: 2)
+    monkeypatch.setattr(trainer_module.Trainer, "_validate", lambda self, m, c: next(scores))
+    saved, handed = {}, {}
+    save = RunFolder.save_checkpoint
+
+    def momenta(optimizer_state):
+        return {k: v["momentum_buffer"].clone() for k, v in optimizer_state["state"].items()}
+
+    def spy_save(self, name, payload, resume_step=None):
+        if name == PRETRAIN_BEST:
+            saved[payload["step"]] = momenta(payload["optimizer"])
+        return save(self, name, payload, resume_step)
+
+    next_stage = trainer_module.Trainer._next_stage
+
+    def spy_next_stage(self, method, optimizer, state):
+        last = momenta(optimizer.state_dict())
+        next_stage(self, method, optimizer, state)
+        handed.update(last=last, now=momenta(optimizer.state_dict()))
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", spy_save)
+    monkeypatch.setattr(trainer_module.Trainer, "_next_stage", spy_next_stage)
+    trainer = Trainer(load_config(tiny_project), "acdc", "bcp", 0.1, 0, Path("runs/acdc"),
+                      progress=False, overrides={"pretrain_iterations": 3})
+    assert trainer.stages[1].keep_optimizer_state  # ACDC's recipe
+    trainer.run()
+    assert list(saved) == [2] and saved[2]
+    assert handed["now"].keys() == saved[2].keys()
+    assert all(torch.equal(handed["now"][k], saved[2][k]) for k in saved[2])
+    assert any(not torch.equal(handed["last"][k], saved[2][k]) for k in saved[2])

@@ -407,7 +407,7 @@ class Trainer:
                     val_dice = self._validate(method, val_cases)
                     if val_dice > state["best_val"]:
                         state["best_val"], state["best_step"] = val_dice, state["step"]
-                        self._save_best(method, state, saved_step)
+                        self._save_best(method, optimizer, state, saved_step)
                     method.train()
                 if (state["step"] % self.train_cfg["log_every"] == 0 or val_dice is not None
                         or stage_done):
@@ -444,11 +444,14 @@ class Trainer:
             (self.out / name).unlink(missing_ok=True)
         return meta
 
-    def _save_best(self, method, state: dict, saved_step: int) -> None:
+    def _save_best(self, method, optimizer, state: dict, saved_step: int) -> None:
         if state["stage"] < len(self.stages) - 1:  # a pre-training stage: the whole method state
             if self.selection == "best_val":
+                # with the optimiser's state, which a next stage that keeps it loads with the
+                # weights (BCP's ACDC code: save_net_opt at the best val, load_net_opt after)
                 self.folder.save_checkpoint(PRETRAIN_BEST, {
-                    "method": method.state_dict(), "step": state["step"], "run_id": state["run_id"],
+                    "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": state["step"], "run_id": state["run_id"],
                     "identity": self.identity}, resume_step=saved_step)
         else:
             self.folder.save_checkpoint(BEST, self._inference_payload(method, state),
@@ -473,12 +476,15 @@ class Trainer:
         or best on val, never test) picks the weights."""
         state["stages"].append(self._stage_record(state))
         state["stage_start_seconds"] = state["train_seconds"]
+        saved = None
         if self.selection == "best_val" and state["best_step"] is not None:
             saved = self.folder.load_checkpoint(PRETRAIN_BEST, map_location=self.device)
             method.load_state_dict(saved["method"])
         state["stage"] += 1
         if not self.stages[state["stage"]].keep_optimizer_state:
             optimizer.state.clear()
+        elif saved is not None:  # the momentum of the selected weights, not of the last step
+            optimizer.load_state_dict(saved["optimizer"])
         state["best_val"], state["best_step"] = -math.inf, None
         method.start_stage(self.stages[state["stage"]].name, fresh=True)
         method.train()
