@@ -244,3 +244,33 @@ def test_noise_floor_twins_and_semi_agcl_curves(tmp_path, monkeypatch):
     # one bf16 and one fp32 run per method: the tables say the precision is mixed
     assert "mixed: bf16 autocast (2 runs), fp32 (no autocast) (2 runs)" in html
     assert "supervised_ulp" not in html.split('id="noise-floor"')[0]  # nowhere before it
+
+
+def test_stats_view_one_row_per_comparison_with_shared_notes():
+    from agcl.report.render import stats_view
+
+    def rec(reference, method, metric, diff, note, low=np.nan, high=np.nan, p=np.nan):
+        return {"dataset": "la", "ratio": 0.05, "reference": reference, "method": method,
+                "metric": metric, "n_seeds": 2, "mean_diff": diff, "ci_low": low,
+                "ci_high": high, "p_holm": p, "note": note}
+
+    few = "2 seed(s) < 6: no test (smallest attainable p 2/2^2 = 0.5 > 0.05)"
+    stats = pd.DataFrame([
+        rec("supervised", "semi_agcl", "dice", 0.0123, few, 0.001, 0.02, 0.03),
+        rec("supervised", "semi_agcl", "hd95", -1.5, f"{few}; 1 case(s) present for one "
+            "method only: left out"),
+        rec("supervised", "bcp", "dice", 0.004, few), rec("supervised", "bcp", "hd95", 0.2, few),
+        rec("semi_agcl", "supervised", "dice", -0.0123, few),  # the mirror: not shown again
+        rec("semi_agcl", "supervised", "hd95", 1.5, few),
+    ])
+    view = stats_view(stats, ["la"], ["supervised", "bcp", "semi_agcl"])
+    assert [r["comparison"] for r in view["rows"]] == ["bcp − supervised",
+                                                       "semi_agcl − supervised"]
+    assert view["shared_notes"] == [few]  # once, not on each row
+    agcl = view["rows"][1]
+    assert agcl["cells"][0] == {"diff": "+1.23", "ci": "[+0.10, +2.00]", "p": "0.030",
+                                "significant": True}  # Dice in percentage points
+    assert agcl["cells"][1]["diff"] == "−1.50" and agcl["cells"][1]["ci"] == "–"
+    assert agcl["note"] == "HD95: 1 case(s) present for one method only: left out"
+    assert view["rows"][0]["note"] == "" and view["rows"][0]["span"] == 2
+    assert agcl["span"] == 0 and agcl["seeds"] == "2"

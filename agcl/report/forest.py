@@ -4,7 +4,8 @@ One panel per label ratio (rows) x dataset and metric (columns); in each, one li
 comparison "method − reference": its mean difference (point), its two-way bootstrap 95 % CI (bar,
 where there is one) and its per-seed mean differences (small dots). The vertical line is 0; the
 shaded band around it is ± the largest |twin − method| difference of the noise floor (float
-noise at this scale), absent when none was measured. Dice is drawn in percentage points.
+noise at this scale), absent when none was measured. Dice is drawn in percentage points; a pair
+compared both ways (b − a mirrors a − b) is drawn once.
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ def forest_plot(stats: pd.DataFrame, noise: pd.DataFrame, datasets: list[str],
     metrics = [m for m in FOREST_METRICS if m in set(shown["metric"])]
     ratios = sorted(shown["ratio"].unique())
     key = order or (lambda m: m)
-    pairs = sorted({(r, m) for r, m in zip(shown["reference"], shown["method"])},
-                   key=lambda p: (key(p[0]), key(p[1])))
+    pairs = []
+    for pair in sorted({(r, m) for r, m in zip(shown["reference"], shown["method"])},
+                       key=lambda p: (key(p[0]), key(p[1]))):
+        if pair[::-1] not in pairs:  # b − a mirrors a − b: drawn once
+            pairs.append(pair)
     labels = [comparison_label(m, r) for r, m in pairs]
     y_of = {p: i for i, p in enumerate(pairs)}
     band = noise_band(noise)
     columns = [(d, m) for d in datasets for m in metrics]
     fig, axes = plt.subplots(len(ratios), len(columns), squeeze=False, sharey=True,
-                             figsize=(2.3 * len(columns) + 1.2, 0.2 * len(pairs) * len(ratios)
+                             figsize=(2.3 * len(columns) + 1.2, 0.18 * len(pairs) * len(ratios)
                                       + 0.8 * len(ratios) + 0.3))
     for row, ratio in enumerate(ratios):
         for col, (dataset, metric) in enumerate(columns):
@@ -57,7 +61,9 @@ def forest_plot(stats: pd.DataFrame, noise: pd.DataFrame, datasets: list[str],
                            zorder=0)
             ax.axvline(0, color="#444", lw=0.8, zorder=1)
             for rec in part.to_dict("records"):
-                y = y_of[(rec["reference"], rec["method"])]
+                y = y_of.get((rec["reference"], rec["method"]))
+                if y is None:
+                    continue
                 seeds = np.array(list(parse_seed_diffs(rec["seed_diffs"]).values())) * scale
                 ax.scatter(seeds, np.full(seeds.size, y + 0.22), s=5, color="#999", zorder=2,
                            lw=0)

@@ -228,7 +228,7 @@ def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | No
     """The compact statistics table: one row per comparison with Dice and HD95 side by side
     (mean difference, CI, Holm p; Dice in percentage points), notes every row shares written once
     (`shared_notes`), a row's own notes beside it (prefixed with the metric when only one has
-    it)."""
+    it). Of a pair compared both ways only the first in method order is shown."""
     view = {"rows": [], "shared_notes": [], "metrics": [t for t, _ in STATS_METRICS.values()]}
     if stats.empty:
         return view
@@ -239,8 +239,12 @@ def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | No
                    shown[["dataset", "ratio", "reference", "method"]].itertuples(index=False)},
                   key=lambda k: (where.get(k[0], len(where)), k[1], *rank(k[2]), *rank(k[3])))
     indexed = shown.set_index(["dataset", "ratio", "reference", "method", "metric"]).sort_index()
-    rows, row_notes = [], []
+    rows, row_notes, seen = [], [], set()
     for dataset, ratio, reference, method in keys:
+        pair = (dataset, ratio, frozenset((reference, method)))
+        if pair in seen:  # b − a is a − b negated (same CI mirrored, same p): shown once
+            continue
+        seen.add(pair)
         cells, notes, seeds = [], {}, set()
         for metric, (_, scale) in STATS_METRICS.items():
             key = (dataset, ratio, reference, method, metric)
@@ -250,7 +254,7 @@ def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | No
             rec = indexed.loc[key]
             rec = rec.iloc[0] if isinstance(rec, pd.DataFrame) else rec
             seeds.add(int(rec["n_seeds"]))
-            ci = ("" if pd.isna(rec["ci_low"]) else
+            ci = ("–" if pd.isna(rec["ci_low"]) else
                   f"[{_signed(rec['ci_low'], scale)}, {_signed(rec['ci_high'], scale)}]")
             cells.append({"diff": _signed(rec["mean_diff"], scale), "ci": ci,
                           "p": _p_text(rec["p_holm"]),
