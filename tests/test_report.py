@@ -189,6 +189,11 @@ def test_report_opens_in_a_headless_browser(fixture_grid, tmp_path):
     for table in tables:
         assert table["width"] <= 1400 - 32, table
         assert max(table["row_heights"]) <= 1.6 * min(table["row_heights"][2:]), table
+    # the statistics table too: one line per comparison, Dice and HD95 side by side
+    stats = json.loads(re.search(r'data-stats-table="([^"]*)"', dom).group(1)
+                       .replace("&quot;", '"'))
+    assert stats["width"] <= 1400 - 32 and len(stats["row_heights"]) == 2 + 2, stats
+    assert max(stats["row_heights"][2:]) <= 1.6 * min(stats["row_heights"][2:]), stats
 
 
 PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
@@ -198,6 +203,10 @@ PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
     [...document.querySelectorAll("table.paper-table")].map(t => ({
       id: t.id, width: t.getBoundingClientRect().width,
       row_heights: [...t.rows].map(r => r.getBoundingClientRect().height)}))));
+  const stats = document.getElementById("stats-table");
+  document.body.setAttribute("data-stats-table", JSON.stringify({
+    width: stats.getBoundingClientRect().width,
+    row_heights: [...stats.rows].map(r => r.getBoundingClientRect().height)}));
 });</script>"""
 
 
@@ -274,3 +283,20 @@ def test_stats_view_one_row_per_comparison_with_shared_notes():
     assert agcl["note"] == "HD95: 1 case(s) present for one method only: left out"
     assert view["rows"][0]["note"] == "" and view["rows"][0]["span"] == 2
     assert agcl["span"] == 0 and agcl["seeds"] == "2"
+
+
+def test_noise_band_and_forest_plot_inputs():
+    from agcl.report.forest import forest_plot
+    from agcl.report.noise import noise_band
+
+    noise = pd.DataFrame({"dataset": ["la", "la", "la"], "ratio": [0.05, 0.05, 0.05],
+                          "metric": ["dice", "dice", "hd95"], "max_abs_diff": [2e-4, 5e-4, np.nan]})
+    # the widest pair sets the band; a metric without a finite value has none
+    assert noise_band(noise) == {("la", 0.05, "dice"): 5e-4}
+    assert noise_band(noise.iloc[:0]) == {}
+    assert forest_plot(pd.DataFrame(), noise, ["la"]) is None
+    stats = pd.DataFrame([{"dataset": "la", "ratio": 0.05, "reference": "supervised",
+                           "method": "semi_agcl", "metric": "dice", "mean_diff": 0.01,
+                           "ci_low": np.nan, "ci_high": np.nan, "p_holm": np.nan,
+                           "seed_diffs": "0:0.02;1:0"}])
+    assert len(forest_plot(stats, noise, ["la", "acdc"])) > 1000  # a PNG, no CI needed
