@@ -77,7 +77,8 @@ def fixture_grid(tmp_path, monkeypatch):
                 # training time: supervised 60 s + 6 s per seed, semi_agcl twice that
                 seconds = (60 + 6 * seed) * (2 if method == "semi_agcl" else 1)
                 write_evaluated_run(run, fake_metrics(method, ratio, seed, policy),
-                                    train_seconds=seconds, parameters=9_440_000, device="cpu")
+                                    train_seconds=seconds, parameters=9_440_000, device="cpu",
+                                    amp="bfloat16")
                 pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.5],
                               "val_dice": [np.nan, np.nan, np.nan]}).to_csv(
                     run / "train_log.csv", index=False)
@@ -100,7 +101,15 @@ def test_aggregate_tables_from_per_case_records(fixture_grid):
     dice_vs_agcl = stats[(stats.reference == "semi_agcl") & (stats.metric == "dice")
                          & (stats.ratio == 0.05)].iloc[0]
     assert dice_vs_agcl["method"] == "supervised" and dice_vs_agcl["n_cases"] == len(CASES)
+    assert dice_vs_agcl["n_seeds"] == 2 and len(dice_vs_agcl["seed_diffs"].split(";")) == 2
     assert dice_vs_agcl["mean_diff"] < 0  # the fixture's semi_agcl is better
+    # two seeds: neither a seed-level test nor a CI, and the note says why
+    assert math.isnan(dice_vs_agcl["p_value"]) and math.isnan(dice_vs_agcl["ci_low"])
+    assert "2 seed(s) < 6: no test" in dice_vs_agcl["note"]
+    # at 10 % semi_agcl has seed 0 only: the comparison pairs that seed
+    at_10 = stats[(stats.reference == "supervised") & (stats.ratio == 0.1)].iloc[0]
+    assert at_10["n_seeds"] == 1 and "seed(s) 1 present for one method only" in at_10["note"]
+    assert (runs["amp"] == "bfloat16").all() and runs["noise_twin_of"].isna().all()
     published = pd.read_csv(tables / "published.csv")
     row = published[(published.method == "semi_agcl") & (published.ratio == 0.1)
                      & (published.dataset == "la")].iloc[0]
@@ -114,7 +123,14 @@ def test_report_renders_every_section_with_a_partial_grid(fixture_grid):
                    "published-checks", "provenance", "missing"):
         assert f'id="{anchor}"' in html
     assert 'id="table-la"' in html and 'id="stats-table"' in html
-    assert html.count("data:image/png;base64,") == 3  # efficiency, per case, training
+    # efficiency, per case, training, forest plot (no anchors logged: no Semi-AGCL curves)
+    assert html.count("data:image/png;base64,") == 4 and 'id="forest-plot"' in html
+    assert 'id="agcl-training"' not in html
+    assert 'id="no-noise-floor"' in html and 'id="noise-table"' not in html
+    # the notes every comparison shares are written once, above the table, not on each row
+    assert html.count("2 seed(s) &lt; 6: no test") == 1 and 'id="stats-shared-notes"' in html
+    assert html.count("trained in bf16 autocast") >= 2  # main table and statistics
+    assert "BCP paper&#39;s LA table is not in the material" in html
     assert "1 run(s) of the grid are not counted in any table" in html
     # semi_agcl at 10 % has one of its two seeds: the table says so beside the mean
     assert "ours over 1 of 2 seeds (see Missing runs)" in html
@@ -165,7 +181,7 @@ def test_report_opens_in_a_headless_browser(fixture_grid, tmp_path):
                           probe.as_uri()],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     widths = json.loads(re.search(r'data-image-widths="([^"]*)"', dom).group(1).replace("&quot;", '"'))
-    assert len(widths) == 3 and all(w > 100 for w in widths)
+    assert len(widths) == 4 and all(w > 100 for w in widths)
     # At 1400 px the main tables are compact: no row wraps onto a second line, none is wider
     # than the window (one row per method and label ratio, 10 columns).
     tables = json.loads(re.search(r'data-tables="([^"]*)"', dom).group(1).replace("&quot;", '"'))
@@ -173,6 +189,11 @@ def test_report_opens_in_a_headless_browser(fixture_grid, tmp_path):
     for table in tables:
         assert table["width"] <= 1400 - 32, table
         assert max(table["row_heights"]) <= 1.6 * min(table["row_heights"][2:]), table
+    # the statistics table too: one line per comparison, Dice and HD95 side by side
+    stats = json.loads(re.search(r'data-stats-table="([^"]*)"', dom).group(1)
+                       .replace("&quot;", '"'))
+    assert stats["width"] <= 1400 - 32 and len(stats["row_heights"]) == 2 + 2, stats
+    assert max(stats["row_heights"][2:]) <= 1.6 * min(stats["row_heights"][2:]), stats
 
 
 PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
@@ -182,4 +203,100 @@ PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
     [...document.querySelectorAll("table.paper-table")].map(t => ({
       id: t.id, width: t.getBoundingClientRect().width,
       row_heights: [...t.rows].map(r => r.getBoundingClientRect().height)}))));
+  const stats = document.getElementById("stats-table");
+  document.body.setAttribute("data-stats-table", JSON.stringify({
+    width: stats.getBoundingClientRect().width,
+    row_heights: [...stats.rows].map(r => r.getBoundingClientRect().height)}));
 });</script>"""
+
+
+def test_noise_floor_twins_and_semi_agcl_curves(tmp_path, monkeypatch):
+    """A twin of supervised whose per-seed Dice moves by +1e-4 (seed 0) and -3e-4 (seed 1): the
+    noise floor has those differences; the twin is in no method table or comparison."""
+    monkeypatch.chdir(tmp_path)
+    config = fixture_config()
+    config["noise_floor"] = {"methods": ["supervised"]}
+    config["ratios"] = [0.1]
+    layout = Layout(config)
+    shift = {0: 1e-4, 1: -3e-4}
+    for method in ("supervised", "semi_agcl", "supervised_ulp"):
+        for seed in config["seeds"]:
+            metrics = fake_metrics(method.removesuffix("_ulp"), 0.1, seed, "metrics_reloaded")
+            if method.endswith("_ulp"):
+                for rec in metrics["metric_per_case"]:
+                    rec["dice"] += shift[seed]
+            run = layout.run("la", method, 0.1, seed)
+            write_evaluated_run(run, metrics, train_seconds=60, parameters=1, device="cpu",
+                                amp="off" if seed == 0 else "bfloat16")
+            log = {"step": [1, 2, 3], "loss": [1.0, 0.8, 0.5]}
+            if method == "semi_agcl":
+                log |= {"anchors_class0": [10, 12, 14], "anchors_class1": [3, 4, 6],
+                        "queue_fill": [0.1, 0.5, 1.0]}
+            pd.DataFrame(log).to_csv(run / "train_log.csv", index=False)
+    aggregate(config)
+    tables = layout.results / "summary"
+    noise = pd.read_csv(tables / "noise_floor.csv")
+    dice = noise[noise.metric == "dice"].iloc[0]
+    assert (dice["twin"], dice["method"], dice["n_seeds"]) == ("supervised_ulp", "supervised", 2)
+    assert dice["max_abs_diff"] == pytest.approx(3e-4, rel=1e-6)
+    assert dice["rms_diff"] == pytest.approx(math.sqrt((1e-8 + 9e-8) / 2), rel=1e-6)
+    stats = pd.read_csv(tables / "stats.csv")
+    assert "supervised_ulp" not in set(stats["method"]) | set(stats["reference"])
+    for name in ("summary", "case_means"):
+        assert "supervised_ulp" not in set(pd.read_csv(tables / f"{name}.csv")["method"])
+    runs = pd.read_csv(tables / "runs.csv")
+    assert runs.loc[runs.method == "supervised_ulp", "noise_twin_of"].eq("supervised").all()
+    html = render_report(config).read_text()
+    assert 'id="noise-table"' in html and "supervised_ulp − supervised" in html
+    assert "0.03" in html  # max |diff| of Dice in points: 100 * 3e-4
+    assert 'id="agcl-training"' in html and html.count("data:image/png;base64,") == 5
+    # one bf16 and one fp32 run per method: the tables say the precision is mixed
+    assert "mixed: bf16 autocast (2 runs), fp32 (no autocast) (2 runs)" in html
+    assert "supervised_ulp" not in html.split('id="noise-floor"')[0]  # nowhere before it
+
+
+def test_stats_view_one_row_per_comparison_with_shared_notes():
+    from agcl.report.render import stats_view
+
+    def rec(reference, method, metric, diff, note, low=np.nan, high=np.nan, p=np.nan):
+        return {"dataset": "la", "ratio": 0.05, "reference": reference, "method": method,
+                "metric": metric, "n_seeds": 2, "mean_diff": diff, "ci_low": low,
+                "ci_high": high, "p_holm": p, "note": note}
+
+    few = "2 seed(s) < 6: no test (smallest attainable p 2/2^2 = 0.5 > 0.05)"
+    stats = pd.DataFrame([
+        rec("supervised", "semi_agcl", "dice", 0.0123, few, 0.001, 0.02, 0.03),
+        rec("supervised", "semi_agcl", "hd95", -1.5, f"{few}; 1 case(s) present for one "
+            "method only: left out"),
+        rec("supervised", "bcp", "dice", 0.004, few), rec("supervised", "bcp", "hd95", 0.2, few),
+        rec("semi_agcl", "supervised", "dice", -0.0123, few),  # the mirror: not shown again
+        rec("semi_agcl", "supervised", "hd95", 1.5, few),
+    ])
+    view = stats_view(stats, ["la"], ["supervised", "bcp", "semi_agcl"])
+    assert [r["comparison"] for r in view["rows"]] == ["bcp − supervised",
+                                                       "semi_agcl − supervised"]
+    assert view["shared_notes"] == [few]  # once, not on each row
+    agcl = view["rows"][1]
+    assert agcl["cells"][0] == {"diff": "+1.23", "ci": "[+0.10, +2.00]", "p": "0.030",
+                                "significant": True}  # Dice in percentage points
+    assert agcl["cells"][1]["diff"] == "−1.50" and agcl["cells"][1]["ci"] == "–"
+    assert agcl["note"] == "HD95: 1 case(s) present for one method only: left out"
+    assert view["rows"][0]["note"] == "" and view["rows"][0]["span"] == 2
+    assert agcl["span"] == 0 and agcl["seeds"] == "2"
+
+
+def test_noise_band_and_forest_plot_inputs():
+    from agcl.report.forest import forest_plot
+    from agcl.report.noise import noise_band
+
+    noise = pd.DataFrame({"dataset": ["la", "la", "la"], "ratio": [0.05, 0.05, 0.05],
+                          "metric": ["dice", "dice", "hd95"], "max_abs_diff": [2e-4, 5e-4, np.nan]})
+    # the widest pair sets the band; a metric without a finite value has none
+    assert noise_band(noise) == {("la", 0.05, "dice"): 5e-4}
+    assert noise_band(noise.iloc[:0]) == {}
+    assert forest_plot(pd.DataFrame(), noise, ["la"]) is None
+    stats = pd.DataFrame([{"dataset": "la", "ratio": 0.05, "reference": "supervised",
+                           "method": "semi_agcl", "metric": "dice", "mean_diff": 0.01,
+                           "ci_low": np.nan, "ci_high": np.nan, "p_holm": np.nan,
+                           "seed_diffs": "0:0.02;1:0"}])
+    assert len(forest_plot(stats, noise, ["la", "acdc"])) > 1000  # a PNG, no CI needed

@@ -3,6 +3,10 @@
 A run counts only when its finished model, run.json and metrics.json belong together and every
 value it contributes is finite; any other run is listed in missing.csv with the reason, and the
 summary says how many of the expected seeds each mean is over.
+
+Noise-floor twins (agcl.config.noise_twins) are not methods: per_case and runs keep their rows,
+flagged in `noise_twin_of` (the method they twin; empty for an ordinary run), while summary,
+case_means and stats leave them out; noise_floor.csv holds their differences.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from agcl.config import Layout, expected_runs
+from agcl.config import Layout, expected_runs, noise_twins
 from agcl.eval.evaluate import METRICS as METRIC_NAMES
 from agcl.eval.evaluate import aggregated_value
+from agcl.report.noise import noise_floor
 from agcl.report.published import compare_with_published
 from agcl.report.stats import case_means, paired_comparisons
 from agcl.runfolder import METRICS_JSON, RunFolder
@@ -43,10 +48,12 @@ def non_finite_values(summary: dict) -> list[str]:
 def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per-case rows, per-run rows, missing or rejected runs with the reason) for the grid."""
     layout = Layout(config, root)
+    twins = noise_twins(config)
     case_rows, run_rows, missing = [], [], []
     for dataset, method, ratio, seed in expected_runs(config):
         folder = RunFolder(layout.run(dataset, method, ratio, seed))
         key = {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": seed}
+        twin_of = twins.get(method, "")
         summary, meta, reason = folder.evaluated()
         if summary is not None:
             bad = non_finite_values(summary)
@@ -58,7 +65,8 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
             missing.append({**key, "expected": str(folder.file(METRICS_JSON)), "reason": reason})
             continue
         for rec in summary["metric_per_case"]:
-            row = {**key, "case": rec["case"], "class": rec["class"], "class_name": rec["class_name"]}
+            row = {**key, "case": rec["case"], "class": rec["class"], "class_name": rec["class_name"],
+                   "noise_twin_of": twin_of}
             for m in METRICS:
                 row[m] = aggregated_value(rec, m)
             row.update(policy_applied=rec["policy_applied"] or "",
@@ -68,17 +76,23 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
                          "train_seconds": meta.get("train_seconds"),
                          "parameters": meta.get("parameters"),
                          "device": meta.get("device"),
+                         # autocast dtype of training ("bfloat16", "float16", "off"); older
+                         # run.json files have none
+                         "amp": meta.get("amp"),
                          "selection": summary["selection"]["policy"],
                          "checkpoint_step": summary["selection"]["step"],
                          "units": summary["protocol"]["units"],
                          "empty_policy": summary["protocol"]["empty_policy"],
                          "policy_applied_count": summary["protocol"]["policy_applied_count"],
-                         "code_version": summary["code_version"]})
+                         "code_version": summary["code_version"],
+                         "noise_twin_of": twin_of})
     return (pd.DataFrame(case_rows, columns=KEYS + ["case", "class", "class_name", *METRICS,
-                                                   "policy_applied", "empty_pred", "empty_gt"]),
+                                                   "policy_applied", "empty_pred", "empty_gt",
+                                                   "noise_twin_of"]),
             pd.DataFrame(run_rows, columns=KEYS + METRICS + [
-                "train_seconds", "parameters", "device", "selection", "checkpoint_step", "units",
-                "empty_policy", "policy_applied_count", "code_version"]),
+                "train_seconds", "parameters", "device", "amp", "selection", "checkpoint_step",
+                "units", "empty_policy", "policy_applied_count", "code_version",
+                "noise_twin_of"]),
             pd.DataFrame(missing, columns=KEYS + ["expected", "reason"]))
 
 
@@ -104,14 +118,21 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path = ".") -> dict:
     """Write the tables every later step (and every user) reads, all computed from per-case rows:
     per_case, runs, summary (mean +- std over seeds), missing, case_means (per case, mean over
-    classes then seeds), stats (paired tests against Semi-AGCL and the supervised baseline) and
-    published (ours beside the published numbers)."""
+    classes then seeds), stats (paired tests against Semi-AGCL and the supervised baseline),
+    noise_floor (twin - method per seed; empty without noise_floor.methods) and published (ours
+    beside the published numbers). Twins are left out of all but per_case, runs and
+    noise_floor."""
     out_dir = Path(out_dir) if out_dir else Layout(config, root).results / "summary"
     cases, runs, missing = collect(config, root)
-    summary = summarise(runs, len(config["seeds"]))
+    methods_cases = cases[cases["noise_twin_of"] == ""]
+    methods_runs = runs[runs["noise_twin_of"] == ""]
+    summary = summarise(methods_runs, len(config["seeds"]))
     tables = {"per_case": cases, "runs": runs, "summary": summary, "missing": missing,
-              "case_means": case_means(cases) if not cases.empty else pd.DataFrame(),
-              "stats": paired_comparisons(cases) if not cases.empty else pd.DataFrame(),
+              "case_means": case_means(methods_cases) if not methods_cases.empty
+              else pd.DataFrame(),
+              "stats": paired_comparisons(methods_cases) if not methods_cases.empty
+              else pd.DataFrame(),
+              "noise_floor": noise_floor(cases, noise_twins(config)),
               "published": compare_with_published(summary)}
     for name, frame in tables.items():
         _write_csv(frame, out_dir / f"{name}.csv")

@@ -155,3 +155,54 @@ def qualitative_overlays(case_means: pd.DataFrame, dataset: str, ratio: float,
                 ax.set_ylabel(f"{kind}\n{case_id}", fontsize=7)
     fig.tight_layout()
     return to_png(fig)
+
+
+ANCHOR_PREFIX = "anchors_class"
+
+
+def agcl_curves(logs: pd.DataFrame, datasets: list[str], method: str = "semi_agcl") -> str | None:
+    """Semi-AGCL's own training signals, where its train_log.csv has them: anchors per class per
+    step (columns anchors_class0..K-1) and the fraction of the queue filled (queue_fill, 0..1),
+    mean over seeds, one column of panels per dataset. None when no run logged either."""
+    if logs.empty or "method" not in logs:
+        return None
+    part = logs[logs["method"] == method]
+    anchor_cols = sorted((c for c in part.columns if c.startswith(ANCHOR_PREFIX)
+                          and part[c].notna().any()), key=lambda c: int(c[len(ANCHOR_PREFIX):]))
+    has_queue = "queue_fill" in part and part["queue_fill"].notna().any()
+    if not anchor_cols and not has_queue:
+        return None
+    datasets = [d for d in datasets if d in set(part["dataset"])]
+    panels = [p for p, on in (("anchors", bool(anchor_cols)), ("queue", has_queue)) if on]
+    fig, axes = plt.subplots(len(panels), len(datasets), squeeze=False,
+                             figsize=(3.6 * len(datasets), 2.6 * len(panels)))
+    for col, dataset in enumerate(datasets):
+        data = part[part["dataset"] == dataset]
+        for row, panel in enumerate(panels):
+            ax = axes[row, col]
+            if panel == "anchors":
+                cols = [c for c in anchor_cols if data[c].notna().any()]
+                long = data.melt(id_vars=["step", "labels", "seed"], value_vars=cols,
+                                 var_name="class", value_name="anchors").dropna()
+                long["class"] = long["class"].str[len(ANCHOR_PREFIX):]
+                if long.empty:
+                    ax.set_visible(False)
+                    continue
+                sns.lineplot(data=long, x="step", y="anchors", hue="class", style="labels",
+                             errorbar=None, ax=ax, legend=col == len(datasets) - 1)
+                ax.set_ylabel("anchors per class")
+                ax.set_title(f"{dataset}: {method}")
+            else:
+                queue = data.dropna(subset=["queue_fill"])
+                if queue.empty:
+                    ax.set_visible(False)
+                    continue
+                sns.lineplot(data=queue, x="step", y="queue_fill", style="labels", errorbar=None,
+                             ax=ax, legend=False)
+                ax.set_ylim(0, 1.05)
+                ax.set_ylabel("queue filled")
+    legend = axes[0, -1].get_legend()
+    if legend is not None:
+        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return to_png(fig)

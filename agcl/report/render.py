@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from agcl.config import Layout, expected_runs
+from agcl.config import Layout, expected_runs, noise_twins
 from agcl.report import figures
+from agcl.report.forest import forest_plot
 from agcl.report.published import (
     dice_jaccard_consistency,
     load_published,
@@ -29,6 +31,8 @@ PROTOCOLS = {
     "reference": "reference: each method trained with its own published recipe (to check it "
                  "against its own paper)",
 }
+BCP_LA_NOTE = ("bcp: no published LA values entered. The BCP paper's LA table is not in the "
+               "material this project was given, and the BCP repository's README has no table.")
 METRIC_TITLES = {"dice": "DSC %", "jaccard": "Jaccard %", "hd95": "HD95", "asd": "ASD"}
 
 
@@ -168,6 +172,7 @@ def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]
             "ratio": _num(minutes / base_minutes),
             "device": ", ".join(sorted(mine["device"].dropna().astype(str).unique()))
             if len(mine) else "",
+            "precision": precision_text(mine) if len(mine) else "",
             "paper_params": _num(paper["parameters_m"]) if paper is not None else "–",
             "paper_minutes": _num(paper["train_minutes"], 1) if paper is not None else "–",
             "paper_ratio": _num(paper["train_minutes"] / paper_base) if paper is not None else "–",
@@ -176,25 +181,138 @@ def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]
     return rows
 
 
-def stats_rows(stats: pd.DataFrame) -> list[dict]:
+def methods_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ordinary methods: noise-floor twins (runs.csv / per_case.csv `noise_twin_of`) are
+    not methods and stay out of the tables, figures and comparisons."""
+    if frame.empty or "noise_twin_of" not in frame:
+        return frame
+    twin_of = frame["noise_twin_of"]
+    return frame[twin_of.isna() | (twin_of.astype(str) == "")]
+
+
+AMP_TEXT = {"bfloat16": "bf16 autocast", "float16": "fp16 autocast", "off": "fp32 (no autocast)"}
+
+
+def precision_text(runs: pd.DataFrame) -> str:
+    """How the runs behind a table were trained (run.json `amp`): one precision, or mixed."""
+    if runs.empty:
+        return "no runs"
+    amp = runs["amp"] if "amp" in runs else pd.Series("", index=runs.index)
+    counts = amp.map(lambda a: "not recorded" if pd.isna(a) or a == "" else AMP_TEXT.get(a, a))
+    counts = counts.value_counts(sort=False)
+    if len(counts) == 1:
+        return f"trained in {counts.index[0]}"
+    return "mixed: " + ", ".join(f"{name} ({n} runs)" for name, n in counts.sort_index().items())
+
+
+def precision_by_dataset(runs: pd.DataFrame, datasets: list[str]) -> dict[str, str]:
+    if runs.empty:
+        return {}
+    return {d: precision_text(runs[runs["dataset"] == d]) for d in datasets
+            if (runs["dataset"] == d).any()}
+
+
+def _signed(value, scale: float = 1.0, digits: int = 2) -> str:
+    return "–" if pd.isna(value) else f"{scale * value:+.{digits}f}".replace("-", "−")
+
+
+def _p_text(p) -> str:
+    return "–" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+SEED_COUNT_NOTE = re.compile(r"\d+ seed\(s\) < \d+: |CI over \d+ seeds: approximate")
+STATS_METRICS = {"dice": ("DSC (points)", 100.0), "hd95": ("HD95", 1.0)}
+
+
+def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | None = None) -> dict:
+    """The compact statistics table: one row per comparison with Dice and HD95 side by side
+    (mean difference, CI, Holm p; Dice in percentage points), notes every row shares written once
+    (`shared_notes`), a row's own notes beside it (prefixed with the metric when only one has
+    it). Of a pair compared both ways only the first in method order is shown."""
+    view = {"rows": [], "shared_notes": [], "metrics": [t for t, _ in STATS_METRICS.values()]}
     if stats.empty:
+        return view
+    shown = stats[stats["metric"].isin(STATS_METRICS)]
+    rank = _method_rank(methods)
+    where = {d: i for i, d in enumerate(datasets)}
+    keys = sorted({(d, r, ref, m) for d, r, ref, m in
+                   shown[["dataset", "ratio", "reference", "method"]].itertuples(index=False)},
+                  key=lambda k: (where.get(k[0], len(where)), k[1], *rank(k[2]), *rank(k[3])))
+    indexed = shown.set_index(["dataset", "ratio", "reference", "method", "metric"]).sort_index()
+    rows, row_notes, seen = [], [], set()
+    for dataset, ratio, reference, method in keys:
+        pair = (dataset, ratio, frozenset((reference, method)))
+        if pair in seen:  # b − a is a − b negated (same CI mirrored, same p): shown once
+            continue
+        seen.add(pair)
+        cells, notes, seeds = [], {}, set()
+        for metric, (_, scale) in STATS_METRICS.items():
+            key = (dataset, ratio, reference, method, metric)
+            if key not in indexed.index:
+                cells.append({"diff": "–", "ci": "", "p": "–", "significant": False})
+                continue
+            rec = indexed.loc[key]
+            rec = rec.iloc[0] if isinstance(rec, pd.DataFrame) else rec
+            seeds.add(int(rec["n_seeds"]))
+            ci = ("–" if pd.isna(rec["ci_low"]) else
+                  f"[{_signed(rec['ci_low'], scale)}, {_signed(rec['ci_high'], scale)}]")
+            cells.append({"diff": _signed(rec["mean_diff"], scale), "ci": ci,
+                          "p": _p_text(rec["p_holm"]),
+                          "significant": not pd.isna(rec["p_holm"]) and rec["p_holm"] < 0.05})
+            for note in (rec["note"].split("; ") if isinstance(rec["note"], str) else []):
+                notes.setdefault(note, []).append(STATS_METRICS[metric][0])
+        rows.append({"dataset": dataset, "labels": f"{100 * ratio:g}%",
+                     "comparison": f"{method} − {reference}",
+                     "seeds": " / ".join(map(str, sorted(seeds))) or "–", "cells": cells})
+        row_notes.append(notes)
+    # Notes that only restate a row's seed count (no test / no CI / approximate CI) follow from
+    # the seeds column: each is written once above the table, as are notes every row has.
+    by_count = [n for notes in row_notes for n in notes if SEED_COUNT_NOTE.match(n)]
+    shared = set.intersection(*(set(n) for n in row_notes)) if row_notes else set()
+    for row, notes in zip(rows, row_notes):
+        own = [n if len(on) == len(STATS_METRICS) else f"{on[0]}: {n}"
+               for n, on in notes.items() if n not in shared and not SEED_COUNT_NOTE.match(n)]
+        row["note"] = "; ".join(own)
+    view["shared_notes"] = list(dict.fromkeys(
+        [*(n for n in row_notes[0] if n in shared and not SEED_COUNT_NOTE.match(n)),
+         *sorted(set(by_count), key=by_count.index)])) if row_notes else []
+    # the dataset and label cells span their block (fewer repeated words per row)
+    for i, row in enumerate(rows):
+        block = (row["dataset"], row["labels"])
+        first = i == 0 or (rows[i - 1]["dataset"], rows[i - 1]["labels"]) != block
+        row["span"] = sum(1 for r in rows[i:] if (r["dataset"], r["labels"]) == block) if first else 0
+    view["rows"] = rows
+    return view
+
+
+def noise_rows(noise: pd.DataFrame, datasets: list[str]) -> list[dict]:
+    """The noise floor table (noise_floor.csv): per dataset x labels x twin pair, Dice (points)
+    and HD95 RMS and largest |twin − method| over seeds."""
+    if noise.empty:
         return []
+    where = {d: i for i, d in enumerate(datasets)}
     rows = []
-    for rec in stats.sort_values(["dataset", "ratio", "reference", "metric", "method"]).to_dict("records"):
-        rows.append({
-            "dataset": rec["dataset"], "labels": f"{100 * rec['ratio']:g}%",
-            "comparison": f"{rec['method']} − {rec['reference']}", "metric": rec["metric"],
-            "n": int(rec["n_cases"]), "diff": _num(rec["mean_diff"], 4),
-            "ci": "–" if pd.isna(rec["ci_low"]) else f"[{rec['ci_low']:.4f}, {rec['ci_high']:.4f}]",
-            "p": _num(rec["p_value"], 4), "p_holm": _num(rec["p_holm"], 4),
-            "note": rec["note"] if isinstance(rec["note"], str) else "",
-        })
+    groups = noise.groupby(["dataset", "ratio", "twin", "method"], sort=False)
+    for (dataset, ratio, twin, method), g in sorted(
+            groups, key=lambda item: (where.get(item[0][0], len(where)), *item[0][1:])):
+        by_metric = g.set_index("metric")
+        cells = []
+        for metric, (_, scale) in STATS_METRICS.items():
+            rec = by_metric.loc[metric] if metric in by_metric.index else None
+            cells.append({"rms": "–" if rec is None else f"{scale * rec['rms_diff']:.2g}",
+                          "max": "–" if rec is None else f"{scale * rec['max_abs_diff']:.2g}"})
+        notes = [n for n in g["note"] if isinstance(n, str) and n]
+        rows.append({"dataset": dataset, "labels": f"{100 * ratio:g}%",
+                     "pair": f"{twin} − {method}", "seeds": int(g["n_seeds"].max()),
+                     "cells": cells, "note": "; ".join(dict.fromkeys(notes))})
     return rows
 
 
 def training_logs(config: dict, layout: Layout) -> pd.DataFrame:
     frames = []
     for dataset, method, ratio, seed in expected_runs(config):
+        if method not in config["methods"]:
+            continue  # a noise-floor twin: not a method
         path = layout.run(dataset, method, ratio, seed) / LOG_CSV
         if path.exists():
             log = pd.read_csv(path)
@@ -224,9 +342,10 @@ def overlays(config: dict, layout: Layout, case_means: pd.DataFrame) -> list[dic
 def render_report(config: dict, out: str | Path | None = None, root: str | Path = ".") -> Path:
     layout = Layout(config, root)
     tables = layout.results / "summary"
-    runs, missing, case_means, stats, published = (
+    all_runs, missing, case_means, stats, published, noise = (
         _read(tables / f"{name}.csv") for name in ("runs", "missing", "case_means", "stats",
-                                                   "published"))
+                                                   "published", "noise_floor"))
+    runs = methods_only(all_runs)
     ratios = sorted(set(config["ratios"]) | ({1.0} if config["full_supervision"] else set()))
     reference_policy_runs = (runs[runs["empty_policy"] == "reference"] if not runs.empty
                              else runs)
@@ -240,7 +359,7 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
         "report_code_version": code_version(),
         "seeds": config["seeds"],
         "protocol": PROTOCOLS[config["protocol"]],
-        "n_runs": len(runs),
+        "n_runs": len(all_runs),
         "n_expected": len(expected_runs(config)),
     }
     env = Environment(loader=PackageLoader("agcl.report", "templates"),
@@ -248,17 +367,32 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
     synthetic = sorted(d for d, c in config["datasets"].items() if c["source"] == "synthetic")
     methods, datasets = list(config["methods"]), list(config["datasets"])
     compute_published = load_published_compute()
+    tables_shown = main_tables(published[published["dataset"].isin(datasets)] if len(published)
+                               else published, ratios, methods)
+    bcp_la = published[(published["dataset"] == "la") & (published["method"] == "bcp")
+                       & (published["present"] != "ours_only")] if len(published) else published
+    if "la" in tables_shown and bcp_la.empty:
+        tables_shown["la"]["notes"].append(BCP_LA_NOTE)
+    logs = training_logs(config, layout)
+    rank = _method_rank(methods)
+    twins = noise_twins(config)
     html = env.get_template("index.html.j2").render(
         name=config["name"],
         synthetic=synthetic,
         metric_titles=list(METRIC_TITLES.values()),
-        main_tables=main_tables(published[published["dataset"].isin(datasets)] if len(published)
-                                else published, ratios, methods),
+        main_tables=tables_shown,
+        precision=precision_by_dataset(runs, datasets),
+        noise_precision=precision_by_dataset(all_runs[all_runs["method"].isin(twins)]
+                                             if len(all_runs) else all_runs, datasets),
         label_efficiency=figures.label_efficiency(runs, methods, datasets),
         per_case=figures.per_case_distribution(case_means, methods, datasets),
-        training=figures.training_curves(training_logs(config, layout), methods, datasets),
+        training=figures.training_curves(logs, methods, datasets),
+        agcl_training=figures.agcl_curves(logs, datasets),
         overlays=overlays(config, layout, case_means),
-        stats=stats_rows(stats),
+        stats=stats_view(stats, datasets, methods),
+        forest=forest_plot(stats, noise, datasets, rank),
+        noise=noise_rows(noise, datasets),
+        noise_methods=sorted(set(twins.values())),
         compute=compute_rows(runs, compute_published[compute_published["dataset"].isin(datasets)],
                              methods),
         missing=missing.to_dict("records"),
