@@ -10,6 +10,10 @@ rule aggregate:
             category="Tables",
         ),
         missing=LAYOUT.results / "summary" / "missing.csv",
+        case_means=LAYOUT.results / "summary" / "case_means.csv",
+        stats=LAYOUT.results / "summary" / "stats.csv",
+        noise_floor=LAYOUT.results / "summary" / "noise_floor.csv",
+        published=LAYOUT.results / "summary" / "published.csv",
     params:
         agcl=AGCL,
         config=CONFIGFILE,
