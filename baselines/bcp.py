@@ -21,7 +21,8 @@ ACDC DiceLoss (per class over the batch, squared denominator, smooth 1e-10, 4 cl
 The upstream consistency ramp is computed but never used, so there is none here.
 
 Where ours differs from upstream, and why:
-- Randomness comes from torch's RNG (one box per step, as upstream), not numpy's.
+- The box comes from the run's "box_mask" stream (agcl.random_streams; one box per step, as
+  upstream), so Semi-AGCL, built on BCP, draws the very same boxes at the same seed.
 - The pre-trained weights the main stage starts from follow the run's selection policy
   (last, or best on val): upstream LA takes its best checkpoint on the TEST set (BCP #19).
 - `separate_forwards: false` runs both mixes (and both teacher halves) as one batch: faster,
@@ -47,14 +48,16 @@ FIRST_MIX = ("labeled_outside_box", "unlabeled_outside_box")
 
 
 # --- the reference's pieces, each on its own --------------------------------------------------
-def bcp_box_mask(spatial: tuple[int, ...], ratio: float, device=None) -> torch.Tensor:
+def bcp_box_mask(spatial: tuple[int, ...], ratio: float, rng: np.random.Generator,
+                 device=None) -> torch.Tensor:
     """Ones with one zero box of side int(size * ratio) per axis; start in [0, size - side)
-    (numpy's exclusive randint upstream), one box for the whole batch."""
+    (numpy's exclusive randint upstream), one box for the whole batch. The starts are host
+    draws from `rng` (the "box_mask" stream), so no step waits on the device for them."""
     mask = torch.ones(spatial, device=device)
     box = []
     for size in spatial:
         side = int(size * ratio)
-        start = int(torch.randint(0, max(1, size - side), (1,)))
+        start = int(rng.integers(0, max(1, size - side)))
         box.append(slice(start, start + side))
     mask[tuple(box)] = 0.0
     return mask
@@ -248,7 +251,7 @@ class BCP(Method):
         if x_a.shape[0] == 0 or x_a.shape[0] != x_b.shape[0]:
             raise ValueError(f"{self.name} pre-training mixes two labeled halves: the labeled batch "
                              f"needs an even size >= 2, got {batch.x_labeled.shape[0]}")
-        mask = bcp_box_mask(tuple(x_a.shape[2:]), self.hparams["mask_ratio"], x_a.device)
+        mask = self.box_mask(x_a)
         x = x_a * mask + x_b * (1 - mask)
         logits = self.student(x)
         if self.hparams["pretrain_loss"] == "whole":
@@ -261,6 +264,11 @@ class BCP(Method):
             region = mask.expand(x_a.shape[0], 1, *mask.shape)
             loss = mix_loss(logits, y_a, y_b, region, 1.0, 1.0, self.hparams["dice_form"])
         return loss, {"loss_pretrain": loss.detach()}
+
+    def box_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """This step's box mask over the spatial shape of x, from the "box_mask" stream."""
+        return bcp_box_mask(tuple(x.shape[2:]), self.hparams["mask_ratio"],
+                            self.streams.numpy("box_mask"), x.device)
 
     @torch.no_grad()
     def pseudo_labels(self, logits: torch.Tensor) -> torch.Tensor:
@@ -291,7 +299,7 @@ class BCP(Method):
         with torch.no_grad():
             teacher_out = self._forward(self.teacher, list(xu))
             pseudo = [self.pseudo_labels(logits) for logits, _ in teacher_out]
-            mask = bcp_box_mask(tuple(xl[0].shape[2:]), self.hparams["mask_ratio"], xl[0].device)
+            mask = self.box_mask(xl[0])
         outside = mask.expand(xl[0].shape[0], 1, *mask.shape)
         # Pair a and pair b are mixed in opposite directions (the "bidirectional" of BCP).
         first = self.hparams["first_mix"] == "labeled_outside_box"

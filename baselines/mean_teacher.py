@@ -15,9 +15,12 @@ from agcl.methods.losses import sigmoid_rampup, softmax_mse, supervised_loss
 from agcl.methods.registry import register_method
 
 
-def teacher_noise(x: torch.Tensor, std: float, clip: float) -> torch.Tensor:
-    """clamp(N(0, std), -clip, clip), the same shape as x (UA-MT / SSL4MIS teacher input noise)."""
-    return torch.clamp(torch.randn_like(x) * std, -clip, clip)
+def teacher_noise(x: torch.Tensor, std: float, clip: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """clamp(N(0, std), -clip, clip), the same shape as x (UA-MT / SSL4MIS teacher input noise),
+    drawn from `generator` (on x's device; None: the global RNG)."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.clamp(noise * std, -clip, clip)
 
 
 def consistency_weight(hparams: dict, step: int) -> float:
@@ -55,7 +58,8 @@ class MeanTeacher(Method):
         self.teacher = make_ema_teacher(self.student)
 
     def noisy(self, x: torch.Tensor) -> torch.Tensor:
-        return x + teacher_noise(x, self.hparams["noise_std"], self.hparams["noise_clip"])
+        return x + teacher_noise(x, self.hparams["noise_std"], self.hparams["noise_clip"],
+                                 self.streams.torch("teacher_noise", x.device))
 
     def consistency(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     x_unlabeled: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -25,7 +25,8 @@ def uncertainty_threshold(step: int, total_iterations: int, floor: float = 0.75,
 
 @torch.no_grad()
 def mean_teacher_probs(teacher: nn.Module, x: torch.Tensor, passes: int, passes_per_forward: int,
-                       noise_std: float, noise_clip: float) -> torch.Tensor:
+                       noise_std: float, noise_clip: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean softmax over `passes` noisy forward passes, `passes_per_forward` batched at once.
 
     The input is repeated pass-major ([x0, x1, x0, x1, ...]) so that each chunk of the output
@@ -37,7 +38,7 @@ def mean_teacher_probs(teacher: nn.Module, x: torch.Tensor, passes: int, passes_
     repeated = x.repeat(passes_per_forward, *([1] * (x.ndim - 1)))
     total = None
     for _ in range(passes // passes_per_forward):
-        logits = teacher(repeated + teacher_noise(repeated, noise_std, noise_clip))
+        logits = teacher(repeated + teacher_noise(repeated, noise_std, noise_clip, generator))
         probs = torch.softmax(logits.float(), dim=1)
         chunk = probs.view(passes_per_forward, x.shape[0], *probs.shape[1:]).sum(dim=0)
         total = chunk if total is None else total + chunk
@@ -71,7 +72,8 @@ class UaMt(MeanTeacher):
         hp = self.hparams
         mean_probs = mean_teacher_probs(self.teacher, x_unlabeled, hp["uncertainty_passes"],
                                         hp["passes_per_forward"], hp["noise_std"],
-                                        hp["noise_clip"])
+                                        hp["noise_clip"],
+                                        self.streams.torch("uncertainty_noise", x_unlabeled.device))
         threshold = uncertainty_threshold(step, self.total_iterations, hp["threshold_floor"],
                                           hp["threshold_ceiling"])
         mask = certainty_mask(mean_probs, threshold)

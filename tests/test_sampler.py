@@ -15,6 +15,7 @@ from agcl.data.loaders import (
     default_augmentation,
     rotation_source_index,
 )
+from agcl.random_streams import numpy_stream
 
 
 def one_pixel_set(size: int = 16) -> TrainingSet:
@@ -89,17 +90,19 @@ def test_rotation_gather_is_scipys_nearest_rotation_at_every_angle(shape):
 
 def numpy_oracle(data: TrainingSet, patch, labeled_batch, unlabeled_batch, seed, augmentation,
                  steps):
-    """The sampler written with numpy and scipy on the host, drawing in the same order."""
-    rng = np.random.default_rng(seed)
+    """The sampler written with numpy and scipy on the host, drawing in the same order, labeled
+    and unlabeled images each from its own stream."""
+    rngs = {s: numpy_stream(seed, f"{s}_batches") for s in ("labeled", "unlabeled")}
     queues = {"labeled": [], "unlabeled": []}
 
     def take(stream, count, size):
         while len(queues[stream]) < count:
-            queues[stream].extend(int(i) for i in rng.permutation(size))
+            queues[stream].extend(int(i) for i in rngs[stream].permutation(size))
         out, queues[stream] = queues[stream][:count], queues[stream][count:]
         return out
 
     def sample(image, label):
+        rng = rngs["labeled" if label is not None else "unlabeled"]
         pads = [max(0, p - s) for p, s in zip(patch, image.shape[1:])]
         widths = [(pad // 2, pad - pad // 2) for pad in pads]
         image = np.pad(image, [(0, 0), *widths])

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from agcl.data import formats
 from agcl.data.preprocess import load_index
+from agcl.random_streams import numpy_stream
 
 
 @dataclass
@@ -152,6 +153,8 @@ def load_cases(processed_dir: str | Path, case_ids: list[str]) -> list[Case]:
 
 
 AUGMENTATIONS = ("rot_flip", "rot_flip_or_rotate")
+# The sampler's two streams; each draws from the random stream "<name>_batches".
+STREAMS = ("labeled", "unlabeled")
 # SSL4MIS RandomGenerator: np.random.randint(-20, 20) degrees, i.e. -20..19.
 ROTATION_DEGREES = (-20, 20)
 
@@ -173,9 +176,11 @@ class PatchSampler:
     rotation_source_index). Upstream rotates the slice at its native size and then resizes it;
     ACDC slices here are resized once when loaded, then augmented.
     Indices are drawn epoch by epoch from seeded permutations, labeled and unlabeled separately;
-    the whole state (RNG and the rest of the current epochs) is saved with checkpoints.
+    the whole state (RNGs and the rest of the current epochs) is saved with checkpoints.
 
-    Every random draw happens on the host (one numpy generator), and cropping, rot90, flips and
+    Every random draw happens on the host, labeled and unlabeled images from two numpy streams
+    of their own ("labeled_batches", "unlabeled_batches", agcl.random_streams): a method that
+    draws no unlabeled batch (supervised) sees the labeled batches of one that does. Cropping, rot90, flips and
     rotations are torch indexing ops on wherever the training set lives: `device` None keeps it
     in host memory; a CUDA device holds it there once, so a batch is cut, augmented and stacked
     on the GPU with no copy from the host. Either way the batches are the same, bit for bit.
@@ -196,7 +201,7 @@ class PatchSampler:
         self.labeled_labels = [self._resident(label, 0) for label in data.labeled_labels]
         self.unlabeled_images = ([self._resident(image, 1) for image in data.unlabeled_images]
                                  if self.unlabeled_batch else [])
-        self.rng = np.random.default_rng(seed)
+        self.rngs = {stream: numpy_stream(seed, f"{stream}_batches") for stream in STREAMS}
         self.queues: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
         # rot90 keeps the patch shape only when the two rotated axes have equal length.
         self.can_rotate = self.patch[0] == self.patch[1]
@@ -212,12 +217,12 @@ class PatchSampler:
     def _take(self, stream: str, count: int, pool_size: int) -> list[int]:
         queue = self.queues[stream]
         while len(queue) < count:
-            queue.extend(int(i) for i in self.rng.permutation(pool_size))
+            queue.extend(int(i) for i in self.rngs[stream].permutation(pool_size))
         taken, self.queues[stream] = queue[:count], queue[count:]
         return taken
 
-    def _crop(self, image: torch.Tensor, label: torch.Tensor | None):
-        starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(image.shape[1:], self.patch)]
+    def _crop(self, rng: np.random.Generator, image: torch.Tensor, label: torch.Tensor | None):
+        starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(image.shape[1:], self.patch)]
         region = tuple(slice(st, st + p) for st, p in zip(starts, self.patch))
         return image[(slice(None), *region)], (label[region] if label is not None else None)
 
@@ -228,17 +233,17 @@ class PatchSampler:
             self._rotations[angle] = index.clamp(min=0), index >= 0
         return self._rotations[angle]
 
-    def _augment(self, image: torch.Tensor, label: torch.Tensor | None):
-        if self.augmentation == "rot_flip_or_rotate" and self.rng.random() >= 0.5:
-            index, inside = self._rotation(int(self.rng.integers(*ROTATION_DEGREES)))
+    def _augment(self, rng: np.random.Generator, image: torch.Tensor, label: torch.Tensor | None):
+        if self.augmentation == "rot_flip_or_rotate" and rng.random() >= 0.5:
+            index, inside = self._rotation(int(rng.integers(*ROTATION_DEGREES)))
             # the first two spatial axes rotate; a third (3D patches) goes along unchanged
             inside = inside.view(*inside.shape, *[1] * (image.dim() - 3))
             image = torch.where(inside, image.flatten(1, 2)[:, index], 0)
             if label is not None:
                 label = torch.where(inside, label.flatten(0, 1)[index], 0)
             return image, label
-        k = int(self.rng.integers(0, 4)) if self.can_rotate else 0
-        axis = int(self.rng.integers(0, 2))
+        k = int(rng.integers(0, 4)) if self.can_rotate else 0
+        axis = int(rng.integers(0, 2))
         image = torch.flip(torch.rot90(image, k, dims=(1, 2)), dims=(axis + 1,))
         if label is not None:
             label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(axis,))
@@ -248,22 +253,32 @@ class PatchSampler:
         """(labeled images float32, their labels int64, unlabeled images float32 or None), on
         the sampler's device."""
         images, labels = [], []
+        rng = self.rngs["labeled"]
         for i in self._take("labeled", self.labeled_batch, len(self.labeled_images)):
-            image, label = self._augment(*self._crop(self.labeled_images[i], self.labeled_labels[i]))
+            image, label = self._augment(rng, *self._crop(rng, self.labeled_images[i],
+                                                          self.labeled_labels[i]))
             images.append(image)
             labels.append(label)
         unlabeled = None
         if self.unlabeled_batch:
+            rng = self.rngs["unlabeled"]
             picks = self._take("unlabeled", self.unlabeled_batch, len(self.unlabeled_images))
-            unlabeled = torch.stack([self._augment(*self._crop(self.unlabeled_images[i], None))[0]
+            unlabeled = torch.stack([self._augment(rng, *self._crop(rng, self.unlabeled_images[i],
+                                                                    None))[0]
                                      for i in picks])
         return torch.stack(images), torch.stack(labels).long(), unlabeled
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "queues": {k: list(v) for k, v in self.queues.items()}}
+        return {"rngs": {k: rng.bit_generator.state for k, rng in self.rngs.items()},
+                "queues": {k: list(v) for k, v in self.queues.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
+        if set(state.get("rngs", ())) != set(STREAMS):
+            raise ValueError(f"sampler state: expected the RNG states of the streams "
+                             f"{', '.join(STREAMS)}, got keys {', '.join(map(str, state))} "
+                             "(a checkpoint of an older version?)")
+        for stream, rng_state in state["rngs"].items():
+            self.rngs[stream].bit_generator.state = rng_state
         self.queues = {k: list(v) for k, v in state["queues"].items()}
 
 

@@ -43,6 +43,7 @@ from agcl.engine.recipe import resolve_recipe
 from agcl.inference import dice_per_class, eval_window, predict_case
 from agcl.methods.base import Batch
 from agcl.numerics import cpu_numerics
+from agcl.random_streams import RandomStreams, building, seed_globals
 from agcl.runfolder import (
     BEST,
     FINAL,
@@ -323,6 +324,11 @@ class Trainer:
                     raise RunMismatchError(
                         f"{self.folder.file(LAST)} belongs to another run: {'; '.join(diffs)}. "
                         "Use another --out folder, or pass --force to discard it and start over")
+                if "streams" not in saved:
+                    raise RunMismatchError(
+                        f"{self.folder.file(LAST)} was written by an older version (no random "
+                        "stream states, expected key 'streams'): it cannot resume exactly. Pass "
+                        "--force to discard it and start over")
             parts = self._prepare()
             # Only now, with data, method and optimiser ready, is anything old removed: a fresh
             # start (or --force) leaves nothing stale beside the new run.
@@ -337,9 +343,12 @@ class Trainer:
         processed = self.layout.processed(self.dataset)
         data = load_training_set(processed, split, self.ratio_tag, self.train_cfg["patch"])
         val_cases = load_cases(processed, split["val"]) if split["val"] else []
-        method = self.method_cls(self.spec, self.hparams, self.dcfg["net"],
-                                 self.stages[-1].iterations).to(self.device)
-        if self.init_perturbation == "ulp":
+        # The method's named random streams (agcl.random_streams), checkpointed with the run.
+        streams = RandomStreams(self.seed)
+        with building(streams):
+            method = self.method_cls(self.spec, self.hparams, self.dcfg["net"],
+                                     self.stages[-1].iterations).to(self.device)
+        if self.init_perturbation == "ulp":  # deterministic: draws no random number
             perturb_one_ulp(method)
         if self.train_cfg["channels_last"]:
             # Applies to the conv weights of the spatial rank (4-D for 2D nets, 5-D for 3D ones).
@@ -350,6 +359,7 @@ class Trainer:
                                        training_set_bytes(data, unlabeled=unlabeled_bs > 0))
         return {
             "split": split, "data": data, "val_cases": val_cases, "method": method,
+            "streams": streams,
             "sampler": PatchSampler(data, self.train_cfg["patch"], labeled_bs, unlabeled_bs,
                                     self.seed, self.augmentation, device=self.data_device),
             "optimizer": torch.optim.SGD(method.trainable_parameters(), lr=self.train_cfg["lr"],
@@ -362,6 +372,7 @@ class Trainer:
     def _train(self, parts: dict, resume: dict | None) -> dict:
         split, data, val_cases, method = (parts[k] for k in ("split", "data", "val_cases", "method"))
         sampler, optimizer, scaler = parts["sampler"], parts["optimizer"], parts["scaler"]
+        streams = parts["streams"]
         state = {"step": 0, "stage": 0, "best_val": -math.inf, "best_step": None,
                  "run_id": uuid.uuid4().hex, "train_seconds": 0.0, "stage_start_seconds": 0.0,
                  "resumed_at": [],
@@ -372,6 +383,7 @@ class Trainer:
             scaler.load_state_dict(resume["scaler"])
             sampler.load_state_dict(resume["sampler"])
             checkpoint.set_rng_states(resume["rng"])
+            streams.load_state_dict(resume["streams"])
             state = resume["state"]
             state["resumed_at"].append(state["step"])
             log.info("resuming %s at step %d", self.out, state["step"])
@@ -427,7 +439,8 @@ class Trainer:
                         "identity": self.identity, "settings": self.settings,
                         "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
-                        "rng": checkpoint.rng_states(), "state": state,
+                        "rng": checkpoint.rng_states(), "streams": streams.state_dict(),
+                        "state": state,
                     }, resume_step=saved_step)
                     saved_step = state["step"]
         if board is not None:
@@ -501,6 +514,9 @@ class Trainer:
         finite (GradScaler's fp16 step reads its own): the skip decision must precede the update.
         """
         tic = time.perf_counter()
+        # Dropout and any draw without a stream start each step from (seed, step), whatever
+        # other methods (or earlier steps) drew: common random numbers across methods.
+        seed_globals(self.seed, state["step"])
         x_l, y_l, x_u = sampler.next_batch()
         channels_last = self.train_cfg["channels_last"]
         batch = Batch(_to_device(x_l, self.device, channels_last), _to_device(y_l, self.device),

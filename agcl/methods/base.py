@@ -3,6 +3,22 @@
 A method owns its networks (student, and a teacher where it has one) and turns one two-stream
 batch into a loss (`train_step`). The engine owns backward, AMP, the optimiser, the schedule,
 checkpoints and validation, so method files never call `.backward()` (USB's split).
+
+Randomness: a method draws from named streams, `self.streams` (agcl.random_streams.RandomStreams
+of the run's seed), so that two methods at one seed see the same batches, box masks and dropout
+masks, and a draw of its own never shifts another method's:
+
+    g = self.streams.torch("my_noise", x.device)      # a torch.Generator on x's device
+    noise = torch.randn(x.shape, generator=g, device=x.device)
+    start = int(self.streams.numpy("my_box").integers(0, 10))  # host draw, no device sync
+    with self.streams.seeded("my_head"):               # init drawing from torch's global RNG
+        self.head = nn.Linear(8, 8)
+
+Pick a new purpose name for a draw only your method makes; reuse a base method's purpose (BCP's
+"box_mask") for a draw that should match it. The engine checkpoints the streams (resume stays
+exact) and re-seeds the global RNGs before every step from (seed, step), so dropout and anything
+drawn without a stream is aligned per step. Built outside the engine (tests), a method's streams
+follow torch.initial_seed().
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ from torch import nn
 
 from agcl.data.specs import DatasetSpec
 from agcl.nets import build
+from agcl.random_streams import streams_for_new_method
 
 
 @dataclass
@@ -93,6 +110,7 @@ class Method(nn.Module):
     def __init__(self, spec: DatasetSpec, hparams: dict[str, Any], net_kwargs: dict[str, Any],
                  total_iterations: int):
         super().__init__()
+        self.streams = streams_for_new_method()  # see the module docstring
         self.spec = spec
         self.hparams = hparams
         self.total_iterations = total_iterations

@@ -45,26 +45,24 @@ from baselines.bcp import BCP, MixedPair, constant_ema
 
 AGCL_VIEWS = ("mixed", "separate")
 AGCL_WEIGHTS = ("w_reg", "w_pl", "w_rw")
-# A fixed offset from the run's seed for the head and queue initialisation, drawn on a forked
-# RNG: the run's own random stream (masks, dropout) is the same as BCP's.
-HEAD_SEED_OFFSET = 7919
 
 
 def strong_intensity_view(x: torch.Tensor, contrast: float, brightness: float,
-                          noise: float) -> torch.Tensor:
+                          noise: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per image and channel: mean + c (x - mean) + b std + clip(N(0, noise std), +-2 noise std).
 
     c ~ U(1 - contrast, 1 + contrast), b ~ U(-brightness, brightness); std of the image itself, so
     the same settings suit z-scored LA and [0, 1] ACDC. Clipped noise as UA-MT's teacher input
-    noise.
+    noise. Drawn from `generator` (on x's device; None: the global RNG).
     """
     dims = tuple(range(2, x.ndim))
     mean = x.mean(dims, keepdim=True)
     std = x.std(dims, keepdim=True).clamp_min(1e-6)
     stat_shape = mean.shape
-    c = 1.0 + contrast * (2 * torch.rand(stat_shape, device=x.device) - 1)
-    b = brightness * (2 * torch.rand(stat_shape, device=x.device) - 1)
-    eps = (torch.randn_like(x) * noise).clamp(-2 * noise, 2 * noise)
+    draw = {"generator": generator, "device": x.device, "dtype": x.dtype}
+    c = 1.0 + contrast * (2 * torch.rand(stat_shape, **draw) - 1)
+    b = brightness * (2 * torch.rand(stat_shape, **draw) - 1)
+    eps = (torch.randn(x.shape, **draw) * noise).clamp(-2 * noise, 2 * noise)
     return mean + c * (x - mean) + (b + eps) * std
 
 
@@ -126,8 +124,8 @@ class SemiAGCL(BCP):
         width = self.student.feature_channels
         hidden = hparams["proj_hidden_channels"] or 4 * width
         dim = hparams["proj_dim"] or 2 * width
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch.initial_seed() + HEAD_SEED_OFFSET)
+        # A stream of its own, so the global RNG after construction is BCP's.
+        with self.streams.seeded("projection_head"):
             self.head = ProjectionHead(width, hidden, dim, spatial_dims=self.student.spatial_dims)
             queue = F.normalize(torch.randn(hparams["queue_length"], dim), dim=1)
         self.teacher_head = make_ema_teacher(self.head)
@@ -162,7 +160,7 @@ class SemiAGCL(BCP):
     def _strong(self, x: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
         return strong_intensity_view(x, hp["strong_contrast"], hp["strong_brightness"],
-                                     hp["strong_noise"])
+                                     hp["strong_noise"], self.streams.torch("strong_view", x.device))
 
     def extra_loss(self, pairs: list[MixedPair], step: int):
         if not self.agcl_active:
@@ -257,10 +255,12 @@ class SemiAGCL(BCP):
         queue_sim = q @ queue.T
         loss_reg = L.info_nce_from_similarities(pos_sim, queue_sim, hp["tau"], allowed)
 
-        idx_i, idx_j, mixed_ok = L.hard_negative_pairs(queue_sim, allowed, hp["n_hard_candidates"],
-                                                       hp["n_mixed_negatives"])
+        idx_i, idx_j, mixed_ok = L.hard_negative_pairs(
+            queue_sim, allowed, hp["n_hard_candidates"], hp["n_mixed_negatives"],
+            self.streams.torch("hard_negatives", q.device))
         coeff = L.mix_coefficients(hp["mix_coefficient"], torch.diagonal(affinity),
-                                   hp["n_mixed_negatives"])
+                                   hp["n_mixed_negatives"],
+                                   self.streams.torch("mix_coefficients", q.device))
         hard = L.mix_hard_negatives(queue[idx_i], queue[idx_j], coeff)
         hard_sim = torch.einsum("md,mnd->mn", q, hard)
         loss_rw = L.info_nce_from_similarities(pos_sim, torch.cat([queue_sim, hard_sim], 1),
