@@ -491,6 +491,16 @@ def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_proje
             overrides={"pretrain_iterations": 2}).run()
     on = torch.load(Path("runs/on") / FINAL, weights_only=False)["state_dict"]
     assert any(not torch.equal(on[k], v) for k, v in base.items())
+    # train_log.csv carries the anchors of each class and the queue fill of the main stage
+    import csv
+
+    from agcl.runfolder import LOG_CSV
+
+    with open(Path("runs/on") / LOG_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    main = [r for r in rows if r.get("anchors_class0")]
+    assert main and {"anchors_class0", "anchors_class1", "queue_fill"} <= set(rows[0])
+    assert float(main[-1]["queue_fill"]) > 0
 
 
 # ---------------------------------------------------------------------------------------------
