@@ -160,3 +160,18 @@ def test_projection_head_outputs_unit_vectors_per_position(spatial_dims, shape):
 def test_projection_head_rejects_1d():
     with pytest.raises(ValueError, match="spatial_dims: expected 2 or 3, got 1"):
         ProjectionHead(8, spatial_dims=1)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_projection_head_embeds_each_position_on_its_own(spatial_dims):
+    # No batch statistics: a patch's embedding is the same alone, beside another patch or in a
+    # batch, in train mode (a BatchNorm over 2 patches made their embeddings complementary).
+    torch.manual_seed(0)
+    head = ProjectionHead(8, hidden_channels=16, out_channels=5, spatial_dims=spatial_dims).train()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules())
+    tail = [1] * (spatial_dims - 1)
+    pair = torch.randn(1, 8, 2, *tail)
+    both = head(pair)
+    alone = torch.cat([head(pair[:, :, :1]), head(pair[:, :, 1:])], dim=2)
+    torch.testing.assert_close(both, alone)
+    assert (both[:, :, 0] + both[:, :, 1]).abs().max() > 1e-3  # not the +-1 complement

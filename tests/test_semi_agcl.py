@@ -70,6 +70,46 @@ def test_patch_coverage_counts_the_weighted_fraction():
     torch.testing.assert_close(L.patch_coverage(weight, 2), torch.tensor([[1.0, 0.5, 0.5, 0.25]]))
 
 
+def reference_patch_mean(x, patch, weight):
+    """The straightforward weighted patch mean: autograd through avg_pool of x w and of w."""
+    pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
+    return (pool(x * weight, patch, patch) / pool(weight, patch, patch).clamp_min(1e-6)).flatten(2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 13, 10), (2, 5, 11, 8, 9), (1, 4, 8, 8, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weighted_patch_mean_and_its_gradient_match_the_reference(shape, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[x.ndim])
+    weight = (torch.rand((shape[0], 1, *shape[2:]), generator=g) > 0.4).double()
+    weight[0, 0, :4] = 0.0  # some patches without weight: mean 0 there, no gradient
+    upstream = torch.randn((shape[0], shape[1], math.prod(s // 4 for s in shape[2:])),
+                           generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (L.patch_mean, reference_patch_mean):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf, 4, weight)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert grads[0][1].stride() == x.stride()  # the gradient comes back in x's memory layout
+    # voxels past the last whole patch get no gradient
+    assert (grads[0][1][:, :, 4 * (shape[2] // 4):] == 0).all()
+    leaf = x[:1, :2, :8, :8].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: L.patch_mean(t, 4, weight[:1, :, :8, :8]), (leaf,))
+
+
+def test_patch_sum_of_a_channels_last_map_is_the_plain_sum():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    expected = x.view(2, 3, 2, 2, 2, 2).sum((3, 5)).flatten(2)
+    torch.testing.assert_close(L.patch_sum(x.contiguous(memory_format=torch.channels_last), 2),
+                               expected)
+    torch.testing.assert_close(L.patch_sum(x, 2), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Patch sampling
 
@@ -400,7 +440,12 @@ def test_bad_hparams_and_batches_are_clear_errors():
 
 def test_dataset_defaults():
     cls = get_method("semi_agcl")
-    assert cls.hparams_for("la")["patch_size"] == 16 and cls.hparams_for("acdc")["patch_size"] == 32
+    assert all(cls.hparams_for(d)["patch_size"] == "auto" for d in ("la", "acdc", "crag"))
+    # auto = shortest side // 8: the paper's 32 on ACDC 256x256, 10 on LA 112x112x80
+    assert L.resolve_patch_size("auto", (256, 256)) == 32
+    assert L.resolve_patch_size("auto", (112, 112, 80)) == 10
+    assert L.resolve_patch_size("auto", (48, 48)) == 6 and L.resolve_patch_size("auto", (5, 9)) == 1
+    assert L.resolve_patch_size(12, (48, 48)) == 12
     assert cls.hparams_for("acdc")["pretrain_iterations"] == 10000  # BCP's, inherited
     assert cls.hparams_for("la")["tau"] == 0.07 and cls.hparams_for("la")["ema_decay"] == 0.99
 
@@ -446,3 +491,111 @@ def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_proje
             overrides={"pretrain_iterations": 2}).run()
     on = torch.load(Path("runs/on") / FINAL, weights_only=False)["state_dict"]
     assert any(not torch.equal(on[k], v) for k, v in base.items())
+    # train_log.csv carries the anchors of each class and the queue fill of the main stage
+    import csv
+
+    from agcl.runfolder import LOG_CSV
+
+    with open(Path("runs/on") / LOG_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    main = [r for r in rows if r.get("anchors_class0")]
+    assert main and {"anchors_class0", "anchors_class1", "queue_fill"} <= set(rows[0])
+    assert float(main[-1]["queue_fill"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch geometry, checked with the config
+
+CPU_TRAIN = {"patch": [48, 48], "batch_size": 8, "labeled_batch_size": 4, "iterations": 1000}
+WHERE = "datasets.acdc.hparams.semi_agcl"
+
+
+def geometry(dataset="acdc", train=None, **hparams):
+    from agcl.methods.semi_agcl import patch_geometry
+
+    cls = get_method("semi_agcl")
+    spec = get_spec(dataset)
+    hp = cls.hparams_for(dataset, hparams)
+    train = {**CPU_TRAIN, **(train or {})}
+    return patch_geometry(hp, train, spec.num_classes), cls.check_recipe(hp, train, spec)
+
+
+def test_patch_geometry_by_hand():
+    # 32 on 48x48: one whole patch per image; 2 unlabeled images per mix -> 2 kept a step
+    geo, problems = geometry(patch_size=32)
+    assert (geo["grid"], geo["per_image"], geo["kept"], geo["per_class"]) == ([1, 1], 1, 2, 0)
+    assert problems == [(f"patch_size 32 on a 48x48 crop gives 1 patch per image (needs >= 16): "
+                         f"set {WHERE}.patch_size <= 12")]  # 48 // 12 = 4 -> 16; 48 // 13 = 3 -> 9
+    # 8 on 48x48: a 6x6 grid, 2 x 36 = 72 kept, 18 per class of 4 > the 64 // 4 = 16 quota
+    geo, problems = geometry(patch_size=8, rampup=5, rampup_epoch_iterations=10)
+    assert (geo["per_image"], geo["kept"], geo["per_class"], geo["keys"]) == (36, 72, 16, 64)
+    assert geo["fill_steps"] == 32 and geo["fill_by"] == 50 and problems == []
+    # auto: 48 // 8 = 6, an 8x8 grid; LA's paper crop 112x112x80 -> 10, an 11x11x8 grid
+    assert geometry()[0]["patch"] == 6 and geometry()[0]["per_image"] == 64
+    la, _ = geometry("la", {"patch": [112, 112, 80]})
+    assert (la["patch"], la["grid"], la["per_image"], la["kept"]) == (10, [11, 11, 8], 968, 1936)
+    assert (la["quota"], la["keys"]) == (32, 64)  # 2 classes: 64 // 2 anchors each
+    # Only patches no box face crosses are sure above coverage 0.5: 64 - 2 x 8 - 2 x 8 = 32
+    assert geometry(min_patch_coverage=0.75)[0]["kept"] == 2 * 32
+    assert geometry(agcl_view="separate")[0]["kept"] == 4 * 64  # whole unlabeled images
+
+
+def test_queue_that_cannot_fill_before_the_ramp_ends_is_refused():
+    _, problems = geometry(queue_length=4096, rampup=5, rampup_epoch_iterations=10)
+    assert problems == [(
+        f"queue_length 4096 at 64 keys per step (at most) fills after 64 steps, but the ramp ends "
+        f"at step 50 (rampup 5 x rampup_epoch_iterations 10): set {WHERE}.queue_length <= 3200 "
+        f"or a longer ramp")]
+    _, problems = geometry(train={"iterations": 200}, rampup=0)  # 2048 / 64 = 32 > 20 steps
+    assert len(problems) == 1 and "with rampup 0 it must fill within 10% of the 200 main-stage " \
+        f"iterations (20 steps): set {WHERE}.queue_length <= 1280" in problems[0]
+    assert geometry(train={"iterations": 200}, rampup=0, queue_length=1280)[1] == []
+
+
+def test_too_few_anchors_per_class_is_refused():
+    _, problems = geometry(n_patches=8)
+    assert problems == [(f"n_patches 8 over 4 classes gives 2 anchors per class (needs >= 4): "
+                         f"set {WHERE}.n_patches >= 16")]
+    # Coverage 0.75, batch 4 (1 unlabeled image per mix), 12 on 48: a 4x4 grid whose every patch
+    # a box face may cross (16 - 2 x 4 - 2 x 4 = 0 sure). Patch 6 (8x8: 64 - 32 = 32, 8 a class)
+    # passes, 7 (6x6: 36 - 24 = 12, 3 a class) does not.
+    _, problems = geometry(train={"batch_size": 4, "labeled_batch_size": 2}, patch_size=12,
+                           min_patch_coverage=0.75)
+    assert len(problems) == 1 and "keeps about 0 patches per step, 0 per class" in problems[0]
+    assert problems[0].endswith(f"set {WHERE}.patch_size <= 6")
+
+
+def test_geometry_is_not_checked_when_no_agcl_term_is_on():
+    assert geometry(patch_size=32, w_reg=0.0, w_pl=0.0, w_rw=0.0)[1] == []
+
+
+def test_agcl_train_refuses_a_bad_geometry_and_every_shipped_config_passes():
+    from pathlib import Path
+
+    from agcl.config import ConfigError, load_config
+    from agcl.engine.recipe import resolve_recipe
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    study = load_config(root / "cpu_study.yaml")
+    with pytest.raises(ConfigError, match=r"datasets\.acdc: semi_agcl: patch_size 32 on a 48x48 "
+                       r"crop gives 1 patch per image \(needs >= 16\): set datasets\.acdc\."
+                       r"hparams\.semi_agcl\.patch_size <= 12"):
+        resolve_recipe(study, "acdc", "semi_agcl", overrides={"patch_size": 32})
+    shipped = [("demo.yaml",), ("cpu_study.yaml",), ("cpu_study.yaml", "cpu_study_terms.yaml"),
+               ("config.yaml",), ("reference.yaml",), ("config.yaml", "ablations.yaml")]
+    for files in shipped:
+        config = load_config(*(root / f for f in files))
+        for dataset in config["datasets"]:
+            for method in config["methods"]:
+                if method.startswith("semi_agcl"):
+                    resolve_recipe(config, dataset, method)  # raises on a bad geometry
+
+
+def test_anchors_per_class_and_queue_fill_are_logged_as_tensors():
+    method = tiny_method("acdc")
+    _, logs = method.train_step(tiny_batch("acdc"), 0)
+    counts = [logs[f"anchors_class{k}"] for k in range(4)]
+    assert all(torch.is_tensor(c) and not c.requires_grad for c in counts)
+    assert float(sum(counts)) == pytest.approx(float(logs["n_anchors"])) and float(counts[0]) > 0
+    # the queue started empty and holds this step's keys now: one per anchor
+    assert float(logs["queue_fill"]) == pytest.approx(float(logs["n_anchors"]) / 64)

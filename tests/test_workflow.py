@@ -63,6 +63,19 @@ def test_bad_config_stops_snakemake_naming_the_key(tmp_path):
     assert "['datasets']['la']['train']['iterations']" in out.stdout + out.stderr
 
 
+def test_a_patch_geometry_that_cannot_work_stops_the_dag_build(tmp_path):
+    # The CPU study's 48x48 crops with the paper's 32-pixel patches: refused at parse time, with
+    # the numbers and the fix, before any job (semi_agcl is the last run of the grid to train).
+    overlay = tmp_path / "patch32.yaml"
+    overlay.write_text("datasets:\n  acdc:\n    hparams:\n      semi_agcl: {patch_size: 32}\n")
+    out = snakemake("-n", "--configfile", "config/cpu_study.yaml", str(overlay), "--cores", "1",
+                    "--directory", str(tmp_path), "--snakefile", str(REPO / "Snakefile"))
+    assert out.returncode != 0
+    assert ("datasets.acdc: semi_agcl: patch_size 32 on a 48x48 crop gives 1 patch per image "
+            "(needs >= 16): set datasets.acdc.hparams.semi_agcl.patch_size <= 12"
+            ) in out.stdout + out.stderr
+
+
 def dry_run_commands(*args, cwd):
     out = snakemake("-n", "-p", "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
                     "--directory", str(cwd), *args)

@@ -102,6 +102,9 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     stages = method_cls.stages(hparams, train_cfg)
     for stage in stages:
         positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
+    problems = method_cls.check_recipe(hparams, train_cfg, spec)
+    if problems:
+        raise ConfigError(f"datasets.{dataset}: {method}: " + "; ".join(problems))
     eval_patch, eval_stride = eval_window(dcfg["eval"], train_cfg["patch"])
     # Everything that decides the weights a run ends with.
     settings = {

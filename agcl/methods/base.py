@@ -102,6 +102,15 @@ class Method(nn.Module):
         it here."""
         return [Stage(MAIN, train_cfg["iterations"], {k: train_cfg[k] for k in SCHEDULE_KEYS})]
 
+    @classmethod
+    def check_recipe(cls, hparams: dict[str, Any], train_cfg: dict[str, Any],
+                     spec: DatasetSpec) -> list[str]:
+        """What makes this resolved recipe unable to train as the method means it (e.g. Semi-AGCL's
+        patch geometry on a small crop), one message per problem naming the key, the numbers and
+        the fix; [] when fine (the default: no check). resolve_recipe calls it, so `agcl train`
+        and the Snakefile's DAG build refuse such a config before any job runs."""
+        return []
+
     def start_stage(self, name: str, fresh: bool) -> None:
         """Called by the engine before the first step of every stage, and again after a resume
         (fresh=False: the weights come from the checkpoint, only the mode is set)."""

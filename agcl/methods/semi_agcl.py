@@ -32,6 +32,7 @@ the main stage).
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,10 @@ class SemiAGCL(BCP):
         "strong_contrast": 0.2,  # contrast factor in [0.8, 1.2]: mild, keeps anatomy readable
         "strong_brightness": 0.1,  # shift of +-0.1 image std
         "strong_noise": 0.1,  # Gaussian noise 0.1 std clipped at 0.2 (UA-MT's teacher noise)
-        "patch_size": 16,  # LA 112x112x80 -> 7x7x5 patches of 16^3
+        # auto: the shortest crop side // 8 (agcl_losses.resolve_patch_size): ACDC / CRAG
+        # 256x256 -> 32, the paper's 8x8 grid; LA 112x112x80 -> 10, an 11x11x8 grid of 1000-voxel
+        # patches (an ACDC patch has 1024 pixels); a 48x48 CPU crop -> 6. Or an int.
+        "patch_size": "auto",
         "min_patch_coverage": 0.5,  # a patch counts if >= half of its voxels are unlabeled-image
         "n_patches": 64,  # anchors per step, split evenly over classes; 64x64 graph, cheap SVD
         "patch_similarity": "entropy",  # ablation: entropy (paper) | cosine | class_confidence
@@ -101,6 +105,7 @@ class SemiAGCL(BCP):
         "nuclear_norm": True,  # ablation: the nuclear-norm term of Eq 3 on / off
         "tau": 0.07,  # MoCo temperature
         "queue_length": 2048,  # 32 steps of 64 keys, well inside the EMA teacher's ~100-step memory
+        # (check_recipe refuses a queue that cannot fill before the ramp ends)
         "n_hard_candidates": 32,  # hardest allowed queue keys that Eq 6 mixes from (MoCHi's N)
         "n_mixed_negatives": 16,  # Eq 6 synthetic negatives per anchor (MoCHi's s)
         "mix_coefficient": "affinity",  # ablation: affinity (A_ii, paper) | half | random
@@ -113,14 +118,27 @@ class SemiAGCL(BCP):
     default_hparams = {**BCP.default_hparams, **agcl_hparams}
     dataset_hparams = {
         "la": dict(BCP.dataset_hparams.get("la", {})),
-        "acdc": {**BCP.dataset_hparams["acdc"], "patch_size": 32, "rampup": 20},
-        "crag": {**BCP.dataset_hparams["crag"], "patch_size": 32, "rampup": 20},
+        "acdc": {**BCP.dataset_hparams["acdc"], "rampup": 20},
+        "crag": {**BCP.dataset_hparams["crag"], "rampup": 20},
     }
     _CHOICES = {**BCP._CHOICES, "agcl_view": AGCL_VIEWS, "patch_similarity": L.PATCH_SIMILARITIES,
                 "kernel": L.KERNELS, "mix_coefficient": L.MIX_COEFFICIENTS}
 
+    @classmethod
+    def check_recipe(cls, hparams, train_cfg, spec) -> list[str]:
+        """The patch geometry of this recipe, refused where it cannot give the AGCL terms enough
+        patches, anchors or queue keys (thresholds and estimates at `patch_geometry`)."""
+        if not any(hparams[w] > 0 for w in AGCL_WEIGHTS):
+            return []  # no AGCL term: trains as bcp whatever the geometry
+        return geometry_problems(hparams, train_cfg, spec.num_classes,
+                                 f"datasets.{spec.name}.hparams.{cls.name}")
+
     def __init__(self, spec, hparams, net_kwargs, total_iterations):
         super().__init__(spec, hparams, net_kwargs, total_iterations)
+        patch = hparams["patch_size"]
+        if patch != "auto" and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
+            raise ValueError(f"{self.name} hparam patch_size: expected a positive integer or auto, "
+                             f"got {patch!r}")
         width = self.student.feature_channels
         hidden = hparams["proj_hidden_channels"] or 4 * width
         dim = hparams["proj_dim"] or 2 * width
@@ -198,17 +216,18 @@ class SemiAGCL(BCP):
         """Per-patch means over the unlabeled voxels of one mix, one row per patch (image-major):
         coverage, student / teacher class probabilities, student / teacher features (already
         through the heads under project_voxels) and the teacher's Eq 1 entropy."""
-        patch = self.hparams["patch_size"]
+        patch = L.resolve_patch_size(self.hparams["patch_size"], s_logits.shape[2:])
+        weight_sum = L.patch_sum(region.float(), patch)  # one region, five maps: summed once
 
         def pooled(x):
-            return L.flatten_patches(L.patch_mean(x, patch, region))
+            return L.flatten_patches(L.patch_mean(x, patch, region, weight_sum))
 
-        stats = {"coverage": L.patch_coverage(region, patch).flatten(),
+        stats = {"coverage": (weight_sum / patch ** (region.ndim - 2)).flatten(),
                  "y_s": pooled(torch.softmax(s_logits.float(), 1)), "q": pooled(s_feats.float())}
         with torch.no_grad():
             stats["y_t"] = pooled(t_probs)
             stats["keys"] = pooled(t_feats.float())
-            stats["entropy"] = L.flatten_patches(L.average_patch_entropy(t_probs, patch, region))
+            stats["entropy"] = pooled(L.binary_entropy(t_probs))  # Eq 1 on the unlabeled voxels
         return stats
 
     def _embed(self, head, pooled: torch.Tensor, feature_ndim: int) -> torch.Tensor:
@@ -231,7 +250,8 @@ class SemiAGCL(BCP):
             zero = stats["y_s"].sum() * 0.0
             return {"loss_reg": zero, "loss_pl_agg": zero, "loss_rw_agg": zero,
                     "affinity_trace": zero.detach(), "affinity_nuclear": zero.detach(),
-                    "n_anchors": zero.detach(), "queue_fill": self._queue_fill()}
+                    "n_anchors": zero.detach(), **self._anchor_counts(stats["y_s"][:0, 0]),
+                    "queue_fill": self._queue_fill()}
         y_s = stats["y_s"][keep]
         q = self._embed(self.head, stats["q"][keep], feature_ndim)
         with torch.no_grad():
@@ -270,7 +290,119 @@ class SemiAGCL(BCP):
         return {"loss_reg": loss_reg, "loss_pl_agg": graph["loss"], "loss_rw_agg": loss_rw,
                 "affinity_trace": graph["trace"].detach(),
                 "affinity_nuclear": graph["nuclear"].detach(),
-                "n_anchors": torch.tensor(float(len(anchors))), "queue_fill": self._queue_fill()}
+                "n_anchors": torch.tensor(float(len(anchors))), **self._anchor_counts(labels),
+                "queue_fill": self._queue_fill()}
+
+    def _anchor_counts(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """anchors_class<k>: the step's anchors of each class (device tensors, no host read)."""
+        counts = torch.bincount(labels.detach().long(), minlength=self.spec.num_classes).float()
+        return {f"anchors_class{c}": counts[c] for c in range(self.spec.num_classes)}
 
     def _queue_fill(self) -> torch.Tensor:
         return (self.queue_labels >= 0).float().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch geometry, checked with the config (Method.check_recipe), from the crop and batch alone.
+# Thresholds:
+# - >= 16 patches per image (a 4x4 grid): with fewer, a patch is over 1/16 of the crop and its
+#   mean softmax is that of the whole image, mostly background (32-pixel patches on 48x48 crops:
+#   1 patch per image, 99-100 % background), so the classes Eq 2-7 contrast never form patches.
+# - >= 4 anchors per class per step: the rows of each class in the Eq 3 graph and the keys of
+#   each class the step adds to the queue; with 1-2 the nuclear norm cannot see class structure.
+# - the queue fills by the time the ramp ends (queue_length / keys per step <= ramp steps): the
+#   terms reach full weight on a full queue; at 2 keys a step a 2048-key queue was 5 % full when
+#   the ramp of 50 steps ended. With rampup 0 (full weight from step 1) it must fill within the
+#   first tenth of the main stage.
+MIN_PATCHES_PER_IMAGE = 16
+MIN_ANCHORS_PER_CLASS = 4
+NO_RAMP_FILL_FRACTION = 0.1
+
+
+def patch_geometry(hparams: dict, train_cfg: dict, num_classes: int) -> dict:
+    """What the geometry promises per main-stage step, from crop, batch and hparams (no data).
+
+    Kept patches: both mixes share one box, the unlabeled region is the box in one mix and its
+    complement in the other, so a patch position's two coverages add up to 1: with
+    min_patch_coverage <= 0.5 every position is kept in one of the two mixes, i.e. (unlabeled
+    images per mix) x (patches per image) per step, wherever the box falls. Above 0.5, only the
+    positions no box face crosses are sure (<= 2 grid slabs per axis cross one). The separate
+    view keeps every patch of every unlabeled image. Anchors per class assume an even class split
+    of the kept patches: the best case (background dominates real crops), so the check refuses
+    only what no data could rescue; train_log's anchors_class<k> shows what the data gives.
+    """
+    crop = list(train_cfg["patch"])
+    patch = L.resolve_patch_size(hparams["patch_size"], crop)
+    grid = [size // patch for size in crop]
+    per_image = math.prod(grid)
+    unlabeled = train_cfg["batch_size"] - train_cfg["labeled_batch_size"]
+    per_mix = unlabeled // 2
+    if hparams["agcl_view"] == "separate":
+        kept = unlabeled * per_image
+    elif hparams["min_patch_coverage"] <= 0.5:
+        kept = per_mix * per_image
+    else:
+        crossed = sum(2 * per_image // g for g in grid if g)
+        kept = per_mix * max(0, per_image - crossed)
+    quota = max(1, hparams["n_patches"] // num_classes)  # the sampler's per-class quota
+    per_class = min(quota, kept // num_classes)
+    keys = per_class * num_classes
+    ramp_steps = hparams["rampup"] * hparams["rampup_epoch_iterations"]
+    fill_by = ramp_steps if ramp_steps > 0 else \
+        max(1, math.ceil(NO_RAMP_FILL_FRACTION * train_cfg["iterations"]))
+    fill_steps = math.ceil(hparams["queue_length"] / keys) if keys else math.inf
+    return {"patch": patch, "grid": grid, "per_image": per_image, "per_mix": per_mix,
+            "kept": kept, "quota": quota, "per_class": per_class, "keys": keys,
+            "ramp_steps": ramp_steps, "fill_by": fill_by, "fill_steps": fill_steps}
+
+
+def _largest_patch(hparams: dict, train_cfg: dict, num_classes: int, ok) -> int | None:
+    """The largest patch side whose geometry passes ``ok``, None if not even 1 does."""
+    return next((p for p in range(min(train_cfg["patch"]), 0, -1)
+                 if ok(patch_geometry({**hparams, "patch_size": p}, train_cfg, num_classes))),
+                None)
+
+
+def geometry_problems(hparams: dict, train_cfg: dict, num_classes: int, where: str) -> list[str]:
+    """Each geometry threshold the recipe misses, with its numbers and the fix (`where` is the
+    config block of the method's hparams, e.g. datasets.acdc.hparams.semi_agcl)."""
+    patch = hparams["patch_size"]
+    if patch != "auto" and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
+        return [f"{where}.patch_size: expected a positive integer or auto, got {patch!r}"]
+    crop = list(train_cfg["patch"])
+    geo = patch_geometry(hparams, train_cfg, num_classes)
+    shown = f"patch_size {patch}" + (f" (= {geo['patch']})" if patch == "auto" else "")
+    on = f"on a {'x'.join(map(str, crop))} crop"
+    problems = []
+    if geo["per_image"] < MIN_PATCHES_PER_IMAGE:
+        best = _largest_patch(hparams, train_cfg, num_classes,
+                              lambda g: g["per_image"] >= MIN_PATCHES_PER_IMAGE)
+        fix = f"set {where}.patch_size <= {best}" if best else "train on a larger crop"
+        n = geo["per_image"]
+        problems.append(f"{shown} {on} gives {n} patch{'' if n == 1 else 'es'} per image (needs "
+                        f">= {MIN_PATCHES_PER_IMAGE}): {fix}")
+    if geo["quota"] < MIN_ANCHORS_PER_CLASS:
+        problems.append(f"n_patches {hparams['n_patches']} over {num_classes} classes gives "
+                        f"{geo['quota']} anchors per class (needs >= {MIN_ANCHORS_PER_CLASS}): set "
+                        f"{where}.n_patches >= {MIN_ANCHORS_PER_CLASS * num_classes}")
+    elif geo["per_class"] < MIN_ANCHORS_PER_CLASS and geo["per_image"] >= MIN_PATCHES_PER_IMAGE:
+        best = _largest_patch(hparams, train_cfg, num_classes,
+                              lambda g: g["per_class"] >= MIN_ANCHORS_PER_CLASS)
+        fix = f"set {where}.patch_size <= {best}" if best else "use more unlabeled images a step"
+        problems.append(
+            f"{shown} {on} with {geo['per_mix']} unlabeled image(s) per mix keeps about "
+            f"{geo['kept']} patches per step, {geo['per_class']} per class at an even split of "
+            f"{num_classes} classes (needs >= {MIN_ANCHORS_PER_CLASS} anchors per class): {fix}")
+    if geo["keys"] and geo["per_class"] >= MIN_ANCHORS_PER_CLASS \
+            and geo["fill_steps"] > geo["fill_by"]:
+        if geo["ramp_steps"]:
+            until = (f"the ramp ends at step {geo['ramp_steps']} (rampup {hparams['rampup']} x "
+                     f"rampup_epoch_iterations {hparams['rampup_epoch_iterations']})")
+        else:
+            until = (f"with rampup 0 it must fill within {NO_RAMP_FILL_FRACTION:.0%} of the "
+                     f"{train_cfg['iterations']} main-stage iterations ({geo['fill_by']} steps)")
+        problems.append(
+            f"queue_length {hparams['queue_length']} at {geo['keys']} keys per step (at most) "
+            f"fills after {geo['fill_steps']} steps, but {until}: set {where}.queue_length <= "
+            f"{geo['keys'] * geo['fill_by']} or a longer ramp")
+    return problems
