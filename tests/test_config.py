@@ -113,12 +113,14 @@ def test_cpu_study_is_acdc_every_method_between_the_bounds():
     from agcl.methods.registry import list_methods
 
     config = load_config(REPO_ROOT / "config" / "cpu_study.yaml")
-    assert list(config["datasets"]) == ["acdc"] and config["seeds"] == [0, 1, 2]
+    # at least 8 seeds: the seed is the unit of the statistics (a sign-flip test needs >= 6)
+    assert list(config["datasets"]) == ["acdc"] and config["seeds"] == list(range(8))
     assert set(config["methods"]) == set(list_methods())  # bcp included
+    twins = {"supervised_ulp", "bcp_ulp"}  # the noise floor of the lower bound and of bcp
     runs = expected_runs(config)
-    assert {(m, r) for _, m, r, _ in runs} == {*((m, "0.05") for m in config["methods"]),
+    assert {(m, r) for _, m, r, _ in runs} == {*((m, "0.05") for m in [*config["methods"], *twins]),
                                               ("supervised", "1")}
-    assert len(runs) == 3 * (len(config["methods"]) + 1)
+    assert len(runs) == 8 * (len(config["methods"]) + 1 + len(twins))
 
 
 def test_layered_config_files_merge_like_snakemake(tmp_path):

@@ -99,7 +99,8 @@ def test_layered_configfiles_reach_the_jobs_merged(tmp_path):
     assert config["seeds"] == [3] and config["methods"] == ["supervised"]
     assert config["datasets"]["la"]["train"]["iterations"] == 60  # from demo.yaml
     train_jobs = [line for line in text.splitlines() if "agcl train " in line]
-    assert len(train_jobs) == 3 * 3  # 3 datasets x (0.05, 0.1, 1) x seed 3
+    # 3 datasets x seed 3 x (supervised at 0.05, 0.1, 1 + the demo's noise twin at 0.05, 0.1)
+    assert len(train_jobs) == 3 * (3 + 2)
     assert all("--seed 3" in line for line in train_jobs)
 
 
@@ -121,7 +122,7 @@ def test_paper_grid_without_crag(tmp_path):
 @pytest.mark.parametrize("target,datasets,methods,n_train", [
     ("method_bcp", {"la", "acdc", "crag"}, {"bcp"}, 3 * 2 * 2),
     ("dataset_crag", {"crag"}, {"supervised", "mean_teacher", "ua_mt", "mc_net", "bcp",
-                                "semi_agcl"}, 6 * 2 * 2 + 2),
+                                "semi_agcl", "supervised_ulp"}, 7 * 2 * 2 + 2),
 ])
 def test_named_targets_plan_one_dataset_or_method(tmp_path, target, datasets, methods, n_train):
     # the target before --configfile, which takes every word after it
@@ -176,7 +177,7 @@ def test_a_failed_run_under_keep_going_leaves_a_report_of_the_others(tmp_path):
 
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config.update(seeds=[0], methods=["supervised", "mean_teacher"], ratios=[0.05],
-                  full_supervision=False, run_datasets=["crag"])
+                  full_supervision=False, run_datasets=["crag"], noise_floor={"methods": []})
     crag = config["datasets"]["crag"]
     crag["train"].update(iterations=3, val_every=3, checkpoint_every=3)
     # mean_teacher's weights blow up after its first step, and the run stops on the NaN loss
@@ -235,7 +236,8 @@ def test_cpu_study_terms_overlay_plans_the_variants(tmp_path):
     assert out.returncode == 0, text
     train_jobs = [line.split("agcl train ")[1].split() for line in text.splitlines()
                   if "agcl train " in line]
-    assert len(train_jobs) == 6 * 3  # bcp, semi_agcl and 4 variants x 3 seeds, 5 % only
+    # bcp, semi_agcl, 4 variants and bcp's noise twin x 8 seeds, 5 % only
+    assert len(train_jobs) == (6 + 1) * 8
     assert {job[job.index("--labels") + 1] for job in train_jobs} == {"0.05"}
 
 
