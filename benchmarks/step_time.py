@@ -95,8 +95,10 @@ def sync(device: torch.device) -> None:
 
 
 WHOLE_BATCH = "supervised_whole_batch"
-GOALS = (("semi_agcl", "bcp", 1.10), ("semi_agcl", "supervised", 1.40),
-         ("semi_agcl", WHOLE_BATCH, 1.40), ("bcp", WHOLE_BATCH, None))
+# The one goal: what the AGCL terms add to their base's step (issue 16 retired the ratios to
+# supervised, set for a mean-teacher base; they are printed for information).
+GOALS = (("semi_agcl", "bcp", 1.10), ("semi_agcl", "supervised", None),
+         ("semi_agcl", WHOLE_BATCH, None), ("bcp", WHOLE_BATCH, None))
 
 
 def whole_batch(batch: Batch, num_classes: int, generator: torch.Generator) -> Batch:
