@@ -33,6 +33,14 @@ def resolve_patch_size(patch_size: int | str, spatial) -> int:
     return patch_size
 
 
+def patch_size_problem(patch_size) -> str | None:
+    """What is wrong with a patch_size hyperparameter (None: a positive int, or "auto")."""
+    if patch_size == "auto" or (isinstance(patch_size, int) and not isinstance(patch_size, bool)
+                                and patch_size >= 1):
+        return None
+    return f"patch_size: expected a positive integer or auto, got {patch_size!r}"
+
+
 def _grid(spatial, patch_size: int) -> list[int]:
     if len(spatial) not in (2, 3):
         raise ValueError("patch pooling: expected (B, C, H, W) or (B, C, D, H, W) spatial sizes, "
@@ -142,9 +150,13 @@ def _pool(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patch_sum(x, patch_size) / patch_size ** (x.ndim - 2)
 
 
-def patch_coverage(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Mean of ``weight`` (B, 1, *spatial) within each patch -> (B, n_patches)."""
-    return _pool(weight.float(), patch_size)[:, 0]
+def patch_coverage(weight: torch.Tensor, patch_size: int,
+                   weight_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``weight`` (B, 1, *spatial) within each patch -> (B, n_patches); ``weight_sum``
+    (B, 1, n_patches), its per-patch sum, when the caller has it already."""
+    if weight_sum is None:
+        return _pool(weight.float(), patch_size)[:, 0]
+    return (weight_sum / patch_size ** (weight.ndim - 2))[:, 0]
 
 
 def patch_mean(x: torch.Tensor, patch_size: int, weight: torch.Tensor | None = None,
@@ -169,12 +181,14 @@ def binary_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def average_patch_entropy(probs: torch.Tensor, patch_size: int,
-                          weight: torch.Tensor | None = None) -> torch.Tensor:
+                          weight: torch.Tensor | None = None,
+                          weight_sum: torch.Tensor | None = None) -> torch.Tensor:
     """Eq 1: Ent^k_ij = mean over patch j of the binary entropy of p = probs[i, k].
 
-    probs (B, K, *spatial) softmax -> (B, K, n_patches); ``weight`` as in `patch_mean`.
+    probs (B, K, *spatial) softmax -> (B, K, n_patches); ``weight`` and ``weight_sum`` as in
+    `patch_mean`.
     """
-    return patch_mean(binary_entropy(probs), patch_size, weight)
+    return patch_mean(binary_entropy(probs), patch_size, weight, weight_sum)
 
 
 def flatten_patches(x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,11 @@ AGCL_VIEWS = ("mixed", "separate")
 AGCL_WEIGHTS = ("w_reg", "w_pl", "w_rw")
 
 
+def agcl_terms_on(hparams: dict) -> bool:
+    """Whether any AGCL term has weight (all 0: the method trains exactly as bcp)."""
+    return any(hparams[w] > 0 for w in AGCL_WEIGHTS)
+
+
 def strong_intensity_view(x: torch.Tensor, contrast: float, brightness: float,
                           noise: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per image and channel: mean + c (x - mean) + b std + clip(N(0, noise std), +-2 noise std).
@@ -128,17 +133,16 @@ class SemiAGCL(BCP):
     def check_recipe(cls, hparams, train_cfg, spec) -> list[str]:
         """The patch geometry of this recipe, refused where it cannot give the AGCL terms enough
         patches, anchors or queue keys (thresholds and estimates at `patch_geometry`)."""
-        if not any(hparams[w] > 0 for w in AGCL_WEIGHTS):
+        if not agcl_terms_on(hparams):
             return []  # no AGCL term: trains as bcp whatever the geometry
         return geometry_problems(hparams, train_cfg, spec.num_classes,
                                  f"datasets.{spec.name}.hparams.{cls.name}")
 
     def __init__(self, spec, hparams, net_kwargs, total_iterations):
         super().__init__(spec, hparams, net_kwargs, total_iterations)
-        patch = hparams["patch_size"]
-        if patch != "auto" and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
-            raise ValueError(f"{self.name} hparam patch_size: expected a positive integer or auto, "
-                             f"got {patch!r}")
+        problem = L.patch_size_problem(hparams["patch_size"])
+        if problem:
+            raise ValueError(f"{self.name} hparam {problem}")
         width = self.student.feature_channels
         hidden = hparams["proj_hidden_channels"] or 4 * width
         dim = hparams["proj_dim"] or 2 * width
@@ -154,7 +158,7 @@ class SemiAGCL(BCP):
 
     @property
     def agcl_active(self) -> bool:
-        return any(self.hparams[w] > 0 for w in AGCL_WEIGHTS)
+        return agcl_terms_on(self.hparams)
 
     def trainable_parameters(self):
         return itertools.chain(self.student.parameters(), self.head.parameters())
@@ -222,12 +226,13 @@ class SemiAGCL(BCP):
         def pooled(x):
             return L.flatten_patches(L.patch_mean(x, patch, region, weight_sum))
 
-        stats = {"coverage": (weight_sum / patch ** (region.ndim - 2)).flatten(),
+        stats = {"coverage": L.patch_coverage(region, patch, weight_sum).flatten(),
                  "y_s": pooled(torch.softmax(s_logits.float(), 1)), "q": pooled(s_feats.float())}
         with torch.no_grad():
             stats["y_t"] = pooled(t_probs)
             stats["keys"] = pooled(t_feats.float())
-            stats["entropy"] = pooled(L.binary_entropy(t_probs))  # Eq 1 on the unlabeled voxels
+            stats["entropy"] = L.flatten_patches(  # Eq 1 on the unlabeled voxels
+                L.average_patch_entropy(t_probs, patch, region, weight_sum))
         return stats
 
     def _embed(self, head, pooled: torch.Tensor, feature_ndim: int) -> torch.Tensor:
@@ -367,8 +372,9 @@ def geometry_problems(hparams: dict, train_cfg: dict, num_classes: int, where: s
     """Each geometry threshold the recipe misses, with its numbers and the fix (`where` is the
     config block of the method's hparams, e.g. datasets.acdc.hparams.semi_agcl)."""
     patch = hparams["patch_size"]
-    if patch != "auto" and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
-        return [f"{where}.patch_size: expected a positive integer or auto, got {patch!r}"]
+    problem = L.patch_size_problem(patch)
+    if problem:
+        return [f"{where}.{problem}"]
     crop = list(train_cfg["patch"])
     geo = patch_geometry(hparams, train_cfg, num_classes)
     shown = f"patch_size {patch}" + (f" (= {geo['patch']})" if patch == "auto" else "")
