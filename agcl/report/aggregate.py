@@ -115,6 +115,16 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def methods_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ordinary methods: noise-floor twins (runs.csv / per_case.csv `noise_twin_of`,
+    empty here and read back as NaN from the CSV) are not methods and stay out of the tables,
+    figures and comparisons."""
+    if frame.empty or "noise_twin_of" not in frame:
+        return frame
+    twin_of = frame["noise_twin_of"]
+    return frame[twin_of.isna() | (twin_of.astype(str) == "")]
+
+
 def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path = ".") -> dict:
     """Write the tables every later step (and every user) reads, all computed from per-case rows:
     per_case, runs, summary (mean +- std over seeds), missing, case_means (per case, mean over
@@ -124,8 +134,7 @@ def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path 
     noise_floor."""
     out_dir = Path(out_dir) if out_dir else Layout(config, root).results / "summary"
     cases, runs, missing = collect(config, root)
-    methods_cases = cases[cases["noise_twin_of"] == ""]
-    methods_runs = runs[runs["noise_twin_of"] == ""]
+    methods_cases, methods_runs = methods_only(cases), methods_only(runs)
     summary = summarise(methods_runs, len(config["seeds"]))
     tables = {"per_case": cases, "runs": runs, "summary": summary, "missing": missing,
               "case_means": case_means(methods_cases) if not methods_cases.empty

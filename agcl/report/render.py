@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from agcl.config import Layout, expected_runs, noise_twins
 from agcl.report import figures
+from agcl.report.aggregate import methods_only
 from agcl.report.forest import forest_plot
 from agcl.report.published import (
     dice_jaccard_consistency,
@@ -179,15 +180,6 @@ def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]
             "paper_source": f"{paper['source']}" if paper is not None else "",
         })
     return rows
-
-
-def methods_only(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of ordinary methods: noise-floor twins (runs.csv / per_case.csv `noise_twin_of`) are
-    not methods and stay out of the tables, figures and comparisons."""
-    if frame.empty or "noise_twin_of" not in frame:
-        return frame
-    twin_of = frame["noise_twin_of"]
-    return frame[twin_of.isna() | (twin_of.astype(str) == "")]
 
 
 AMP_TEXT = {"bfloat16": "bf16 autocast", "float16": "fp16 autocast", "off": "fp32 (no autocast)"}
