@@ -12,7 +12,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 # aggregation never disagree (the registry imports torch: Snakemake runs in the agcl env).
 REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))
-from agcl.config import Layout, expected_runs, noise_twins, validate_config  # noqa: E402
+from agcl.config import Layout, expected_runs, validate_config  # noqa: E402
 from agcl.methods.registry import check_config  # noqa: E402
 from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
 
@@ -93,10 +93,9 @@ def _recipe_hash(dataset, method):
 
 # Every recipe of the grid resolved now (config arithmetic, no data): one that cannot train as
 # its method means it (e.g. semi_agcl's patch geometry on a small crop) fails the DAG build with
-# the method's message, not its job hours in. A noise twin trains its method's recipe.
-_TWINS = noise_twins(config)
+# the method's message, not its job hours in (a noise twin resolves its method's recipe).
 for _dataset, _method in sorted({run[:2] for run in RUNS}):
-    _recipe_hash(_dataset, _TWINS.get(_method, _method))
+    _recipe_hash(_dataset, _method)
 
 
 def recipe_hash(wildcards):
