@@ -155,8 +155,21 @@ def cmd_methods(args) -> None:
         print(f"{name:14s} {doc[0] if doc else ''}".rstrip())
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set key=value` pairs; values are parsed as YAML scalars (numbers, bools, lists)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got '{pair}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cmd_train(args) -> None:
-    from agcl.engine.trainer import Trainer, parse_overrides
+    from agcl.engine.trainer import Trainer
 
     _set_threads(args.threads)
     trainer = Trainer(_load_checked_config(args.config), args.dataset, args.method, args.labels,

@@ -31,7 +31,7 @@ import time
 import torch
 
 from agcl.data.specs import get_spec
-from agcl.engine.trainer import channels_last_format
+from agcl.devices import channels_last_format
 from agcl.methods.base import Batch
 from agcl.methods.registry import get_method, list_methods
 

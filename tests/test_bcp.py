@@ -201,7 +201,7 @@ def test_kill_in_either_stage_resumes_to_identical_weights(tiny_project, monkeyp
     original = trainer_module.Trainer._step
 
     def dying(self, *args):
-        if args[-1]["step"] + 1 == kill_at:
+        if args[-1].step + 1 == kill_at:
             raise KeyboardInterrupt
         return original(self, *args)
 

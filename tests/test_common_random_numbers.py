@@ -288,7 +288,7 @@ def test_a_killed_run_drawing_from_method_streams_resumes_to_identical_weights(
     original = trainer_module.Trainer._step
 
     def dying(self, *args):
-        if args[-1]["step"] + 1 == 4:  # past the checkpoint of step 2 (checkpoint_every 2)
+        if args[-1].step + 1 == 4:  # past the checkpoint of step 2 (checkpoint_every 2)
             raise KeyboardInterrupt
         return original(self, *args)
 
@@ -314,7 +314,7 @@ def test_a_checkpoint_without_stream_states_is_refused_by_name(tiny_project, mon
     original = trainer_module.Trainer._step
 
     def dying(self, *args):
-        if args[-1]["step"] + 1 == 4:
+        if args[-1].step + 1 == 4:
             raise KeyboardInterrupt
         return original(self, *args)
 

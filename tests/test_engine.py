@@ -184,7 +184,7 @@ def test_channels_last_changes_the_layout_not_the_model(tiny_project, dataset):
 
 
 def test_first_nonfinite_gradient_names_the_parameter_and_ignores_overflowing_norms():
-    from agcl.engine.trainer import first_nonfinite_gradient
+    from agcl.engine.update import first_nonfinite_gradient
     params = [(f"p{i}", torch.nn.Parameter(torch.zeros(3, 4))) for i in range(3)]
     for _, p in params:
         p.grad = torch.ones_like(p)
@@ -198,7 +198,7 @@ def test_first_nonfinite_gradient_names_the_parameter_and_ignores_overflowing_no
 
 
 def test_gradients_finite_is_one_device_flag():
-    from agcl.engine.trainer import gradients_finite
+    from agcl.engine.update import gradients_finite
 
     params = [(f"p{i}", torch.nn.Parameter(torch.zeros(3))) for i in range(2)]
     assert bool(gradients_finite(params))  # no gradients yet
@@ -211,7 +211,7 @@ def test_gradients_finite_is_one_device_flag():
 
 
 def test_step_log_averages_the_applied_steps_and_reads_once_per_row():
-    from agcl.engine.trainer import StepLog
+    from agcl.engine.logs import StepLog
 
     log = StepLog()
     log.add({"step": 1, "stage": "main", "lr": 0.1, "loss": torch.tensor(1.0),
@@ -263,7 +263,7 @@ def test_a_row_every_k_steps_is_the_mean_of_the_k_per_step_rows(tiny_project):
 def test_the_training_set_goes_to_the_gpu_when_it_fits(monkeypatch):
     from types import SimpleNamespace
 
-    from agcl.engine.trainer import data_device
+    from agcl.devices import data_device
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda:1")
     monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -276,7 +276,7 @@ def test_the_training_set_goes_to_the_gpu_when_it_fits(monkeypatch):
 
 
 def test_deterministic_kernels_by_default_on_the_cpu_and_autotuning_on_cuda(tiny_project):
-    from agcl.engine.trainer import resolve_deterministic
+    from agcl.devices import resolve_deterministic
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
     assert resolve_deterministic("auto", cpu) is True

@@ -15,7 +15,8 @@ from agcl import runfolder
 from agcl.cli import main
 from agcl.config import ConfigError, load_config
 from agcl.engine import trainer as trainer_module
-from agcl.engine.trainer import NonFiniteError, Trainer
+from agcl.engine.trainer import Trainer
+from agcl.engine.update import NonFiniteError
 from agcl.eval.evaluate import evaluate_run
 from agcl.methods.registry import get_method
 from agcl.report.aggregate import aggregate
@@ -59,7 +60,7 @@ def killed_at_step(monkeypatch, step_number: int):
 
     def step(self, *args):
         state = args[-1]
-        if state["step"] + 1 == step_number:
+        if state.step + 1 == step_number:
             raise Killed
         return original(self, *args)
 

@@ -1,5 +1,7 @@
-"""RNG states saved with every resume checkpoint, so a resumed run ends with the same weights as
-an uninterrupted one. The checkpoint files themselves belong to agcl.runfolder."""
+"""What the engine's checkpoints hold: the resume payload (weights, optimiser, sampler, RNG and
+stream states, so a resumed run ends with the same weights as an uninterrupted one), the best
+pre-training state, the inference payload and run.json's metadata. Where the files live and how
+they are written belongs to agcl.runfolder."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import random
 
 import numpy as np
 import torch
+
+from agcl.devices import amp_name
+from agcl.numerics import cpu_numerics
+from agcl.utils import code_version
 
 
 def rng_states() -> dict:
@@ -23,3 +29,92 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def resume_payload(trainer, parts, state) -> dict:
+    """Everything a killed run needs to continue bit-identically (ckpt_last.pt)."""
+    return {
+        "identity": trainer.identity, "settings": trainer.settings,
+        "method": parts.method.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(), "sampler": parts.sampler.state_dict(),
+        "rng": rng_states(), "streams": parts.streams.state_dict(),
+        "state": state.to_dict(),
+    }
+
+
+def restore(parts, saved: dict) -> None:
+    """Load a resume payload into freshly prepared parts."""
+    parts.method.load_state_dict(saved["method"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    parts.sampler.load_state_dict(saved["sampler"])
+    set_rng_states(saved["rng"])
+    parts.streams.load_state_dict(saved["streams"])
+
+
+def pretrain_best_payload(trainer, method, optimizer, state) -> dict:
+    """The best pre-training state, with the optimiser's, which a next stage that keeps it
+    loads with the weights (BCP's ACDC code: save_net_opt at the best val, load_net_opt after)."""
+    return {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": state.step, "run_id": state.run_id, "identity": trainer.identity}
+
+
+def inference_payload(trainer, method, state) -> dict:
+    """What evaluation needs: the inference network alone, how to rebuild it, whose it is."""
+    return {
+        "net_name": method.net_name(trainer.spec),
+        "net_kwargs": dict(trainer.dcfg["net"]),
+        "in_channels": trainer.spec.in_channels,
+        "num_classes": trainer.spec.num_classes,
+        "state_dict": method.inference_net().state_dict(),
+        "step": state.step,
+        "method": trainer.method_name,
+        "identity": trainer.identity,
+        "run_id": state.run_id,
+    }
+
+
+def run_metadata(trainer, parts, state) -> dict:
+    """run.json: what trained, how, on what, and which weights were kept."""
+    method = parts.method
+    return {
+        "run_id": state.run_id,
+        "identity": trainer.identity,
+        "dataset": trainer.dataset,
+        "method": trainer.method_name,
+        "base_method": trainer.method_cls.name,
+        # a noise-floor twin: this method's run again with its initial weights one ulp away
+        "noise_floor_of": trainer.noise_floor_of,
+        "init_perturbation": trainer.init_perturbation,
+        "ratio": trainer.ratio,
+        "seed": trainer.seed,
+        "iterations": trainer.total,
+        "stages": state.stages,
+        "hparams": trainer.hparams,
+        "train": trainer.train_cfg,
+        "net": {"name": trainer.method_cls.net_name(trainer.spec), **trainer.dcfg["net"]},
+        # the evaluated network's, and everything the optimiser updates (e.g. MC-Net+'s
+        # extra decoders, projection heads)
+        "parameters": sum(p.numel() for p in method.inference_net().parameters()),
+        "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
+        "labeled": parts.data.labeled_ids,
+        "n_labeled": len(parts.data.labeled_ids),
+        "n_unlabeled": len(parts.data.unlabeled_ids),
+        "n_val": len(parts.split["val"]),
+        "selection": trainer.selection,
+        "best_val_dice": None if state.best_step is None else state.best_val,
+        "best_val_step": state.best_step,
+        "device": str(trainer.device),
+        "data_on": str(parts.data_device or "host"),
+        "deterministic": trainer.deterministic,
+        "cpu_numerics": cpu_numerics(),
+        "amp": amp_name(trainer.amp_dtype),
+        "train_seconds": state.train_seconds,
+        "resumed_at_steps": state.resumed_at,
+        "nonfinite_policy": trainer.train_cfg["nonfinite"],
+        "skipped_steps": state.skipped,
+        "skipped_step_numbers": state.skipped_steps,
+        "code_version": code_version(),
+        "config_name": trainer.config["name"],
+        "config": trainer.config,
+    }

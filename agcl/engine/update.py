@@ -1,0 +1,122 @@
+"""One parameter update: the learning rate of the step, autocast, backward, the finite check and
+the non-finite policy (skip or stop). The method only computed the loss."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from agcl.methods.base import Batch
+
+log = logging.getLogger("agcl.train")
+
+# How many skipped steps run.json lists by number (all are counted).
+LISTED_SKIPS = 50
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or gradient and the policy says stop."""
+
+
+def learning_rate(schedule: dict, step: int, total: int) -> float:
+    """The lr of `step` of a stage of `total` steps under its schedule (a Stage's `schedule`)."""
+    base = schedule["lr"]
+    if schedule["schedule"] == "step":
+        return base * schedule["gamma"] ** (step // schedule["step_size"])
+    if schedule["schedule"] == "poly":
+        return base * (1.0 - step / total) ** 0.9
+    return base
+
+
+def gradients_finite(named_params) -> torch.Tensor:
+    """A 0-d bool tensor on the device: is every gradient finite? One fused norm over all of
+    them is finite iff they are, barring an overflow of the squares (first_nonfinite_gradient
+    then clears it)."""
+    grads = [p.grad for _, p in named_params if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+
+
+def first_nonfinite_gradient(named_params) -> str | None:
+    """Name of the first parameter whose gradient holds NaN/Inf, checked exactly."""
+    grads = [(name, p.grad) for name, p in named_params if p.grad is not None]
+    if not grads:
+        return None
+    finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
+    if bool(finite.all()):
+        return None
+    return grads[int((~finite).nonzero()[0])][0]
+
+
+def non_finite_problem(loss: torch.Tensor, logs: dict, trainable) -> str | None:
+    """What is not finite, read exactly (None: only the fused gradient norm overflowed)."""
+    if not torch.isfinite(loss):
+        terms = ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+        return f"the loss is {float(loss)} ({terms})"
+    bad = first_nonfinite_gradient(trainable)
+    if bad is not None:
+        return f"the gradient of {bad} is not finite (the loss is {float(loss):.4g})"
+    return None
+
+
+class Updater:
+    """Applies one step's update to a method's trainable parameters, or skips it by policy.
+
+    The step reads one value back from the device, whether the loss and every gradient are
+    finite (GradScaler's fp16 step reads its own): the skip decision must precede the update.
+    """
+
+    def __init__(self, method, optimizer, scaler, *, device: torch.device,
+                 amp_dtype: torch.dtype | None, nonfinite: str, max_consecutive_skips: int,
+                 where: str):
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.where = where  # names the run in errors and warnings
+        names = {id(p): n for n, p in method.named_parameters()}
+        self.trainable = [(names.get(id(p), "?"), p) for p in method.trainable_parameters()]
+
+    def __call__(self, method, batch: Batch, schedule: dict, step: int, stage_iterations: int,
+                 state) -> tuple[float, torch.Tensor, dict, bool]:
+        """(lr, loss, the method's log terms, skipped) of `step` of the current stage; `state`
+        (a TrainingState) counts skips."""
+        lr = learning_rate(schedule, step, stage_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss, logs = method.train_step(batch, step)
+        loss_value = loss.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        finite = torch.isfinite(loss_value)
+        if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN grads itself
+            finite = finite & gradients_finite(self.trainable)
+        problem = None if bool(finite) else non_finite_problem(loss_value, logs, self.trainable)
+        if problem is None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            method.after_optimizer_step(step)
+            state.consecutive_skips = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip(problem, state)
+        return lr, loss_value, logs, problem is not None
+
+    def _skip(self, problem: str, state) -> None:
+        where = f"{self.where}, step {state.step + 1}"
+        if self.nonfinite == "stop":
+            raise NonFiniteError(f"{where}: {problem}; stopping (train.nonfinite: stop)")
+        state.skipped += 1
+        state.consecutive_skips += 1
+        if len(state.skipped_steps) < LISTED_SKIPS:
+            state.skipped_steps.append(state.step + 1)
+        if state.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteError(f"{where}: {problem}; {self.max_consecutive_skips} steps in a "
+                                 "row skipped, stopping (train.max_consecutive_skips)")
+        log.warning("%s: %s; step skipped (train.nonfinite: skip)", where, problem)
