@@ -104,7 +104,7 @@ def test_dice_jaccard_consistency_bound(published):
     assert la10["jaccard_min"] == pytest.approx(100 * 0.90325 / (2 - 0.90325))
     assert la10["dice_jaccard_consistent"]
     bad = checked[~checked["dice_jaccard_consistent"]]
-    # LA 5% Semi-AGCL: 90.44 needs J >= ~82.5, printed 79.05 (paper.md inconsistency 2)
+    # LA 5% Semi-AGCL: 90.44 needs J >= ~82.5, printed 79.05 (docs/paper-notes.md, inconsistency 2)
     assert ((bad["dataset"] == "la") & (bad["method"] == "semi_agcl") & (bad["ratio"] == 0.05)).any()
     # no release row (MC-Net+, SS-Net, UA-MT) fails the bound
     assert bad["source"].str.startswith("Semi-AGCL").all()

@@ -24,7 +24,7 @@ from agcl.utils import atomic_path, write_json
 
 log = logging.getLogger("agcl.preprocess")
 
-# Stain statistics of CRAG used by the semi-supervised gland repos (reference-conventions.md).
+# Stain statistics of CRAG used by the semi-supervised gland repos (docs/paper-notes.md).
 CRAG_MEAN = np.array([0.8307, 0.7224, 0.8573], dtype=np.float32)
 CRAG_STD = np.array([0.1200, 0.1523, 0.0914], dtype=np.float32)
 

@@ -1,4 +1,4 @@
-"""Semi-AGCL's loss pieces as pure functions (equation numbers as in ../shared/paper.md).
+"""Semi-AGCL's loss pieces as pure functions (equation numbers as in docs/paper-notes.md).
 
 Patches are the non-overlapping cells of a regular grid of side ``patch_size`` (2D or 3D); voxels
 past the last whole patch along an axis are ignored. Patch statistics can be restricted to a

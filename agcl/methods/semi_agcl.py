@@ -1,6 +1,6 @@
 """Semi-AGCL: affinity-graph-guided contrastive learning on BCP (baselines/bcp.py).
 
-Base (assumed, ../shared/paper.md "Setup"): the paper's ACDC settings (mask 170x170 of 256, batch
+Base (assumed, docs/paper-notes.md "Setup"): the paper's ACDC settings (mask 170x170 of 256, batch
 24, 10k + 30k iterations, EMA 0.99) are BCP's defaults, so Semi-AGCL is BCP, stages and all (its
 copy-paste pre-training, then self-training with the EMA teacher), plus the AGCL terms below.
 Nothing of BCP is repeated here: this class only adds to it. With every AGCL weight 0 it trains
