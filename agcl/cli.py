@@ -66,7 +66,7 @@ def _label_fraction(text: str) -> float:
 def _load_checked_config(path: str) -> dict:
     """The config file, validated by the schema and against the method and net registries."""
     from agcl.config import load_config
-    from agcl.methods.registry import check_config
+    from agcl.config_checks import check_config
 
     config = load_config(path)
     check_config(config, source=path)
@@ -111,8 +111,7 @@ def cmd_synth(args) -> None:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if args.dataset == "crag" and args.zip:
         kwargs["as_zip"] = True
-    generator = {"la": synth.synth_la, "acdc": synth.synth_acdc, "crag": synth.synth_crag}
-    out = generator[args.dataset](args.out, seed=args.seed, **kwargs)
+    out = synth.SYNTHESIZERS[args.dataset](args.out, seed=args.seed, **kwargs)
     print(f"synthetic {args.dataset} written to {out}")
 
 

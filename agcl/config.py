@@ -14,6 +14,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from agcl.utils import ratio_tag
+
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -130,11 +132,6 @@ def load_config(path: str | Path, *overlays: str | Path) -> dict[str, Any]:
     for each in paths:
         _merge(config, _read_yaml_mapping(each))
     return validate_config(config, source=" + ".join(map(str, paths)))
-
-
-def ratio_tag(ratio: float) -> str:
-    """Label fraction as used in paths and wildcards: 0.05 -> '0.05', 1.0 -> '1'."""
-    return f"{float(ratio):g}"
 
 
 def dataset_config(config: dict, dataset: str) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from agcl.config import Layout, dataset_config, expected_runs
-from agcl.runfolder import human_bytes
+from agcl.utils import human_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 THROUGHPUT_CSV = REPO / "benchmarks" / "throughput.csv"
@@ -132,7 +132,7 @@ def schedule_seconds(recipe, measured: dict) -> float:
 def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset x method: runs, iterations per run, and per measured card the hours
     of one run and of all its runs (NaN: that card has no row for one of the run's stages)."""
-    from agcl.engine.recipe import resolve_recipe
+    from agcl.recipe import resolve_recipe
 
     cards = sorted(throughput["card"].unique()) if len(throughput) else []
     rows = []
@@ -175,7 +175,7 @@ def checkpoint_bytes(config: dict, dataset: str, method: str) -> dict[str, int]:
     import torch
 
     from agcl.data.specs import get_spec
-    from agcl.engine.recipe import resolve_recipe
+    from agcl.recipe import resolve_recipe
 
     recipe = resolve_recipe(config, dataset, method)
     with torch.device("meta"):

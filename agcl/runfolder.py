@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agcl.utils import atomic_path, write_json
+from agcl.utils import atomic_path, human_bytes, write_json
 
 log = logging.getLogger("agcl.runfolder")
 
@@ -113,14 +113,6 @@ def identity_differences(saved: dict, expected: dict, saved_settings: dict | Non
         diffs.append(f"the training settings differ ({shown}{more})" if changed
                      else "the training settings differ")
     return diffs
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1024 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TB"
 
 
 def _is_disk_full(exc: BaseException) -> bool:

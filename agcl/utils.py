@@ -59,3 +59,16 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         out = ""
     return f"{__version__}+{out}" if out else __version__
+
+
+def ratio_tag(ratio: float) -> str:
+    """Label fraction as used in paths and wildcards: 0.05 -> '0.05', 1.0 -> '1'."""
+    return f"{float(ratio):g}"
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"

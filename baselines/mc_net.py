@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from agcl.data.specs import DatasetSpec
-from agcl.methods.base import Batch, Method
-from agcl.methods.losses import sharpen, sigmoid_rampup, soft_dice_loss
-from agcl.methods.registry import register_method
-from baselines.mean_teacher import require_unlabeled
+from agcl.methods import Batch, HParam, Method, register_method, require_unlabeled
+from agcl.methods.dice import soft_dice_loss
+from agcl.methods.losses import SUPERVISED_LOSS_HPARAMS, sharpen
+from agcl.methods.ramps import epoch_rampup
 
 
 def mutual_consistency(probs: list[torch.Tensor], temperature: float,
@@ -35,18 +35,25 @@ def mutual_consistency(probs: list[torch.Tensor], temperature: float,
 
 @register_method("mc_net")
 class McNet(Method):
-    default_hparams = {
-        "temperature": 0.1,  # --temperature 0.1 (MC-Net train_mcnet_3d.py / _2d.py)
-        "consistency": 1.0,  # --consistency 1 (train_mcnet_3d.py, LA)
-        "consistency_rampup": 40.0,  # --consistency_rampup 40 (LA), in 150-iteration epochs
-        "rampup_epoch_iterations": 150,  # get_current_consistency_weight(iter_num // 150)
-        "dice_weight": 0.5,  # --lamda 0.5 on the decoder-summed Dice (train_mcnet_3d.py)
+    hyperparameters = {
+        "dice_include_background": SUPERVISED_LOSS_HPARAMS["dice_include_background"],
+        # train_mcnet_3d.py: losses.Binary_dice_loss on the foreground
+        "dice_form": HParam("linear", "the reference's Dice form",
+                            choices=SUPERVISED_LOSS_HPARAMS["dice_form"].choices),
+        "temperature": HParam(0.1, "--temperature 0.1 (MC-Net train_mcnet_3d.py / _2d.py)",
+                              low=0.0),
+        "consistency": HParam(1.0, "--consistency 1 (train_mcnet_3d.py, LA)", low=0.0),
+        "consistency_rampup": HParam(40.0, "--consistency_rampup 40 (LA), in 150-iteration "
+                                     "epochs", low=0.0),
+        "rampup_epoch_iterations": HParam(150, "get_current_consistency_weight(iter_num // 150)",
+                                          low=1),
+        "dice_weight": HParam(0.5, "--lamda 0.5 on the decoder-summed Dice (train_mcnet_3d.py)",
+                              low=0.0),
         # MC-Net writes the sharpened targets into a fresh tensor by index assignment, which
         # autograd tracks: gradients flow through both sides. True = stop-gradient targets.
-        "detach_targets": False,
-        "dice_form": "linear",  # train_mcnet_3d.py: losses.Binary_dice_loss on the foreground
+        "detach_targets": HParam(False, "stop-gradient on the sharpened targets"),
     }
-    dataset_hparams = {
+    dataset_defaults = {
         # train_mcnet_2d.py: --consistency 0.1, --consistency_rampup 200, --lamda 1; its DiceLoss
         # averages every class including background.
         # Its DiceLoss is 1 - sum(pt) / (sum p^2 + sum t^2): no factor 2 (dice_form mcnet2d).
@@ -74,9 +81,8 @@ class McNet(Method):
         loss_mc = mutual_consistency(probs, self.hparams["temperature"],
                                      self.hparams["detach_targets"])
         # MC-Net increments iter_num before computing the ramp, hence step + 1.
-        epoch = (step + 1) // self.hparams["rampup_epoch_iterations"]
-        weight = self.hparams["consistency"] * sigmoid_rampup(epoch,
-                                                              self.hparams["consistency_rampup"])
+        weight = self.hparams["consistency"] * epoch_rampup(
+            step + 1, self.hparams["rampup_epoch_iterations"], self.hparams["consistency_rampup"])
         loss_sup = self.hparams["dice_weight"] * loss_dice
         loss = loss_sup + weight * loss_mc
         logs = {"loss_dice": loss_dice.detach(), "loss_sup": loss_sup.detach(),

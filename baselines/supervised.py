@@ -5,15 +5,15 @@ It is the lower bound at 5 / 10 % labels and, trained on 100 %, the upper bound 
 
 from __future__ import annotations
 
-from agcl.methods.base import Batch, Method
-from agcl.methods.losses import supervised_loss
-from agcl.methods.registry import register_method
+from agcl.methods import Batch, Method, register_method
+from agcl.methods.losses import SUPERVISED_LOSS_HPARAMS, supervised_loss
 
 
 @register_method("supervised")
 class Supervised(Method):
     uses_unlabeled = False
-    dataset_hparams = {"acdc": {"dice_include_background": True}}
+    hyperparameters = SUPERVISED_LOSS_HPARAMS
+    dataset_defaults = {"acdc": {"dice_include_background": True}}
 
     def train_step(self, batch: Batch, step: int):
         logits = self.student(batch.x_labeled)

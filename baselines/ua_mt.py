@@ -12,9 +12,10 @@ import math
 import torch
 from torch import nn
 
-from agcl.methods.losses import sigmoid_rampup, softmax_mse
-from agcl.methods.registry import register_method
-from baselines.mean_teacher import MeanTeacher, teacher_noise
+from agcl.methods import HParam, register_method
+from agcl.methods.losses import softmax_mse
+from agcl.methods.ramps import sigmoid_rampup
+from agcl.methods.teacher import MeanTeacherBase, teacher_noise
 
 
 def uncertainty_threshold(step: int, total_iterations: int, floor: float = 0.75,
@@ -57,15 +58,17 @@ def masked_mse(distance: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("ua_mt")
-class UaMt(MeanTeacher):
-    default_hparams = {
-        **MeanTeacher.default_hparams,
-        "uncertainty_passes": 8,  # T = 8 stochastic teacher passes (UA-MT, SSL4MIS)
+class UaMt(MeanTeacherBase):
+    hyperparameters = {
+        **MeanTeacherBase.hyperparameters,
+        "uncertainty_passes": HParam(8, "T = 8 stochastic teacher passes (UA-MT, SSL4MIS)", low=1),
         # Upstream runs 2 passes per forward (4 forwards); 8 = one batched forward. Only the
         # teacher's BatchNorm batch statistics differ (same images, so nearly equal).
-        "passes_per_forward": 8,
-        "threshold_floor": 0.75,  # threshold = (0.75 + 0.25 * ramp(iter, max_iter)) ... (UA-MT)
-        "threshold_ceiling": math.log(2),  # ... * ln 2, also for ACDC's 4 classes (SSL4MIS)
+        "passes_per_forward": HParam(8, "teacher passes batched in one forward", low=1),
+        "threshold_floor": HParam(0.75, "threshold = (0.75 + 0.25 * ramp(iter, max_iter)) ... "
+                                  "(UA-MT)", low=0.0, high=1.0),
+        "threshold_ceiling": HParam(math.log(2), "... * ln 2, also for ACDC's 4 classes (SSL4MIS)",
+                                    low=0.0),
     }
 
     def consistency(self, student_logits, teacher_logits, x_unlabeled, step):

@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO))
 
 from agcl.cli import main as agcl
 from agcl.config import Layout, load_config, validate_config
-from agcl.engine.recipe import resolve_recipe
 from agcl.engine.trainer import Trainer
 from agcl.methods.registry import list_methods
 from agcl.plan import (
@@ -51,6 +50,7 @@ from agcl.plan import (
     recipe_shape,
     schedule_seconds,
 )
+from agcl.recipe import resolve_recipe
 from agcl.utils import code_version, write_text
 
 # Synthetic stand-ins at the upstream sizes (LA volumes ~ 120-150 x 120-150 x 80-90 voxels; ACDC

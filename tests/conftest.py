@@ -11,6 +11,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("AGCL_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+# Tests run in temporary working directories: the method plugins are this checkout's baselines/
+# (also for the `agcl` processes they start, which inherit the environment).
+os.environ.setdefault("AGCL_PLUGIN_DIRS", str(REPO_ROOT / "baselines"))
 
 
 @pytest.fixture(scope="module")

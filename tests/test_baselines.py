@@ -9,17 +9,18 @@ import torch
 from torch import nn
 
 from agcl.data.specs import SPECS
-from agcl.methods.base import Batch, ema_update, make_ema_teacher
-from agcl.methods.losses import sharpen, soft_dice_loss, softmax_mse
-from baselines.mc_net import McNet, mutual_consistency
-from baselines.mean_teacher import MeanTeacher, teacher_noise
-from baselines.ua_mt import (
-    UaMt,
-    certainty_mask,
-    masked_mse,
-    mean_teacher_probs,
-    uncertainty_threshold,
-)
+from agcl.methods.base import Batch
+from agcl.methods.dice import soft_dice_loss
+from agcl.methods.ema import ema_update, make_ema_teacher
+from agcl.methods.losses import sharpen, softmax_mse
+from agcl.methods.registry import get_method, method_module
+from agcl.methods.teacher import teacher_noise
+
+McNet, MeanTeacher, UaMt = (get_method(m) for m in ("mc_net", "mean_teacher", "ua_mt"))
+mutual_consistency = method_module("mc_net").mutual_consistency
+_ua_mt = method_module("ua_mt")
+certainty_mask, masked_mse = _ua_mt.certainty_mask, _ua_mt.masked_mse
+mean_teacher_probs, uncertainty_threshold = _ua_mt.mean_teacher_probs, _ua_mt.uncertainty_threshold
 
 LN2 = math.log(2)
 SHARPEN_06 = 57.6650390625 / 58.6650390625  # 0.6^10 / (0.6^10 + 0.4^10) = 1.5^10 / (1.5^10 + 1)
@@ -136,7 +137,7 @@ def test_consistency_is_softmax_mse_on_the_unlabeled_part_only(method_cls, extra
     ("crag", 150 * 200, 0.1),
 ])
 def test_mean_teacher_consistency_weight_ramp(dataset, step, expected):
-    from baselines.mean_teacher import consistency_weight
+    from agcl.methods.teacher import consistency_weight
 
     assert consistency_weight(MeanTeacher.hparams_for(dataset), step) == pytest.approx(expected)
 

@@ -10,21 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
+from agcl.components import largest_component_per_class_batch as largest_component_per_class
 from agcl.config import load_config
 from agcl.data.specs import SPECS
 from agcl.engine import trainer as trainer_module
 from agcl.engine.trainer import Trainer
 from agcl.methods.base import MAIN, PRETRAIN, Batch
+from agcl.methods.copy_paste import bcp_box_mask, masked_ce, mix_loss
+from agcl.methods.dice import dice_batch_squared, dice_per_sample_linear
 from agcl.methods.registry import get_method
 from agcl.runfolder import FINAL, LAST, LOG_CSV, PRETRAIN_BEST
-from baselines.bcp import (
-    bcp_box_mask,
-    dice_batch_squared,
-    dice_per_sample_linear,
-    largest_component_per_class,
-    masked_ce,
-    mix_loss,
-)
 from tests.test_pipeline import prepare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -20,6 +20,7 @@ from agcl.data.specs import SPECS
 from agcl.engine import trainer as trainer_module
 from agcl.engine.trainer import Trainer
 from agcl.methods.base import MAIN, Batch
+from agcl.methods.copy_paste import CopyPasteTeacher as BCP
 from agcl.methods.registry import get_method
 from agcl.random_streams import (
     RandomStreams,
@@ -31,7 +32,6 @@ from agcl.random_streams import (
     torch_stream,
 )
 from agcl.runfolder import FINAL, LAST, LOG_CSV
-from baselines.bcp import BCP
 from tests.test_pipeline import prepare
 from tests.test_sampler import random_set
 

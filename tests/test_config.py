@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agcl.config import ConfigError, Layout, expected_runs, load_config, ratio_tag, validate_config
+from agcl.config import ConfigError, Layout, expected_runs, load_config, validate_config
+from agcl.utils import ratio_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO = REPO_ROOT / "config" / "demo.yaml"
@@ -101,7 +102,7 @@ def test_train_by_method_is_checked_like_the_train_block():
 
 
 def test_train_by_method_names_a_registered_method():
-    from agcl.methods.registry import check_config
+    from agcl.config_checks import check_config
 
     config = load_config(REPO_ROOT / "config" / "reference.yaml")
     config["datasets"]["la"]["train_by_method"]["uamt"] = {"iterations": 5}

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from agcl.methods.losses import soft_dice_loss, supervised_loss
+from agcl.methods.dice import soft_dice_loss
+from agcl.methods.losses import supervised_loss
 from agcl.methods.registry import get_method
 from agcl.nets import build
 

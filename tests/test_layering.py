@@ -1,7 +1,9 @@
-"""Data flows one way: data -> nets -> methods -> engine -> eval -> report.
+"""Data flows one way: foundation -> data -> nets -> methods (and the plugins in baselines/) ->
+configuration -> engine -> eval -> report -> the CLI; the benchmarks sit on top.
 
-Checked on the imports themselves (ast), so a shortcut such as evaluation reaching into the
-training engine for a constant fails here. The run folder's rules live in agcl.runfolder alone.
+Checked on the imports themselves (ast), over every module of the package, every plugin file and
+every benchmark script, so a shortcut such as evaluation reaching into the training engine for a
+constant fails here. The run folder's rules live in agcl.runfolder alone.
 """
 
 from __future__ import annotations
@@ -11,8 +13,36 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "agcl"
-ORDER = ["data", "nets", "methods", "engine", "eval", "report"]
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "agcl"
+# Every module of the package on one layer, lowest first: a module imports its own layer or
+# lower ones. Sub-packages are named by their folder, root modules by their file.
+LAYERS = [
+    ("foundation", {"agcl", "utils", "plugins", "numerics", "random_streams", "components", "devices",
+                    "imaging", "runfolder", "config"}),
+    ("data", {"data"}),
+    ("nets", {"nets"}),
+    ("methods", {"methods", "baselines"}),
+    ("configuration", {"config_checks", "recipe", "inference"}),
+    ("engine", {"engine"}),
+    ("eval", {"eval"}),
+    ("report", {"report", "plan"}),
+    ("cli", {"cli", "__main__"}),
+    ("benchmarks", {"benchmarks"}),
+]
+RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
+PLUGINS = sorted((REPO / "baselines").glob("*.py"))
+SOURCES = sorted(PACKAGE.rglob("*.py")) + PLUGINS + sorted((REPO / "benchmarks").glob("*.py"))
+
+
+def unit_of(path: Path) -> str:
+    """The layer name of a source file: its sub-package, root module, or top-level folder."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    if parts[0] != "agcl":
+        return parts[0]
+    if len(parts) == 2 and parts[1] == "__init__":
+        return "agcl"
+    return parts[1]
 
 
 def agcl_imports(path: Path) -> set[str]:
@@ -26,24 +56,58 @@ def agcl_imports(path: Path) -> set[str]:
     return found
 
 
-def layer_of(module: str) -> str | None:
+def imported_unit(module: str) -> str | None:
+    """The layer name of an imported agcl module (None: a name that is not a module)."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[1] in ORDER else None
+    if parts[0] != "agcl":
+        return None
+    if len(parts) == 1:
+        return "agcl"
+    return parts[1] if parts[1] in RANK else None
 
 
-@pytest.mark.parametrize("layer", ORDER)
-def test_no_layer_imports_a_later_one(layer):
-    later = set(ORDER[ORDER.index(layer) + 1:])
-    for path in sorted((PACKAGE / layer).rglob("*.py")):
-        bad = sorted(m for m in agcl_imports(path) if layer_of(m) in later)
-        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+def test_every_module_is_on_a_layer():
+    units = {unit_of(path) for path in SOURCES}
+    assert units - set(RANK) == set(), "place these on a layer in LAYERS"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_module_imports_a_higher_layer(path):
+    rank = RANK[unit_of(path)]
+    bad = sorted(m for m in agcl_imports(path)
+                 if (unit := imported_unit(m)) is not None and RANK[unit] > rank)
+    assert not bad, f"{path.relative_to(REPO)} imports {bad}"
 
 
 @pytest.mark.parametrize("layer", ["eval", "report"])
 def test_evaluation_and_report_never_import_the_training_engine(layer):
     for path in sorted((PACKAGE / layer).rglob("*.py")):
-        bad = sorted(m for m in agcl_imports(path) if layer_of(m) == "engine")
-        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+        bad = sorted(m for m in agcl_imports(path) if imported_unit(m) == "engine")
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+@pytest.mark.parametrize("path", PLUGINS, ids=lambda p: p.name)
+def test_a_plugin_imports_the_package_only_never_another_plugin(path):
+    plugin_names = {"baselines", "agcl_plugins"} | {p.stem for p in PLUGINS}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or "."]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in plugin_names and not name.startswith("."), \
+                f"{path.name} imports {name}: a plugin imports from agcl only"
+
+
+def test_the_dag_side_imports_no_engine():
+    """recipe resolution and the config checks serve the DAG and `agcl plan`: no engine."""
+    for name in ("recipe.py", "config_checks.py", "plan.py", "config.py"):
+        bad = sorted(m for m in agcl_imports(PACKAGE / name) if imported_unit(m) == "engine")
+        assert not bad, f"agcl/{name} imports {bad}"
+    for path in sorted((REPO / "workflow").rglob("*.smk")):
+        assert "agcl.engine" not in path.read_text(), f"{path} imports the engine"
 
 
 def test_run_folder_file_names_are_defined_once():

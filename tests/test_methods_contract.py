@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from agcl.data.specs import SPECS
-from agcl.methods.base import BASE_HPARAMS, Batch, HparamError
+from agcl.methods.base import Batch, HparamError
 from agcl.methods.registry import get_method, list_methods
 from agcl.random_streams import RandomStreams
-from baselines.mean_teacher import MeanTeacher
 from tests.conftest import cpu_bf16_autocast, onednn_disabled
 
 METHODS = list_methods()
+MeanTeacher = get_method("mean_teacher")
 # (dataset, smallest net widths, patch): one 3D and one 2D spec. The 3D patch keeps two values
 # per channel at the bottleneck, so BatchNorm also works on BCP's half-batches of one image.
 SPEC_CASES = {"la": ({"n_filters": 2}, (16, 16, 32)), "acdc": ({"base_features": 2}, (32, 32))}
@@ -144,7 +144,7 @@ def test_hparams_are_deterministic_and_reject_unknown_keys(name):
     for dataset in SPECS:
         hparams = cls.hparams_for(dataset)
         assert hparams == cls.hparams_for(dataset)
-        assert set(BASE_HPARAMS) <= set(hparams)
+        assert set(hparams) == set(cls.hyperparameters)  # declared once, nothing inherited
         json.dumps(hparams)  # recorded in run.json
         hparams[next(iter(hparams))] = "changed"
         assert cls.hparams_for(dataset) != hparams  # a fresh dict every call
@@ -186,3 +186,50 @@ def test_bf16_cpu_autocast_step_is_finite(name, dataset):
         loss.backward()  # outside autocast, as the engine
     assert all(torch.isfinite(p.grad).all() for p in method.trainable_parameters()
                if p.grad is not None)
+
+
+class _ReadRecorder(dict):
+    """Hyperparameters that note which names the method reads."""
+
+    def __init__(self, values):
+        super().__init__(values)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_declared_hyperparameter_is_read_so_none_is_inert(name):
+    """A declared name nothing reads would accept `--set name=...` and change nothing: each is
+    read by stages(), check_recipe(), the constructor, a step of every stage or the update."""
+    cls = get_method(name)
+    read = set()
+    for dataset in sorted(SPEC_CASES):
+        net_kwargs, patch = SPEC_CASES[dataset]
+        hparams = _ReadRecorder(cls.hparams_for(dataset))
+        train = {"iterations": 10, "lr": 0.01, "schedule": "constant", "step_size": 5,
+                 "gamma": 0.1, "patch": list(patch), "batch_size": 4, "labeled_batch_size": 2}
+        stages = cls.stages(hparams, train)
+        cls.check_recipe(hparams, train, SPECS[dataset])
+        torch.manual_seed(0)
+        method = cls(SPECS[dataset], hparams, net_kwargs, TOTAL_ITERATIONS).train()
+        for stage in stages:
+            method.start_stage(stage.name, fresh=True)
+            run_step(method, make_batch(dataset), LATE_STEP)
+            method.after_optimizer_step(LATE_STEP)
+        read |= hparams.read
+    assert set(cls.hyperparameters) - read == set()
+
+
+def test_a_renamed_hyperparameter_names_its_new_spelling():
+    cls = get_method("semi_agcl")
+    with pytest.raises(HparamError, match="gamma is now nuclear_weight"):
+        cls.hparams_for("acdc", {"gamma": 0.1})
+    with pytest.raises(HparamError, match="patch_size is now contrast_patch"):
+        cls.hparams_for("acdc", {"patch_size": 8})

@@ -13,9 +13,9 @@ import yaml
 
 from agcl.config import ConfigError, expected_runs, noise_twins, validate_config
 from agcl.engine.prepare import perturb_one_ulp
-from agcl.engine.recipe import resolve_recipe
 from agcl.engine.trainer import Trainer
 from agcl.nets import build
+from agcl.recipe import resolve_recipe
 from agcl.runfolder import FINAL
 from tests.conftest import tiny_config
 from tests.test_pipeline import prepare, run_cli

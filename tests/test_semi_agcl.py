@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from agcl.data.specs import get_spec
 from agcl.methods import agcl_losses as L
+from agcl.methods import copy_paste as bcp_module
 from agcl.methods.base import MAIN, PRETRAIN, Batch, HparamError
 from agcl.methods.registry import get_method
 from agcl.methods.semi_agcl import strong_intensity_view
-from baselines import bcp as bcp_module
 
 
 def h(p: float) -> float:
@@ -193,6 +193,14 @@ def test_affinity_graph_loss_without_nuclear_norm():
 # ---------------------------------------------------------------------------------------------
 # Eq 4, 6, 7
 
+def info_nce(q, k_pos, negatives, tau, negative_mask=None):
+    """Eq 4 / 7 on vectors: L2-normalised cosines into the loss the method computes."""
+    q, k_pos, negatives = (F.normalize(t, dim=-1) for t in (q, k_pos, negatives))
+    neg_sim = (q @ negatives.T if negatives.ndim == 2
+               else torch.einsum("md,mnd->mn", q, negatives))
+    return L.info_nce_from_similarities((q * k_pos).sum(-1), neg_sim, tau, negative_mask)
+
+
 def direct_info_nce(q, k, negs, tau):
     q, k, negs = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(negs, dim=-1)
     out = []
@@ -207,10 +215,10 @@ def test_info_nce_matches_the_direct_formula():
     g = torch.Generator().manual_seed(0)
     q, k, negs = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), \
         torch.randn(6, 8, generator=g)
-    assert L.info_nce(q, k, negs, 0.5).item() == pytest.approx(direct_info_nce(q, k, negs, 0.5),
+    assert info_nce(q, k, negs, 0.5).item() == pytest.approx(direct_info_nce(q, k, negs, 0.5),
                                                                rel=1e-5)
     per_anchor = torch.randn(4, 3, 8, generator=g)
-    assert L.info_nce(q, k, per_anchor, 0.2).item() == pytest.approx(
+    assert info_nce(q, k, per_anchor, 0.2).item() == pytest.approx(
         direct_info_nce(q, k, per_anchor, 0.2), rel=1e-5)
 
 
@@ -219,10 +227,10 @@ def test_info_nce_mask_drops_negatives_and_is_stable_at_small_tau():
     q, k, negs = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g), \
         torch.randn(5, 4, generator=g)
     mask = torch.tensor([[True, False, True, False, False], [False] * 5])
-    masked = L.info_nce(q, k, negs, 0.3, mask)
+    masked = info_nce(q, k, negs, 0.3, mask)
     first = direct_info_nce(q[:1], k[:1], negs[[0, 2]], 0.3)
     assert masked.item() == pytest.approx(first / 2, rel=1e-5)  # anchor 2 has no negative: 0
-    tiny = L.info_nce(q, q, negs, 1e-4)  # the direct formula overflows at this tau
+    tiny = info_nce(q, q, negs, 1e-4)  # the direct formula overflows at this tau
     assert torch.isfinite(tiny) and tiny.item() >= 0
 
 
@@ -281,12 +289,6 @@ def test_enqueue_wraps_around_and_moves_the_pointer():
     assert labels.tolist() == [5, 6, 2, 3, 4] and ptr.item() == 2
 
 
-def test_class_argmax_equals_torch_argmax_with_ties():
-    probs = torch.softmax(torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)), 1)
-    probs[0, :, 0, 0] = torch.tensor([0.3, 0.3, 0.3, 0.1])  # tie -> the lowest class
-    assert torch.equal(L.class_argmax(probs), probs.argmax(1))
-
-
 def test_strong_view_keeps_positions_and_varies_per_image():
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(strong_intensity_view(x, 0.0, 0.0, 0.0), x)
@@ -309,7 +311,7 @@ TINY = {
 
 def tiny_method(dataset: str, **overrides):
     cls = get_method("semi_agcl")
-    hparams = cls.hparams_for(dataset, {"patch_size": 8, "rampup": 0, "queue_length": 64,
+    hparams = cls.hparams_for(dataset, {"contrast_patch": 8, "rampup": 0, "queue_length": 64,
                                         **overrides})
     torch.manual_seed(0)
     method = cls(get_spec(dataset), hparams, TINY[dataset][0], 100)
@@ -440,7 +442,7 @@ def test_bad_hparams_and_batches_are_clear_errors():
 
 def test_dataset_defaults():
     cls = get_method("semi_agcl")
-    assert all(cls.hparams_for(d)["patch_size"] == "auto" for d in ("la", "acdc", "crag"))
+    assert all(cls.hparams_for(d)["contrast_patch"] == "auto" for d in ("la", "acdc", "crag"))
     # auto = shortest side // 8: the paper's 32 on ACDC 256x256, 10 on LA 112x112x80
     assert L.resolve_patch_size("auto", (256, 256)) == 32
     assert L.resolve_patch_size("auto", (112, 112, 80)) == 10
@@ -460,7 +462,7 @@ def test_default_weights_and_ramp_combine_the_terms_as_documented():
     loss, logs = method.train_step(tiny_batch("acdc"), 15)  # "epoch" 15 // 10 = 1 of 2
     logs = {k: float(v) for k, v in logs.items()}
     ramp = math.exp(-5 * (1 - 1 / 2) ** 2)
-    assert logs["rampup"] == pytest.approx(ramp)
+    assert logs["agcl_ramp"] == pytest.approx(ramp)
     expected = logs["loss_bcp"] + ramp * (logs["loss_pl_agg"] + 0.1 * logs["loss_rw_agg"])
     assert logs["loss_reg"] > 0  # computed and logged, not added
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
@@ -522,12 +524,12 @@ def geometry(dataset="acdc", train=None, **hparams):
 
 def test_patch_geometry_by_hand():
     # 32 on 48x48: one whole patch per image; 2 unlabeled images per mix -> 2 kept a step
-    geo, problems = geometry(patch_size=32)
+    geo, problems = geometry(contrast_patch=32)
     assert (geo["grid"], geo["per_image"], geo["kept"], geo["per_class"]) == ([1, 1], 1, 2, 0)
-    assert problems == [(f"patch_size 32 on a 48x48 crop gives 1 patch per image (needs >= 16): "
-                         f"set {WHERE}.patch_size <= 12")]  # 48 // 12 = 4 -> 16; 48 // 13 = 3 -> 9
+    assert problems == [(f"contrast_patch 32 on a 48x48 crop gives 1 patch per image (needs >= 16): "
+                         f"set {WHERE}.contrast_patch <= 12")]  # 48 // 12 = 4 -> 16; 48 // 13 = 3 -> 9
     # 8 on 48x48: a 6x6 grid, 2 x 36 = 72 kept, 18 per class of 4 > the 64 // 4 = 16 quota
-    geo, problems = geometry(patch_size=8, rampup=5, rampup_epoch_iterations=10)
+    geo, problems = geometry(contrast_patch=8, rampup=5, rampup_epoch_iterations=10)
     assert (geo["per_image"], geo["kept"], geo["per_class"], geo["keys"]) == (36, 72, 16, 64)
     assert geo["fill_steps"] == 32 and geo["fill_by"] == 50 and problems == []
     # auto: 48 // 8 = 6, an 8x8 grid; LA's paper crop 112x112x80 -> 10, an 11x11x8 grid
@@ -559,28 +561,28 @@ def test_too_few_anchors_per_class_is_refused():
     # Coverage 0.75, batch 4 (1 unlabeled image per mix), 12 on 48: a 4x4 grid whose every patch
     # a box face may cross (16 - 2 x 4 - 2 x 4 = 0 sure). Patch 6 (8x8: 64 - 32 = 32, 8 a class)
     # passes, 7 (6x6: 36 - 24 = 12, 3 a class) does not.
-    _, problems = geometry(train={"batch_size": 4, "labeled_batch_size": 2}, patch_size=12,
+    _, problems = geometry(train={"batch_size": 4, "labeled_batch_size": 2}, contrast_patch=12,
                            min_patch_coverage=0.75)
     assert len(problems) == 1 and "keeps about 0 patches per step, 0 per class" in problems[0]
-    assert problems[0].endswith(f"set {WHERE}.patch_size <= 6")
+    assert problems[0].endswith(f"set {WHERE}.contrast_patch <= 6")
 
 
 def test_geometry_is_not_checked_when_no_agcl_term_is_on():
-    assert geometry(patch_size=32, w_reg=0.0, w_pl=0.0, w_rw=0.0)[1] == []
+    assert geometry(contrast_patch=32, w_reg=0.0, w_pl=0.0, w_rw=0.0)[1] == []
 
 
 def test_agcl_train_refuses_a_bad_geometry_and_every_shipped_config_passes():
     from pathlib import Path
 
     from agcl.config import ConfigError, load_config
-    from agcl.engine.recipe import resolve_recipe
+    from agcl.recipe import resolve_recipe
 
     root = Path(__file__).resolve().parents[1] / "config"
     study = load_config(root / "cpu_study.yaml")
-    with pytest.raises(ConfigError, match=r"datasets\.acdc: semi_agcl: patch_size 32 on a 48x48 "
+    with pytest.raises(ConfigError, match=r"datasets\.acdc: semi_agcl: contrast_patch 32 on a 48x48 "
                        r"crop gives 1 patch per image \(needs >= 16\): set datasets\.acdc\."
-                       r"hparams\.semi_agcl\.patch_size <= 12"):
-        resolve_recipe(study, "acdc", "semi_agcl", overrides={"patch_size": 32})
+                       r"hparams\.semi_agcl\.contrast_patch <= 12"):
+        resolve_recipe(study, "acdc", "semi_agcl", overrides={"contrast_patch": 32})
     shipped = [("demo.yaml",), ("cpu_study.yaml",), ("cpu_study.yaml", "cpu_study_terms.yaml"),
                ("config.yaml",), ("reference.yaml",), ("config.yaml", "ablations.yaml")]
     for files in shipped:

@@ -67,12 +67,12 @@ def test_a_patch_geometry_that_cannot_work_stops_the_dag_build(tmp_path):
     # The CPU study's 48x48 crops with the paper's 32-pixel patches: refused at parse time, with
     # the numbers and the fix, before any job (semi_agcl is the last run of the grid to train).
     overlay = tmp_path / "patch32.yaml"
-    overlay.write_text("datasets:\n  acdc:\n    hparams:\n      semi_agcl: {patch_size: 32}\n")
+    overlay.write_text("datasets:\n  acdc:\n    hparams:\n      semi_agcl: {contrast_patch: 32}\n")
     out = snakemake("-n", "--configfile", "config/cpu_study.yaml", str(overlay), "--cores", "1",
                     "--directory", str(tmp_path), "--snakefile", str(REPO / "Snakefile"))
     assert out.returncode != 0
-    assert ("datasets.acdc: semi_agcl: patch_size 32 on a 48x48 crop gives 1 patch per image "
-            "(needs >= 16): set datasets.acdc.hparams.semi_agcl.patch_size <= 12"
+    assert ("datasets.acdc: semi_agcl: contrast_patch 32 on a 48x48 crop gives 1 patch per image "
+            "(needs >= 16): set datasets.acdc.hparams.semi_agcl.contrast_patch <= 12"
             ) in out.stdout + out.stderr
 
 
@@ -256,3 +256,55 @@ def test_noise_floor_plans_a_twin_of_each_run_of_the_named_method(tmp_path):
     # 3 datasets x 2 ratios x 2 seeds of each: supervised, bcp and bcp's twin
     assert {m: methods.count(m) for m in set(methods)} == {"supervised": 12, "bcp": 12,
                                                            "bcp_ulp": 12}
+
+
+def readme_example() -> str:
+    import re
+
+    return re.search(r"`baselines/entropy_min.py`:\n\n```python\n(.*?)```",
+                     (REPO / "README.md").read_text(), re.DOTALL).group(1)
+
+
+def test_a_baseline_file_dropped_in_baselines_is_validated_and_trained_by_the_dag(tmp_path):
+    """The README's route, as a user takes it: the example file in the workflow's baselines/,
+    the method in `methods:`, and nothing else edited (a copy of the workflow, so the
+    checkout's baselines/ stays as it is)."""
+    import yaml
+
+    kit = tmp_path / "kit"
+    for part in ("workflow", "baselines"):
+        shutil.copytree(REPO / part, kit / part)
+    shutil.copy(REPO / "Snakefile", kit / "Snakefile")
+    (kit / "baselines" / "entropy_min.py").write_text(readme_example())
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config.update(seeds=[0], methods=["entropy_min"], ratios=[0.05], full_supervision=False,
+                  run_datasets=["crag"], noise_floor={"methods": []},
+                  hparams={"entropy_min": {"weight": 0.2}})
+    config["datasets"]["crag"]["train"].update(iterations=3, val_every=3, checkpoint_every=3)
+    config.pop("roles", None)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "AGCL_PLUGIN_DIRS"}  # the kit's alone
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+
+    def run(cfg, *args):
+        path = tmp_path / "entropy_min.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return subprocess.run([*SNAKEMAKE, "--configfile", str(path), "--cores", "1",
+                               "--snakefile", str(kit / "Snakefile"), "--directory", str(work),
+                               *args], check=False, capture_output=True, text=True, timeout=600, env=env)
+
+    bad = yaml.safe_load(yaml.safe_dump(config))
+    bad["hparams"]["entropy_min"]["weight"] = -1.0
+    out = run(bad, "-n")
+    assert out.returncode != 0
+    assert "entropy_min hparam weight: expected >= 0.0, got -1.0" in out.stdout + out.stderr
+    out = run(config)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_json = work / "results" / "demo" / "runs" / "crag" / "entropy_min" / "r0.05" / "s0"
+    import json
+
+    meta = json.loads((run_json / "run.json").read_text())
+    assert meta["hparams"]["weight"] == 0.2 and meta["iterations"] == 3
+    assert (run_json / "metrics.json").exists()
+    assert "entropy_min" in (work / "results" / "demo" / "summary" / "runs.csv").read_text()

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from agcl.data import formats
 from agcl.data.preprocess import load_index
+from agcl.imaging import resize_nearest
 from agcl.random_streams import numpy_stream
 
 
@@ -46,19 +47,6 @@ def read_split(path: str | Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: run `agcl splits` first") from None
-
-
-def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour zoom of the last two axes to `size`, as the ACDC references (order 0)."""
-    factors = [1.0] * (array.ndim - 2) + [size[0] / array.shape[-2], size[1] / array.shape[-1]]
-    out = ndimage.zoom(array, factors, order=0)
-    if out.shape[-2:] != tuple(size):  # zoom's rounding missed: nearest by index instead
-        rows = np.minimum((np.arange(size[0]) * array.shape[-2] / size[0]).astype(int),
-                          array.shape[-2] - 1)
-        cols = np.minimum((np.arange(size[1]) * array.shape[-1] / size[1]).astype(int),
-                          array.shape[-1] - 1)
-        out = array[..., rows, :][..., cols]
-    return out
 
 
 def _load_volume(processed_dir: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agcl.config import ConfigError, Layout, dataset_config, ratio_tag
+from agcl.config import ConfigError, Layout, dataset_config
 from agcl.data.loaders import read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
@@ -28,12 +28,12 @@ from agcl.devices import resolve_amp, resolve_deterministic, resolve_device, to_
 from agcl.engine import checkpoint
 from agcl.engine.logs import RunLog
 from agcl.engine.prepare import PreparedRun, prepare
-from agcl.engine.recipe import resolve_recipe
 from agcl.engine.state import TrainingState
 from agcl.engine.update import Updater
 from agcl.inference import dice_per_class, eval_window, predict_case
 from agcl.methods.base import Batch
 from agcl.random_streams import seed_globals
+from agcl.recipe import resolve_recipe
 from agcl.runfolder import (
     BEST,
     FINAL,
@@ -47,7 +47,7 @@ from agcl.runfolder import (
     identity_differences,
     run_identity,
 )
-from agcl.utils import write_json
+from agcl.utils import ratio_tag, write_json
 
 log = logging.getLogger("agcl.train")
 

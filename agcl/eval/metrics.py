@@ -29,8 +29,6 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
-from agcl.components import largest_component
-
 EMPTY_POLICIES = ("metrics_reloaded", "reference")
 
 # Values used when a policy kicks in: (dice, jaccard, hd95, asd).
@@ -215,13 +213,3 @@ def multiclass_metrics(
         record["class"] = int(cls)
         records.append(record)
     return records
-
-
-def largest_connected_component(mask, connectivity: int | None = None) -> np.ndarray:
-    """Keep only the largest connected component of a binary mask; empty stays empty.
-
-    connectivity: orthogonal hops that make two voxels neighbours (1 = faces only, ndim = faces,
-    edges and corners). Default ndim (full), the default of skimage.measure.label that the SS-Net
-    and BCP LA tests use for this post-processing. Ties keep the component met first in C order.
-    """
-    return largest_component(_as_mask(mask, "mask"), connectivity)

@@ -1,1 +1,6 @@
-"""methods"""
+"""Methods: what a method file imports to define and register one."""
+
+from agcl.methods.base import Batch, HParam, Method, require_unlabeled
+from agcl.methods.registry import register_method
+
+__all__ = ["Batch", "HParam", "Method", "register_method", "require_unlabeled"]

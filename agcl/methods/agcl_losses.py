@@ -33,14 +33,6 @@ def resolve_patch_size(patch_size: int | str, spatial) -> int:
     return patch_size
 
 
-def patch_size_problem(patch_size) -> str | None:
-    """What is wrong with a patch_size hyperparameter (None: a positive int, or "auto")."""
-    if patch_size == "auto" or (isinstance(patch_size, int) and not isinstance(patch_size, bool)
-                                and patch_size >= 1):
-        return None
-    return f"patch_size: expected a positive integer or auto, got {patch_size!r}"
-
-
 def _grid(spatial, patch_size: int) -> list[int]:
     if len(spatial) not in (2, 3):
         raise ValueError("patch pooling: expected (B, C, H, W) or (B, C, D, H, W) spatial sizes, "
@@ -294,21 +286,6 @@ def info_nce_from_similarities(pos_sim: torch.Tensor, neg_sim: torch.Tensor, tau
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
-def info_nce(q: torch.Tensor, k_pos: torch.Tensor, negatives: torch.Tensor, tau: float,
-             negative_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq 4 / Eq 7 InfoNCE; q, k_pos (M, D); negatives (N, D) shared or (M, N, D) per anchor.
-
-    All vectors are L2-normalised here, so similarities are cosines.
-    """
-    q, k_pos, negatives = (F.normalize(t, dim=-1) for t in (q, k_pos, negatives))
-    pos_sim = (q * k_pos).sum(-1)
-    if negatives.ndim == 2:
-        neg_sim = q @ negatives.T
-    else:
-        neg_sim = torch.einsum("md,mnd->mn", q, negatives)
-    return info_nce_from_similarities(pos_sim, neg_sim, tau, negative_mask)
-
-
 def mix_coefficients(mode: str, affinity_diag: torch.Tensor, n_mix: int,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Eq 6 coefficient c per (anchor, mixed negative) -> (M, n_mix).
@@ -387,16 +364,3 @@ def enqueue(queue: torch.Tensor, queue_labels: torch.Tensor, pointer: torch.Tens
 
 # ---------------------------------------------------------------------------------------------
 # Copy-paste supervision (BCP base)
-
-def class_argmax(probs: torch.Tensor) -> torch.Tensor:
-    """argmax over dim 1 (ties -> the lower class), as torch.argmax.
-
-    A loop of elementwise comparisons over the K <= 4 classes: on CPU, torch.argmax along the
-    strided class axis of a 3D map is ~10x slower than this.
-    """
-    best, index = probs[:, 0], torch.zeros_like(probs[:, 0], dtype=torch.long)
-    for k in range(1, probs.shape[1]):
-        better = probs[:, k] > best
-        best = torch.where(better, probs[:, k], best)
-        index = index.masked_fill(better, k)
-    return index

@@ -23,7 +23,6 @@ follow torch.initial_seed().
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,8 +30,12 @@ import torch
 from torch import nn
 
 from agcl.data.specs import DatasetSpec
+from agcl.methods.hparams import HParam, HparamError, resolve_hparams
 from agcl.nets import build
 from agcl.random_streams import streams_for_new_method
+
+__all__ = ["MAIN", "PRETRAIN", "SCHEDULE_KEYS", "Batch", "HParam", "HparamError", "Method",
+           "Stage", "require_unlabeled"]
 
 
 @dataclass
@@ -42,10 +45,6 @@ class Batch:
     x_labeled: torch.Tensor  # (Bl, C, *spatial)
     y_labeled: torch.Tensor  # (Bl, *spatial), int64 class ids
     x_unlabeled: torch.Tensor | None  # (Bu, C, *spatial) or None when nothing is unlabeled
-
-
-class HparamError(KeyError):
-    pass
 
 
 PRETRAIN, MAIN = "pretrain", "main"
@@ -73,23 +72,20 @@ class Method(nn.Module):
     name: ClassVar[str] = "?"  # set by @register_method
     # True: the engine also draws unlabeled images into each batch.
     uses_unlabeled: ClassVar[bool] = True
-    # Defaults shared by every dataset, then per-dataset overrides where the references differ.
-    default_hparams: ClassVar[dict[str, Any]] = {}
-    dataset_hparams: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Every hyperparameter the method reads, declared once (agcl.methods.hparams.HParam), then
+    # the per-dataset defaults where the references differ. Nothing is inherited from Method:
+    # a name the method does not read is refused, not accepted and ignored.
+    hyperparameters: ClassVar[dict[str, HParam]] = {}
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Old spellings of renamed hyperparameters: refused with a message naming the new one.
+    renamed_hparams: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def hparams_for(cls, dataset: str, *overrides: dict[str, Any]) -> dict[str, Any]:
-        """Defaults <- per-dataset defaults <- each override in order; unknown keys are an error."""
-        hparams = {**BASE_HPARAMS, **cls.default_hparams, **cls.dataset_hparams.get(dataset, {})}
-        for override in overrides:
-            unknown = sorted(set(override) - set(hparams))
-            if unknown:
-                raise HparamError(
-                    f"method '{cls.name}' has no hyperparameter {', '.join(unknown)} "
-                    f"(known: {', '.join(sorted(hparams))})"
-                )
-            hparams.update(override)
-        return hparams
+        """Defaults <- per-dataset defaults <- each override in order; an unknown name or a
+        value the declaration does not allow is an error (HparamError / HparamValueError)."""
+        return resolve_hparams(cls.name, cls.hyperparameters, cls.dataset_defaults.get(dataset, {}),
+                               cls.renamed_hparams, overrides)
 
     @classmethod
     def net_name(cls, spec: DatasetSpec) -> str:
@@ -143,31 +139,8 @@ class Method(nn.Module):
         return self.student.parameters()
 
 
-# Every method understands these; the engine and the supervised part read them.
-BASE_HPARAMS: dict[str, Any] = {
-    # UA-MT scores only the foreground in its Dice loss (LA), SSL4MIS all classes (ACDC).
-    "dice_include_background": False,
-    # The Dice form of the reference a method follows (agcl.methods.losses.DICE_FORMS): UA-MT
-    # and SSL4MIS use squared denominators; MC-Net overrides it.
-    "dice_form": "squared",
-}
-
-
-def make_ema_teacher(student: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> None:
-    """teacher = a teacher + (1 - a) student over parameters, a = min(1 - 1/(step + 1), decay).
-
-    The warm-up form (UA-MT, SSL4MIS) lets the teacher follow the student closely at first.
-    Parameters only, as the references: the teacher's BatchNorm statistics come from its own
-    forward passes in train mode.
-    """
-    alpha = min(1.0 - 1.0 / (step + 1), decay)
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+def require_unlabeled(batch: Batch, method: str) -> torch.Tensor:
+    if batch.x_unlabeled is None or batch.x_unlabeled.shape[0] == 0:
+        raise ValueError(f"method '{method}' needs unlabeled images: batch.x_unlabeled is empty "
+                         "(expected batch_size > labeled_batch_size)")
+    return batch.x_unlabeled

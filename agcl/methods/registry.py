@@ -1,18 +1,29 @@
 """Method registry: every method is one file with `@register_method("name")` on its class.
 
-Methods are found by importing every module of `agcl.methods` and of the top-level `baselines`
-package, so a new file in `baselines/` appears in `agcl methods` and in the workflow
-without an edit anywhere else. Import errors are re-raised, never swallowed.
+Methods come from two places: the modules of `agcl.methods` (Semi-AGCL, the method of this
+kit) and plugin files, the `*.py` files of the plugin folders: `baselines/` in the working
+directory by default, the folders a config lists under `plugin_dirs` (relative to the working
+directory, as every path of a config), and those in the AGCL_PLUGIN_DIRS environment variable
+(os.pathsep-separated). A plugin file is loaded by path, not imported as a package, so a new
+file in `baselines/` appears in `agcl methods` and in the workflow without an edit anywhere
+else. A plugin imports from `agcl` only, never another plugin. Import errors are re-raised.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
+import sys
+from pathlib import Path
+
+from agcl.plugins import plugin_dirs
 
 _METHODS: dict[str, type] = {}
 _SCANNED = False
-_SCANNED_PACKAGES = ("agcl.methods", "baselines")
+_LOADED_DIRS: list[Path] = []
+# Loaded plugin files live in sys.modules under this prefix plus the file's stem.
+PLUGIN_PACKAGE = "agcl_plugins"
 
 
 def register_method(name: str):
@@ -28,16 +39,57 @@ def register_method(name: str):
     return decorator
 
 
+def load_plugins(dirs: list[Path], required: bool = False) -> None:
+    """Load every plugin file of these folders not loaded yet. `required`: a folder that does
+    not exist is an error (a config named it); the default folder may be absent."""
+    for folder in dirs:
+        if folder in _LOADED_DIRS:
+            continue
+        if not folder.is_dir():
+            if required:
+                raise FileNotFoundError(f"plugin_dirs: {folder} is not a folder (expected a "
+                                        "folder of method files, e.g. baselines/)")
+            continue
+        for path in sorted(folder.glob("*.py")):
+            if not path.name.startswith("_"):
+                _load_plugin_file(path)
+        _LOADED_DIRS.append(folder)
+
+
+def _load_plugin_file(path: Path) -> None:
+    module_name = f"{PLUGIN_PACKAGE}.{path.stem}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None:
+        if Path(loaded.__file__).resolve() != path.resolve():
+            raise ValueError(f"two plugin files are named {path.name}: {loaded.__file__} and "
+                             f"{path} (rename one)")
+        return
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look a module up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+
+
 def _scan() -> None:
     global _SCANNED
-    if _SCANNED:
-        return
-    for package_name in _SCANNED_PACKAGES:
-        package = importlib.import_module(package_name)
+    if not _SCANNED:
+        package = importlib.import_module("agcl.methods")
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
-                importlib.import_module(f"{package_name}.{info.name}")
-    _SCANNED = True
+                importlib.import_module(f"agcl.methods.{info.name}")
+        _SCANNED = True
+    load_plugins(plugin_dirs())
+
+
+def use_config(config: dict) -> None:
+    """Load the plugin folders a config names (each must exist)."""
+    _scan()
+    if "plugin_dirs" in config:
+        load_plugins(plugin_dirs(config), required=True)
 
 
 def list_methods() -> list[str]:
@@ -45,80 +97,36 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def _searched() -> str:
+    return ", ".join(map(str, _LOADED_DIRS)) or "none found"
+
+
 def get_method(name: str) -> type:
     _scan()
     try:
         return _METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown method '{name}' (registered: {', '.join(sorted(_METHODS))})") from None
+        raise KeyError(f"unknown method '{name}' (registered: {', '.join(sorted(_METHODS))}; "
+                       f"plugin folders: {_searched()})") from None
+
+
+def method_module(name: str):
+    """The module (plugin file or agcl.methods module) that registers method `name`."""
+    return sys.modules[get_method(name).__module__]
 
 
 def resolve_method(config: dict, name: str) -> tuple[type, dict]:
     """(registered class, hyperparameters it adds) of a name in `methods:`: a registered method,
     or a variant of one declared under `variants:` (an ablation: the method with some
     hyperparameters changed, trained and reported under its own name)."""
+    use_config(config)
     variant = config.get("variants", {}).get(name)
     if variant is None:
         return get_method(name), {}
     return get_method(variant["method"]), dict(variant.get("hparams", {}))
 
 
-def check_config(config: dict, source: str = "<config>") -> None:
-    """Config errors that need the registry, found before any job runs: every name in `methods:`
-    is registered, every `hparams:` block names a registered method and only its hyperparameters,
-    and every `datasets.<d>.net` option exists on the net each configured method builds."""
-    from agcl.config import ConfigError
-    from agcl.data.specs import get_spec
-    from agcl.methods.base import HparamError
-    from agcl.nets.registry import check_kwargs
-
+def registered() -> dict[str, type]:
+    """Every registered method, by name (plugins of the default folders loaded)."""
     _scan()
-    registered = ", ".join(sorted(_METHODS))
-    variants = config.get("variants", {})
-    problems = [f"methods[{i}]: '{name}' is not a registered method or a variant (registered: "
-                f"{registered}; variants: {', '.join(sorted(variants)) or 'none'})"
-                for i, name in enumerate(config["methods"])
-                if name not in _METHODS and name not in variants]
-    for name, variant in variants.items():
-        if name in _METHODS:
-            problems.append(f"variants.{name}: the name of a registered method; a variant needs "
-                            "its own name")
-        elif variant["method"] not in _METHODS:
-            problems.append(f"variants.{name}.method: '{variant['method']}' is not a registered "
-                            f"method (registered: {registered})")
-        else:
-            try:
-                for d in config["datasets"]:
-                    _METHODS[variant["method"]].hparams_for(d, variant.get("hparams", {}))
-            except HparamError as exc:
-                problems.append(f"variants.{name}.hparams: {exc.args[0]}")
-    for dataset, dcfg in config["datasets"].items():
-        problems += [f"datasets.{dataset}.train_by_method.{name}: '{name}' is not a registered "
-                     f"method (registered: {registered})"
-                     for name in dcfg.get("train_by_method", {})
-                     if name not in _METHODS and name not in variants]
-    blocks = [("hparams", config.get("hparams", {}), None)]
-    blocks += [(f"datasets.{d}.hparams", dcfg.get("hparams", {}), d)
-               for d, dcfg in config["datasets"].items()]
-    for where, block, dataset in blocks:
-        for name, values in block.items():
-            if name not in _METHODS:
-                problems.append(f"{where}.{name}: '{name}' is not a registered method "
-                                f"(registered: {registered})")
-                continue
-            try:
-                for d in [dataset] if dataset else list(config["datasets"]):
-                    _METHODS[name].hparams_for(d, values)
-            except HparamError as exc:
-                problems.append(f"{where}.{name}: {exc.args[0]}")
-    for dataset, dcfg in config["datasets"].items():
-        spec = get_spec(dataset)
-        bases = [variants[m]["method"] if m in variants else m for m in config["methods"]]
-        nets = sorted({_METHODS[m].net_name(spec) for m in bases if m in _METHODS})
-        for net in nets:
-            try:
-                check_kwargs(net, dcfg.get("net", {}), where=f"datasets.{dataset}.net")
-            except ValueError as exc:
-                problems.append(str(exc))
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(dict.fromkeys(problems)))
+    return dict(_METHODS)

@@ -1,4 +1,4 @@
-"""Semi-AGCL: affinity-graph-guided contrastive learning on BCP (baselines/bcp.py).
+"""Semi-AGCL: affinity-graph-guided contrastive learning on BCP (agcl/methods/copy_paste.py).
 
 Base (assumed, docs/paper-notes.md "Setup"): the paper's ACDC settings (mask 170x170 of 256, batch
 24, 10k + 30k iterations, EMA 0.99) are BCP's defaults, so Semi-AGCL is BCP, stages and all (its
@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from agcl.methods import agcl_losses as L
-from agcl.methods.base import MAIN, make_ema_teacher
-from agcl.methods.losses import sigmoid_rampup
+from agcl.methods.base import MAIN, HParam
+from agcl.methods.copy_paste import CopyPasteTeacher, MixedPair
+from agcl.methods.ema import ema_update, make_ema_teacher
+from agcl.methods.ramps import epoch_rampup
 from agcl.methods.registry import register_method
 from agcl.nets import ProjectionHead
-from baselines.bcp import BCP, MixedPair, constant_ema
 
 AGCL_VIEWS = ("mixed", "separate")
 AGCL_WEIGHTS = ("w_reg", "w_pl", "w_rw")
@@ -73,7 +74,7 @@ def strong_intensity_view(x: torch.Tensor, contrast: float, brightness: float,
 
 
 @register_method("semi_agcl")
-class SemiAGCL(BCP):
+class SemiAGCL(CopyPasteTeacher):
     # Weights and ramp, from the gradient each term sends to the student at weight 1 (benchmarks/
     # agcl_gradients.py; ratios to L_BCP's gradient on LA / ACDC shapes): L_reg and L_RW_AGG
     # ~120x at init and 12x / 1.2x after 20 steps (InfoNCE at tau 0.07 on a fresh queue),
@@ -88,46 +89,63 @@ class SemiAGCL(BCP):
     #   queue (2048 keys = 32 steps); the ramp ends well inside the first lr phase: LA 7 "epochs"
     #   of 150 steps = 1050 of the 2500 steps at lr 0.01; ACDC/CRAG 20 = 3000 of 30000.
     agcl_hparams = {
-        "rampup": 7,  # ramp-up length in "epochs" of rampup_epoch_iterations, from the main stage
-        "rampup_epoch_iterations": 150,  # iter_num // 150, as every reference counts its ramps
-        "w_reg": 0.0,  # see above: Eq 4 is inside L_RW_AGG
-        "w_pl": 1.0,
-        "w_rw": 0.1,
-        "agcl_view": "mixed",  # one student pass per mix, as the paper's 1.33x cost implies
-        "strong_contrast": 0.2,  # contrast factor in [0.8, 1.2]: mild, keeps anatomy readable
-        "strong_brightness": 0.1,  # shift of +-0.1 image std
-        "strong_noise": 0.1,  # Gaussian noise 0.1 std clipped at 0.2 (UA-MT's teacher noise)
+        "rampup": HParam(7, "ramp-up length in 'epochs' of rampup_epoch_iterations, from the main "
+                         "stage", low=0),
+        "rampup_epoch_iterations": HParam(150, "iter_num // 150, as every reference counts its "
+                                          "ramps", low=1),
+        "w_reg": HParam(0.0, "see above: Eq 4 is inside L_RW_AGG", low=0.0),
+        "w_pl": HParam(1.0, "weight of L_PL_AGG (Eq 3)", low=0.0),
+        "w_rw": HParam(0.1, "weight of L_RW_AGG (Eq 7)", low=0.0),
+        "agcl_view": HParam("mixed", "one student pass per mix, as the paper's 1.33x cost implies",
+                            choices=AGCL_VIEWS),
+        "strong_contrast": HParam(0.2, "contrast factor in [0.8, 1.2]: mild, keeps anatomy "
+                                  "readable", low=0.0),
+        "strong_brightness": HParam(0.1, "shift of +-0.1 image std", low=0.0),
+        "strong_noise": HParam(0.1, "Gaussian noise 0.1 std clipped at 0.2 (UA-MT's teacher "
+                               "noise)", low=0.0),
         # auto: the shortest crop side // 8 (agcl_losses.resolve_patch_size): ACDC / CRAG
         # 256x256 -> 32, the paper's 8x8 grid; LA 112x112x80 -> 10, an 11x11x8 grid of 1000-voxel
-        # patches (an ACDC patch has 1024 pixels); a 48x48 CPU crop -> 6. Or an int.
-        "patch_size": "auto",
-        "min_patch_coverage": 0.5,  # a patch counts if >= half of its voxels are unlabeled-image
-        "n_patches": 64,  # anchors per step, split evenly over classes; 64x64 graph, cheap SVD
-        "patch_similarity": "entropy",  # ablation: entropy (paper) | cosine | class_confidence
-        "kernel": "gk_l2",  # ablation: gk_l2 | gk_l1 (paper: GK + L2)
-        "sigma": 0.5,  # one-hot labels of two classes are sqrt(2) apart -> affinity e^-4 ~ 0.02
-        "gamma": 0.1,  # ||A||_* >= Tr(A): gamma < 1 keeps the trace term in charge
-        "nuclear_norm": True,  # ablation: the nuclear-norm term of Eq 3 on / off
-        "tau": 0.07,  # MoCo temperature
-        "queue_length": 2048,  # 32 steps of 64 keys, well inside the EMA teacher's ~100-step memory
-        # (check_recipe refuses a queue that cannot fill before the ramp ends)
-        "n_hard_candidates": 32,  # hardest allowed queue keys that Eq 6 mixes from (MoCHi's N)
-        "n_mixed_negatives": 16,  # Eq 6 synthetic negatives per anchor (MoCHi's s)
-        "mix_coefficient": "affinity",  # ablation: affinity (A_ii, paper) | half | random
-        # The head on patch-mean features (False) instead of on every voxel (True): a per-voxel head
-        # at 4x the decoder width costs about one more V-Net forward; the AGCL terms use patches.
-        "project_voxels": False,
-        "proj_hidden_channels": None,  # None = 4 x decoder feature channels (64 at width 16)
-        "proj_dim": None,  # None = 2 x decoder feature channels (32 at width 16)
+        # patches (an ACDC patch has 1024 pixels); a 48x48 CPU crop -> 6. Or an int. (Not the
+        # training crop, train.patch, nor the evaluation window, eval.patch.)
+        "contrast_patch": HParam("auto", "side of the contrastive patches", choices=("auto",),
+                                 kind=int, low=1),
+        "min_patch_coverage": HParam(0.5, "a patch counts if >= half of its voxels are "
+                                     "unlabeled-image", low=0.0, high=1.0),
+        "n_patches": HParam(64, "anchors per step, split evenly over classes; 64x64 graph, cheap "
+                            "SVD", low=1),
+        "patch_similarity": HParam("entropy", "ablation: entropy (paper) | cosine | "
+                                   "class_confidence", choices=L.PATCH_SIMILARITIES),
+        "kernel": HParam("gk_l2", "ablation: gk_l2 | gk_l1 (paper: GK + L2)", choices=L.KERNELS),
+        "sigma": HParam(0.5, "one-hot labels of two classes are sqrt(2) apart -> affinity e^-4 ~ "
+                        "0.02", low=0.0),
+        "nuclear_weight": HParam(0.1, "Eq 3's gamma: ||A||_* >= Tr(A), < 1 keeps the trace term "
+                                 "in charge", low=0.0),
+        "nuclear_norm": HParam(True, "ablation: the nuclear-norm term of Eq 3 on / off"),
+        "tau": HParam(0.07, "MoCo temperature", low=0.0),
+        # 32 steps of 64 keys, well inside the EMA teacher's ~100-step memory (check_recipe
+        # refuses a queue that cannot fill before the ramp ends)
+        "queue_length": HParam(2048, "negatives kept from past steps", low=1),
+        "n_hard_candidates": HParam(32, "hardest allowed queue keys that Eq 6 mixes from "
+                                    "(MoCHi's N)", low=1),
+        "n_mixed_negatives": HParam(16, "Eq 6 synthetic negatives per anchor (MoCHi's s)", low=1),
+        "mix_coefficient": HParam("affinity", "ablation: affinity (A_ii, paper) | half | random",
+                                  choices=L.MIX_COEFFICIENTS),
+        # The head on patch-mean features (False) instead of on every voxel (True): a per-voxel
+        # head at 4x the decoder width costs about one more V-Net forward; the terms use patches.
+        "project_voxels": HParam(False, "the head on every voxel, then patch means"),
+        "proj_hidden_channels": HParam(None, "None = 4 x decoder feature channels (64 at width "
+                                       "16)", kind=int, low=1, nullable=True),
+        "proj_dim": HParam(None, "None = 2 x decoder feature channels (32 at width 16)", kind=int,
+                           low=1, nullable=True),
     }
-    default_hparams = {**BCP.default_hparams, **agcl_hparams}
-    dataset_hparams = {
-        "la": dict(BCP.dataset_hparams.get("la", {})),
-        "acdc": {**BCP.dataset_hparams["acdc"], "rampup": 20},
-        "crag": {**BCP.dataset_hparams["crag"], "rampup": 20},
+    hyperparameters = {**CopyPasteTeacher.hyperparameters, **agcl_hparams}
+    dataset_defaults = {
+        "la": dict(CopyPasteTeacher.dataset_defaults.get("la", {})),
+        "acdc": {**CopyPasteTeacher.dataset_defaults["acdc"], "rampup": 20},
+        "crag": {**CopyPasteTeacher.dataset_defaults["crag"], "rampup": 20},
     }
-    _CHOICES = {**BCP._CHOICES, "agcl_view": AGCL_VIEWS, "patch_similarity": L.PATCH_SIMILARITIES,
-                "kernel": L.KERNELS, "mix_coefficient": L.MIX_COEFFICIENTS}
+    # `gamma` collided with the lr decay (train.gamma), `patch_size` with the crop and window.
+    renamed_hparams = {"gamma": "nuclear_weight", "patch_size": "contrast_patch"}
 
     @classmethod
     def check_recipe(cls, hparams, train_cfg, spec) -> list[str]:
@@ -140,9 +158,6 @@ class SemiAGCL(BCP):
 
     def __init__(self, spec, hparams, net_kwargs, total_iterations):
         super().__init__(spec, hparams, net_kwargs, total_iterations)
-        problem = L.patch_size_problem(hparams["patch_size"])
-        if problem:
-            raise ValueError(f"{self.name} hparam {problem}")
         width = self.student.feature_channels
         hidden = hparams["proj_hidden_channels"] or 4 * width
         dim = hparams["proj_dim"] or 2 * width
@@ -171,7 +186,7 @@ class SemiAGCL(BCP):
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         if self.stage == MAIN:
-            constant_ema(self.teacher_head, self.head, self.hparams["ema_decay"])
+            ema_update(self.teacher_head, self.head, self.hparams["ema_decay"])
 
     # -----------------------------------------------------------------------------------------
     def student_view(self, x_unlabeled: torch.Tensor) -> torch.Tensor:
@@ -210,17 +225,17 @@ class SemiAGCL(BCP):
                        for (logits, feats, region), p, t_feat in zip(views, pairs, t_feats)]
             stats = {k: torch.cat([m[k] for m in per_mix]) for k in per_mix[0]}
             agcl = self._agcl_terms(stats, pairs[0].features.ndim)
-        ramp = sigmoid_rampup(step // hp["rampup_epoch_iterations"], hp["rampup"])
+        ramp = epoch_rampup(step, hp["rampup_epoch_iterations"], hp["rampup"])
         unsup = hp["w_reg"] * agcl["loss_reg"] + hp["w_pl"] * agcl["loss_pl_agg"] \
             + hp["w_rw"] * agcl["loss_rw_agg"]
         logs = {k: v.detach() if torch.is_tensor(v) else float(v) for k, v in agcl.items()}
-        return ramp * unsup, {**logs, "rampup": ramp}
+        return ramp * unsup, {**logs, "agcl_ramp": ramp}
 
     def _patch_statistics(self, s_logits, s_feats, t_probs, t_feats, region) -> dict:
         """Per-patch means over the unlabeled voxels of one mix, one row per patch (image-major):
         coverage, student / teacher class probabilities, student / teacher features (already
         through the heads under project_voxels) and the teacher's Eq 1 entropy."""
-        patch = L.resolve_patch_size(self.hparams["patch_size"], s_logits.shape[2:])
+        patch = L.resolve_patch_size(self.hparams["contrast_patch"], s_logits.shape[2:])
         weight_sum = L.patch_sum(region.float(), patch)  # one region, five maps: summed once
 
         def pooled(x):
@@ -271,7 +286,7 @@ class SemiAGCL(BCP):
         y_s, y_t, q, keys, labels = (t[anchors] for t in (y_s, y_t, q, keys, labels))
 
         affinity = L.affinity_matrix(y_t, y_s, hp["sigma"], hp["kernel"])
-        graph = L.affinity_graph_loss(affinity, hp["gamma"], hp["nuclear_norm"])
+        graph = L.affinity_graph_loss(affinity, hp["nuclear_weight"], hp["nuclear_norm"])
 
         # Snapshot: the queue is updated in place below, after the graph has used it.
         queue, queue_labels = self.queue.clone(), self.queue_labels.clone()
@@ -337,7 +352,7 @@ def patch_geometry(hparams: dict, train_cfg: dict, num_classes: int) -> dict:
     only what no data could rescue; train_log's anchors_class<k> shows what the data gives.
     """
     crop = list(train_cfg["patch"])
-    patch = L.resolve_patch_size(hparams["patch_size"], crop)
+    patch = L.resolve_patch_size(hparams["contrast_patch"], crop)
     grid = [size // patch for size in crop]
     per_image = math.prod(grid)
     unlabeled = train_cfg["batch_size"] - train_cfg["labeled_batch_size"]
@@ -364,26 +379,23 @@ def patch_geometry(hparams: dict, train_cfg: dict, num_classes: int) -> dict:
 def _largest_patch(hparams: dict, train_cfg: dict, num_classes: int, ok) -> int | None:
     """The largest patch side whose geometry passes ``ok``, None if not even 1 does."""
     return next((p for p in range(min(train_cfg["patch"]), 0, -1)
-                 if ok(patch_geometry({**hparams, "patch_size": p}, train_cfg, num_classes))),
+                 if ok(patch_geometry({**hparams, "contrast_patch": p}, train_cfg, num_classes))),
                 None)
 
 
 def geometry_problems(hparams: dict, train_cfg: dict, num_classes: int, where: str) -> list[str]:
     """Each geometry threshold the recipe misses, with its numbers and the fix (`where` is the
     config block of the method's hparams, e.g. datasets.acdc.hparams.semi_agcl)."""
-    patch = hparams["patch_size"]
-    problem = L.patch_size_problem(patch)
-    if problem:
-        return [f"{where}.{problem}"]
+    patch = hparams["contrast_patch"]  # a valid value: hparams_for checked it
     crop = list(train_cfg["patch"])
     geo = patch_geometry(hparams, train_cfg, num_classes)
-    shown = f"patch_size {patch}" + (f" (= {geo['patch']})" if patch == "auto" else "")
+    shown = f"contrast_patch {patch}" + (f" (= {geo['patch']})" if patch == "auto" else "")
     on = f"on a {'x'.join(map(str, crop))} crop"
     problems = []
     if geo["per_image"] < MIN_PATCHES_PER_IMAGE:
         best = _largest_patch(hparams, train_cfg, num_classes,
                               lambda g: g["per_image"] >= MIN_PATCHES_PER_IMAGE)
-        fix = f"set {where}.patch_size <= {best}" if best else "train on a larger crop"
+        fix = f"set {where}.contrast_patch <= {best}" if best else "train on a larger crop"
         n = geo["per_image"]
         problems.append(f"{shown} {on} gives {n} patch{'' if n == 1 else 'es'} per image (needs "
                         f">= {MIN_PATCHES_PER_IMAGE}): {fix}")
@@ -394,7 +406,7 @@ def geometry_problems(hparams: dict, train_cfg: dict, num_classes: int, where: s
     elif geo["per_class"] < MIN_ANCHORS_PER_CLASS and geo["per_image"] >= MIN_PATCHES_PER_IMAGE:
         best = _largest_patch(hparams, train_cfg, num_classes,
                               lambda g: g["per_class"] >= MIN_ANCHORS_PER_CLASS)
-        fix = f"set {where}.patch_size <= {best}" if best else "use more unlabeled images a step"
+        fix = f"set {where}.contrast_patch <= {best}" if best else "use more unlabeled images a step"
         problems.append(
             f"{shown} {on} with {geo['per_mix']} unlabeled image(s) per mix keeps about "
             f"{geo['kept']} patches per step, {geo['per_class']} per class at an even split of "

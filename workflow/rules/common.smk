@@ -12,8 +12,14 @@ validate(config, schema="../schemas/config.schema.yaml")
 # aggregation never disagree (the registry imports torch: Snakemake runs in the agcl env).
 REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))
+# The method plugins of this workflow: baselines/ beside the Snakefile (whatever --directory
+# says), then the folders a config names under plugin_dirs (relative to the working directory).
+# Exported here for the DAG build and handed to every job through AGCL below.
+from agcl.plugins import export_plugin_dirs  # noqa: E402
+
+PLUGIN_DIRS = export_plugin_dirs(REPO / "baselines")
 from agcl.config import Layout, expected_runs, validate_config  # noqa: E402
-from agcl.methods.registry import check_config  # noqa: E402
+from agcl.config_checks import check_config  # noqa: E402
 from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
 
 CONFIG_SOURCES = [str(f) for f in workflow.configfiles]
@@ -49,7 +55,8 @@ def merged_config_file():
 CONFIGFILE = merged_config_file()
 # Rules run the package from this checkout, in whichever environment runs them (the venv of
 # `make demo`, or the conda env of workflow/envs/agcl.yaml under --use-conda).
-AGCL = f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} python -m agcl"
+AGCL = (f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} AGCL_PLUGIN_DIRS='{PLUGIN_DIRS}' "
+        "python -m agcl")
 ENV = "../envs/agcl.yaml"
 LOGS = Path("logs") / config["name"]
 BENCHMARKS = Path("benchmarks") / config["name"]
@@ -86,7 +93,7 @@ def all_metrics(dataset=None, method=None):
 
 @functools.cache
 def _recipe_hash(dataset, method):
-    from agcl.engine.recipe import resolve_recipe
+    from agcl.recipe import resolve_recipe
 
     return resolve_recipe(config, dataset, method).settings_hash
 

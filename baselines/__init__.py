@@ -1,1 +1,0 @@
-"""Baseline methods, one file each; every module here is imported by agcl.methods.registry."""
