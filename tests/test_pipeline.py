@@ -154,3 +154,24 @@ def test_aggregate_and_report_with_missing_runs(tiny_project):
     assert "Best, median and worst test case by supervised" in html
     assert "10 run(s) of the grid are not counted in any table" in html
     assert "not evaluated (no metrics.json)" in html
+
+
+def test_evaluation_takes_window_and_precision_from_the_run_s_recipe(tiny_project):
+    """A train_by_method entry that gives a method its own crop: validation (the trainer) and
+    test (evaluation) both slide that crop, read from the run's run.json, not the dataset's
+    train block."""
+    import yaml
+
+    config = yaml.safe_load(tiny_project.read_text())
+    crag = config["datasets"]["crag"]
+    crag["eval"] = {}  # the window follows the training crop
+    crag["train_by_method"] = {"supervised": {"patch": [16, 16]}}
+    tiny_project.write_text(yaml.safe_dump(config))
+    layout = prepare(tiny_project, "crag")
+    run = layout.run("crag", "supervised", 0.1, 0)
+    run_cli("train", "crag", "--config", tiny_project, "--method", "supervised", "--labels", "0.1",
+            "--seed", "0", "--out", run, "--no-progress")
+    assert json.loads((run / "run.json").read_text())["train"]["patch"] == [16, 16]
+    run_cli("evaluate", "crag", "--config", tiny_project, "--run", run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"]["patch"] == [16, 16] and metrics["protocol"]["stride"] == [16, 16]

@@ -98,12 +98,15 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
     net = build(ckpt["net_name"], ckpt["in_channels"], ckpt["num_classes"], **ckpt["net_kwargs"])
     net.load_state_dict(ckpt["state_dict"])
     net.to(torch_device).eval()
-    amp_dtype = resolve_amp(dcfg["train"]["amp"], torch_device)
+    # Precision and window from the recipe the run trained with (run.json), not the dataset's
+    # train block: a train_by_method entry may give a method its own patch or precision.
+    recipe = meta["train"]
+    amp_dtype = resolve_amp(recipe["amp"], torch_device)
 
     split = read_split(layout.splits(dataset, meta["seed"]))
     processed = layout.processed(dataset)
     index = load_index(processed)
-    patch, stride = eval_window(eval_cfg, dcfg["train"]["patch"])
+    patch, stride = eval_window(eval_cfg, recipe["patch"])
     spacing = _spacing(dataset, eval_cfg["spacing"])
     classes = list(range(1, spec.num_classes))
 
