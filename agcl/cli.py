@@ -169,12 +169,20 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def cmd_train(args) -> None:
     from agcl.engine.trainer import Trainer
+    from agcl.recipe import describe_plan, resolve_recipe, stage_plan
 
     _set_threads(args.threads)
-    trainer = Trainer(_load_checked_config(args.config), args.dataset, args.method, args.labels,
-                      args.seed, args.out, iterations=args.iterations, device=args.device,
-                      overrides=parse_overrides(args.set), force=args.force,
-                      progress=not args.no_progress)
+    config, overrides = _load_checked_config(args.config), parse_overrides(args.set)
+    # What the run will do, before anything is loaded (the recipe is config arithmetic).
+    recipe = resolve_recipe(config, args.dataset, args.method, overrides=overrides,
+                            iterations=args.iterations)
+    plan = stage_plan(config, args.dataset, args.method, recipe, overrides=overrides,
+                      iterations=args.iterations)
+    print(f"{args.method} on {args.dataset} r{args.labels:g} s{args.seed}: {describe_plan(plan)}",
+          flush=True)
+    trainer = Trainer(config, args.dataset, args.method, args.labels, args.seed, args.out,
+                      iterations=args.iterations, device=args.device, overrides=overrides,
+                      force=args.force, progress=not args.no_progress)
     meta = trainer.run()
     print(f"trained {meta['method']} on {meta['dataset']} r{args.labels:g} s{args.seed}: "
           f"{meta['iterations']} iterations in {meta['train_seconds']:.1f} s -> {trainer.out}")
@@ -316,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: the config's, "
                                  "<results_dir>/<name>/runs/<dataset>/<method>/r<labels>/s<seed>)")
     p.add_argument("--iterations", type=_positive_int,
-                   help="override datasets.<name>.train.iterations")
+                   help="steps of the main stage (overrides datasets.<name>.train.iterations); "
+                        "a pre-training stage keeps its own length (e.g. BCP's "
+                        "pretrain_iterations): set smoke_steps in the config to shorten every "
+                        "stage")
     p.add_argument("--device", type=_device, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter, or train.KEY of the dataset's "

@@ -100,7 +100,12 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     )
     augmentation = (default_augmentation(spec.spatial_dims)
                     if train_cfg["augmentation"] == "auto" else train_cfg["augmentation"])
+    smoke = config.get("smoke_steps")
+    if smoke:  # a smoke run: every stage at most this long (the main stage's recipe too)
+        train_cfg["iterations"] = min(train_cfg["iterations"], smoke)
     stages = method_cls.stages(hparams, train_cfg)
+    if smoke:
+        stages = [dataclasses.replace(s, iterations=min(s.iterations, smoke)) for s in stages]
     for stage in stages:
         positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
     problems = method_cls.check_recipe(hparams, train_cfg, spec)
@@ -119,3 +124,48 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     }
     return Recipe(method_cls, train_cfg, hparams, dcfg["selection"], augmentation, stages,
                   settings)
+
+
+def stage_plan(config: dict, dataset: str, method: str, recipe: Recipe, *,
+               overrides: dict[str, Any] | None = None, iterations: int | None = None
+               ) -> list[tuple[str, int, str]]:
+    """(stage, steps, where the number comes from) of each stage of a resolved recipe, so a run
+    can say what it will do before it does it. A stage before the main one takes its length from
+    the method's hyperparameter `<stage>_iterations` (BCP's pre-training: pretrain_iterations)."""
+    twin_of = noise_twins(config).get(method)
+    name = twin_of or method
+    dcfg = dataset_config(config, dataset)
+    variant = config.get("variants", {}).get(name)
+    base = recipe.method_cls.name
+    smoke = config.get("smoke_steps")
+    plan = []
+    for index, stage in enumerate(recipe.stages):
+        if smoke and stage.iterations == smoke:
+            where = f"smoke_steps {smoke} (caps every stage)"
+        elif index == len(recipe.stages) - 1:
+            if iterations is not None:
+                where = "--iterations"
+            elif "iterations" in dcfg.get("train_by_method", {}).get(name, {}):
+                where = f"datasets.{dataset}.train_by_method.{name}.iterations"
+            elif "iterations" in dcfg.get("train_by_method", {}).get(base, {}):
+                where = f"datasets.{dataset}.train_by_method.{base}.iterations"
+            else:
+                where = f"datasets.{dataset}.train.iterations"
+        else:
+            key = f"{stage.name}_iterations"
+            layers = [("--set", overrides or {}),
+                      (f"variants.{name}.hparams", (variant or {}).get("hparams", {})),
+                      (f"datasets.{dataset}.hparams.{base}", dcfg.get("hparams", {}).get(base, {})),
+                      (f"hparams.{base}", config.get("hparams", {}).get(base, {})),
+                      (f"{base}'s default for {dataset}",
+                       recipe.method_cls.dataset_defaults.get(dataset, {}))]
+            where = next((f"{label}: {key}" for label, layer in layers if key in layer),
+                         f"{base}'s default {key}")
+        plan.append((stage.name, stage.iterations, where))
+    return plan
+
+
+def describe_plan(plan: list[tuple[str, int, str]]) -> str:
+    """One line: 'pretrain 10000 (from ...) + main 12 (from ...) = 10012 steps'."""
+    parts = " + ".join(f"{name} {steps} ({where})" for name, steps, where in plan)
+    return f"{parts} = {sum(steps for _, steps, _ in plan)} steps"

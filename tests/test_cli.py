@@ -136,3 +136,44 @@ def test_readme_documents_the_command_forms():
                  "agcl methods"):
         assert form in readme, form
     assert "--list-methods" not in readme and "--dataset NAME" not in readme
+
+
+def test_train_prints_its_stage_plan_and_smoke_steps_shorten_every_stage(tmp_path, capsys,
+                                                                          monkeypatch):
+    """A new user's quick check: `--iterations` sets the main stage only, and the run says so
+    before training; smoke_steps caps every stage, BCP's pre-training included."""
+    import yaml
+
+    from agcl.config import load_config
+    from agcl.recipe import describe_plan, resolve_recipe, stage_plan
+    from tests.conftest import tiny_config
+
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config()))
+    config = load_config(config_path)
+    recipe = resolve_recipe(config, "acdc", "bcp", iterations=12)
+    plan = stage_plan(config, "acdc", "bcp", recipe, iterations=12)
+    assert plan == [("pretrain", 10000, "bcp's default for acdc: pretrain_iterations"),
+                    ("main", 12, "--iterations")]
+    assert describe_plan(plan).endswith("= 10012 steps")
+    over = stage_plan(config, "acdc", "bcp", resolve_recipe(
+        config, "acdc", "bcp", overrides={"pretrain_iterations": 5}),
+        overrides={"pretrain_iterations": 5})
+    assert over == [("pretrain", 5, "--set: pretrain_iterations"),
+                    ("main", 4, "datasets.acdc.train.iterations")]
+    smoke = yaml.safe_load(config_path.read_text())
+    smoke["smoke_steps"] = 3
+    config_path.write_text(yaml.safe_dump(smoke))
+    config = load_config(config_path)
+    recipe = resolve_recipe(config, "acdc", "bcp")
+    assert [s.iterations for s in recipe.stages] == [3, 3]
+    assert recipe.train_cfg["iterations"] == 3
+    assert stage_plan(config, "acdc", "bcp", recipe)[0][2] == "smoke_steps 3 (caps every stage)"
+    # the CLI prints the plan before the first step
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "acdc", "--config", str(config_path), "--method", "bcp", "--labels",
+                 "0.1", "--seed", "0", "--out", str(tmp_path / "run"), "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 1 and "run `agcl splits` first" in out.err  # no data yet: refused, but ...
+    assert out.out.startswith("bcp on acdc r0.1 s0: pretrain 3 (smoke_steps 3 (caps every "
+                              "stage)) + main 3 (smoke_steps 3 (caps every stage)) = 6 steps")
