@@ -1,7 +1,10 @@
-"""Load an experiment config and validate it against workflow/schemas/config.schema.yaml.
+"""Load an experiment config and validate it against the package's schema
+(agcl/schemas/config.schema.yaml, shipped with the package), then by the rules across keys that a
+schema cannot say (config_rules).
 
-Snakemake validates the same file with its own `validate()`; the CLI does it here so that every
-`agcl` subcommand run by hand gets the same defaults and the same errors.
+The Snakefile validates the same schema file with Snakemake's own `validate()` and then applies
+config_rules; the CLI does both here (validate_config), so that every `agcl` subcommand run by
+hand gets the same defaults and the same checks.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# Package data (pyproject package-data), so an installed agcl validates without a checkout.
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -41,13 +45,21 @@ def load_schema() -> dict:
 
 
 def validate_config(config: dict, source: str = "<config>") -> dict:
-    """Fill defaults in place and raise ConfigError naming the first offending key."""
+    """Fill defaults in place and raise ConfigError naming the first offending key: the schema,
+    then config_rules."""
     validator = _validator_filling_defaults()(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"invalid value at '{'.'.join(map(str, e.absolute_path)) or '<top level>'}': "
                  f"{e.message}" for e in errors]
         raise ConfigError(f"{source}: " + "; ".join(lines))
+    return config_rules(config, source)
+
+
+def config_rules(config: dict, source: str = "<config>") -> dict:
+    """The checks across keys that the schema cannot express, on a config the schema has
+    validated (and filled with its defaults): applies run_datasets and resolves roles in place,
+    raises ConfigError naming the key."""
     if config["run_datasets"]:
         # The grid on some datasets only: everything downstream sees just those.
         missing = [d for d in config["run_datasets"] if d not in config["datasets"]]
