@@ -35,4 +35,4 @@ lint: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --lint --workflow-profile none --configfile config/demo.yaml
 
 clean-demo:
-	rm -rf resources/demo results/demo reports/demo logs/demo benchmarks/demo
+	rm -rf resources/demo results/demo reports/demo logs/demo

@@ -225,10 +225,10 @@ def cmd_report(args) -> None:
 
 def cmd_plan(args) -> None:
     from agcl.config import load_config
-    from agcl.plan import THROUGHPUT_CSV, render
+    from agcl.plan import render
 
-    print(render(load_config(*args.config), args.config,
-                 throughput_path=args.throughput or THROUGHPUT_CSV))
+    print(render(load_config(*args.config), args.config, throughput_path=args.throughput,
+                 snakefile=args.snakefile))
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -360,8 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, nargs="+", metavar="FILE",
                    help="config file(s), layered in order as snakemake --configfile does")
     p.add_argument("--throughput",
-                   help="steps per second measured by benchmarks/gpu_throughput.py "
-                        "(default: benchmarks/throughput.csv of this checkout, where it writes)")
+                   help="steps per second measured by benchmarks/gpu_throughput.py (default: "
+                        "<results_dir>/<name>/benchmarks/throughput.csv, where it writes)")
+    p.add_argument("--snakefile",
+                   help="workflow of the dry run (default: ./Snakefile, else the Snakefile of "
+                        "the checkout agcl runs from)")
     return parser
 
 

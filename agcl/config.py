@@ -1,7 +1,10 @@
-"""Load an experiment config and validate it against workflow/schemas/config.schema.yaml.
+"""Load an experiment config and validate it against the package's schema
+(agcl/schemas/config.schema.yaml, shipped with the package), then by the rules across keys that a
+schema cannot say (config_rules).
 
-Snakemake validates the same file with its own `validate()`; the CLI does it here so that every
-`agcl` subcommand run by hand gets the same defaults and the same errors.
+The Snakefile validates the same schema file with Snakemake's own `validate()` and then applies
+config_rules; the CLI does both here (validate_config), so that every `agcl` subcommand run by
+hand gets the same defaults and the same checks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import yaml
 
 from agcl.utils import ratio_tag
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# Package data (pyproject package-data), so an installed agcl validates without a checkout.
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -43,13 +47,21 @@ def load_schema() -> dict:
 
 
 def validate_config(config: dict, source: str = "<config>") -> dict:
-    """Fill defaults in place and raise ConfigError naming the first offending key."""
+    """Fill defaults in place and raise ConfigError naming the first offending key: the schema,
+    then config_rules."""
     validator = _validator_filling_defaults()(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"invalid value at '{'.'.join(map(str, e.absolute_path)) or '<top level>'}': "
                  f"{e.message}" for e in errors]
         raise ConfigError(f"{source}: " + "; ".join(lines))
+    return config_rules(config, source)
+
+
+def config_rules(config: dict, source: str = "<config>") -> dict:
+    """The checks across keys that the schema cannot express, on a config the schema has
+    validated (and filled with its defaults): applies run_datasets and resolves roles in place,
+    raises ConfigError naming the key."""
     if config["run_datasets"]:
         # The grid on some datasets only: everything downstream sees just those.
         missing = [d for d in config["run_datasets"] if d not in config["datasets"]]
@@ -63,6 +75,10 @@ def validate_config(config: dict, source: str = "<config>") -> dict:
     taken = set(config["methods"]) | set(config["variants"])
     problems += [f"noise_floor: the twin name '{t}' is already a method or variant name"
                  for t in sorted(set(noise_twins(config)) & taken)]
+    resolved, role_problems = _resolve_roles(config.setdefault("roles", {}), config["methods"])
+    problems += role_problems or _full_supervision_problems(config, resolved)
+    if not role_problems:
+        config["roles"].update(resolved)  # the names every later reader gets (roles_of)
     for dataset, dcfg in config["datasets"].items():
         problems += _batch_problems(dcfg["train"], f"datasets.{dataset}.train")
         # Per-method recipes (the reference protocol) are checked like the train block itself.
@@ -72,6 +88,61 @@ def validate_config(config: dict, source: str = "<config>") -> dict:
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return config
+
+
+ROLES = ("lower_bound", "method_of_interest")
+
+
+def default_roles() -> dict[str, str]:
+    """{role: method} of the schema's defaults (config `roles`)."""
+    properties = load_schema()["properties"]["roles"]["properties"]
+    return {role: properties[role]["default"] for role in ROLES}
+
+
+def _resolve_roles(given: dict, methods: list[str]) -> tuple[dict, list[str]]:
+    """({role: method or None}, problems) of a config's `roles` (see the schema): a role named in
+    the config must be one of `methods`; a default absent from them means no lower bound, or
+    the first of `methods` as the method of interest."""
+    defaults = default_roles()
+    resolved, problems = {}, []
+    for role in ROLES:
+        name = given.get(role, defaults[role])
+        if name is None or name in methods:
+            resolved[role] = name
+        elif name == defaults[role]:
+            resolved[role] = None if role == "lower_bound" else methods[0]
+        else:
+            resolved[role] = name
+            problems.append(f"roles.{role}: '{name}' is not in methods ({', '.join(methods)}); "
+                            "a role names a method of the grid")
+    return resolved, problems
+
+
+def _full_supervision_problems(config: dict, resolved: dict) -> list[str]:
+    if not config["full_supervision"] or resolved["lower_bound"] is not None:
+        return []
+    given = config["roles"].get("lower_bound", default_roles()["lower_bound"])
+    why = ("roles.lower_bound is null" if given is None
+           else f"its default '{given}' is not in methods")
+    return [(f"full_supervision: true trains the lower bound on 100 % labels, but the grid has "
+             f"none ({why}); name one of methods ({', '.join(config['methods'])}) in "
+             "roles.lower_bound, or set full_supervision: false")]
+
+
+def roles_of(config: dict) -> dict[str, str | None]:
+    """{role: method} of a grid: `lower_bound` a method of `methods` or None (the grid has no
+    lower bound), `method_of_interest` a method of `methods` (config `roles`, resolved as
+    validation writes them back)."""
+    return _resolve_roles(config.get("roles") or {}, config["methods"])[0]
+
+
+def comparison_references(config: dict | None = None) -> tuple[str, ...]:
+    """The references of the report's paired comparisons: the method of interest, then the
+    lower bound (one when they are the same method; no lower bound, no comparisons against it);
+    without a config, the schema's default roles."""
+    grid = roles_of(config) if config is not None else default_roles()
+    names = (grid["method_of_interest"], grid["lower_bound"])
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 def train_override_problems(override: dict, base: dict, where: str) -> list[str]:
@@ -178,14 +249,16 @@ def noise_twins(config: dict) -> dict[str, str]:
 def expected_runs(config: dict) -> list[tuple[str, str, str, int]]:
     """(dataset, method, ratio tag, seed) of every run the grid asks for.
 
-    Used by the Snakemake rules and by aggregation, so both agree on what is missing. The
-    supervised method also runs at 100 % labels when full_supervision is on (the upper bound).
+    Used by the Snakemake rules and by aggregation, so both agree on what is missing. The lower
+    bound (roles.lower_bound) also runs at 100 % labels when full_supervision is on (the upper
+    bound).
     """
+    full = roles_of(config)["lower_bound"] if config["full_supervision"] else None
     runs = []
     for dataset in config["datasets"]:
         for method in [*config["methods"], *noise_twins(config)]:
             ratios = list(config["ratios"])
-            if method == "supervised" and config["full_supervision"]:
+            if full is not None and method == full:
                 ratios.append(1.0)
             for ratio in ratios:
                 for seed in config["seeds"]:

@@ -23,8 +23,9 @@ import pandas as pd
 from agcl.config import Layout, dataset_config, expected_runs
 from agcl.utils import human_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-THROUGHPUT_CSV = REPO / "benchmarks" / "throughput.csv"
+# Where benchmarks/gpu_throughput.py writes by default and `agcl plan` reads: beside the grid's
+# results (<results_dir>/<name>/benchmarks/), not beside the scripts; both take another path.
+THROUGHPUT_NAME = "throughput.csv"
 # The recipe shape a throughput row was measured at; a run uses a row only if all of these match.
 SHAPE_KEYS = ["dataset", "method", "stage", "batch_size", "labeled_batch_size", "patch", "net",
               "amp"]
@@ -39,12 +40,26 @@ def patch_text(patch) -> str:
     return "x".join(str(int(side)) for side in patch)
 
 
+def throughput_csv(config: dict, root: str | Path = ".") -> Path:
+    """The default throughput table of a config's grid: <results_dir>/<name>/benchmarks/."""
+    return Layout(config, root).results / "benchmarks" / THROUGHPUT_NAME
+
+
+def default_snakefile(root: str | Path = ".") -> Path:
+    """The workflow a dry run plans: the Snakefile of the working directory, as snakemake takes
+    it; else the one of the source checkout this package runs from (an installed package has
+    none: pass `agcl plan --snakefile`)."""
+    here = Path(root) / "Snakefile"
+    checkout = Path(__file__).resolve().parents[1] / "Snakefile"
+    return here if here.exists() or not checkout.exists() else checkout
+
+
 def net_text(net: dict) -> str:
     """A dataset's net options as one cell, e.g. 'n_filters=16' (widths change the step time)."""
     return ",".join(f"{key}={net[key]}" for key in sorted(net))
 
 
-def read_throughput(path: str | Path = THROUGHPUT_CSV) -> pd.DataFrame:
+def read_throughput(path: str | Path) -> pd.DataFrame:
     """The measured throughput table, or an empty one when nothing was measured yet."""
     path = Path(path)
     if not path.exists():
@@ -76,11 +91,17 @@ def _job_stats(text: str) -> dict[str, int]:
     return counts
 
 
-def job_counts(configfile: str | Path | list, root: str | Path = ".") -> tuple[dict, dict] | str:
-    """({rule: jobs of the whole grid}, {rule: jobs still to run}) from Snakemake dry runs, or
-    the dry run's error text when it cannot plan (e.g. a missing CRAG zip)."""
+def job_counts(configfile: str | Path | list, root: str | Path = ".",
+               snakefile: str | Path | None = None) -> tuple[dict, dict] | str:
+    """({rule: jobs of the whole grid}, {rule: jobs still to run}) from Snakemake dry runs of
+    `snakefile` (default: default_snakefile), or the dry run's error text when it cannot plan
+    (e.g. a missing CRAG zip)."""
+    snakefile = Path(snakefile) if snakefile else default_snakefile(root)
+    if not snakefile.exists():
+        return (f"{snakefile} does not exist: run agcl plan in the workflow's folder or pass "
+                "--snakefile")
     base = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--workflow-profile",
-            "none", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root),
+            "none", "--snakefile", str(snakefile.resolve()), "--directory", str(root),
             "--configfile",
             *[str(Path(f).resolve()) for f in (configfile if isinstance(configfile, list)
                                                else [configfile])]]
@@ -237,13 +258,15 @@ def _bytes_cell(count) -> str:
 
 
 def render(config: dict, configfile: str | Path, root: str | Path = ".",
-           throughput_path: str | Path = THROUGHPUT_CSV) -> str:
-    """The plan as text, as `agcl plan` prints it."""
+           throughput_path: str | Path | None = None,
+           snakefile: str | Path | None = None) -> str:
+    """The plan as text, as `agcl plan` prints it (throughput table: throughput_csv by default)."""
+    throughput_path = throughput_path or throughput_csv(config, root)
     shown_files = " + ".join(map(str, configfile)) if isinstance(configfile, list) else configfile
     lines = [(f"Plan of {shown_files} (name: {config['name']}; "
               f"{len(expected_runs(config))} training runs)"),
              "", "Jobs per rule (Snakemake dry run):"]
-    counts = job_counts(configfile, root)
+    counts = job_counts(configfile, root, snakefile)
     if isinstance(counts, str):
         lines += ["  the dry run failed, so no job counts:", *("    " + x for x in counts.splitlines())]
     else:

@@ -9,7 +9,8 @@ sizes, with the config's batch, patch, net, AMP and channels-last settings. Per 
                 (best_val datasets only)
   peak_mem_gib  peak CUDA memory of the method
 It prints the projected time of each method's full schedule and writes the rows that
-`agcl plan` reads (benchmarks/throughput.csv; rows of the same card and recipe are replaced).
+`agcl plan` reads (<results_dir>/<name>/benchmarks/throughput.csv of --config, or --out; rows of
+the same card and recipe are replaced).
 
     python benchmarks/gpu_throughput.py --device cuda                 # LA and ACDC, every method
     python benchmarks/gpu_throughput.py --device cuda --datasets la --methods semi_agcl bcp
@@ -45,10 +46,10 @@ from agcl.methods.registry import list_methods
 from agcl.plan import (
     SHAPE_KEYS,
     THROUGHPUT_COLUMNS,
-    THROUGHPUT_CSV,
     read_throughput,
     recipe_shape,
     schedule_seconds,
+    throughput_csv,
 )
 from agcl.recipe import resolve_recipe
 from agcl.utils import code_version, write_text
@@ -164,7 +165,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=40, help="timed steps per stage")
     parser.add_argument("--quick", action="store_true",
                         help="tiny data, nets, patches and batches (a smoke run, not a measurement)")
-    parser.add_argument("--out", default=str(THROUGHPUT_CSV), help="CSV that agcl plan reads")
+    parser.add_argument("--out", help="CSV that agcl plan reads (default: "
+                        "<results_dir>/<name>/benchmarks/throughput.csv of --config)")
     parser.add_argument("--workdir", help="keep the synthetic data and runs here (default: temp)")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1:
@@ -175,10 +177,11 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     methods = args.methods or list_methods()
+    base = load_config(args.config)
+    out = Path(args.out) if args.out else throughput_csv(base)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp).resolve()
-        config = benchmark_config(load_config(args.config), args.datasets, args.quick,
-                                  args.device, workdir)
+        config = benchmark_config(base, args.datasets, args.quick, args.device, workdir)
         configfile = workdir / "throughput.yaml"
         configfile.parent.mkdir(parents=True, exist_ok=True)
         configfile.write_text(yaml.safe_dump(config))
@@ -201,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['wait_share']:.3f},{row['val_seconds'] or ''},"
                           f"{row['peak_mem_gib']:.2f},{minutes:.1f}")
                 rows += measured
-    save_rows(Path(args.out), rows)
-    print(f"# card {rows[0]['card'] if rows else '-'}; {len(rows)} rows -> {args.out}; "
+    save_rows(out, rows)
+    print(f"# card {rows[0]['card'] if rows else '-'}; {len(rows)} rows -> {out}; "
           f"settings {json.dumps({'warmup': args.warmup, 'steps': args.steps, 'quick': args.quick})}")
     return 0
 

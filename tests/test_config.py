@@ -142,3 +142,71 @@ def test_layered_config_files_merge_like_snakemake(tmp_path):
     bad.write_text("ratios: [2]\n")
     with pytest.raises(ConfigError, match=r"demo.yaml \+ .*bad.yaml: invalid value at 'ratios.0'"):
         load_config(base, bad)
+
+
+# --- roles: the lower bound and the method of interest come from the config ---
+
+def test_roles_default_to_supervised_and_semi_agcl():
+    from agcl.config import comparison_references, roles_of
+
+    demo = load_config(DEMO)
+    assert demo["roles"] == {"lower_bound": "supervised", "method_of_interest": "semi_agcl"}
+    assert roles_of(demo) == demo["roles"]
+    assert comparison_references(demo) == comparison_references() == ("semi_agcl", "supervised")
+
+
+def test_the_lower_bound_role_decides_the_100_percent_runs():
+    config = raw(DEMO)  # full_supervision: true
+    config["roles"] = {"lower_bound": "mean_teacher"}
+    config = validate_config(config, "demo.yaml")
+    assert config["roles"] == {"lower_bound": "mean_teacher", "method_of_interest": "semi_agcl"}
+    full = {(d, m) for d, m, r, _ in expected_runs(config) if r == "1"}
+    assert full == {(d, "mean_teacher") for d in config["datasets"]}
+    default = {(d, m) for d, m, r, _ in expected_runs(load_config(DEMO)) if r == "1"}
+    assert default == {(d, "supervised") for d in config["datasets"]}
+
+
+@pytest.mark.parametrize("role", ["lower_bound", "method_of_interest"])
+def test_a_role_naming_a_method_outside_the_grid_is_refused(role):
+    config = raw(DEMO)
+    config["roles"] = {role: "nope"}
+    with pytest.raises(ConfigError, match=(
+            rf"demo.yaml: roles\.{role}: 'nope' is not in methods \(supervised, mean_teacher, "
+            r"ua_mt, mc_net, bcp, semi_agcl\)")):
+        validate_config(config, "demo.yaml")
+    config = raw(DEMO)  # a noise twin is not a method of the grid either
+    config["roles"] = {role: "supervised_ulp"}
+    with pytest.raises(ConfigError, match=rf"roles\.{role}: 'supervised_ulp' is not in methods"):
+        validate_config(config, "demo.yaml")
+
+
+def test_default_roles_absent_from_the_grid():
+    from agcl.config import comparison_references
+
+    # no supervised run (the ablations): no lower bound, no 100 % runs, no comparisons with it
+    config = {**raw(DEMO), "methods": ["semi_agcl", "bcp"], "full_supervision": False,
+              "noise_floor": {}}
+    config = validate_config(config)
+    assert config["roles"] == {"lower_bound": None, "method_of_interest": "semi_agcl"}
+    assert not [r for r in expected_runs(config) if r[2] == "1"]
+    assert comparison_references(config) == ("semi_agcl",)
+    # ... and full supervision without a lower bound is refused, naming the role
+    with pytest.raises(ConfigError, match=r"full_supervision: true trains the lower bound .*"
+                                          r"\(its default 'supervised' is not in methods\); .* "
+                                          r"roles\.lower_bound, or set full_supervision: false"):
+        validate_config({**raw(DEMO), "methods": ["semi_agcl", "bcp"], "noise_floor": {}})
+    with pytest.raises(ConfigError, match=r"roles\.lower_bound is null"):
+        validate_config({**raw(DEMO), "roles": {"lower_bound": None}})
+    # no semi_agcl: the first method is the method of interest
+    config = validate_config({**raw(DEMO), "methods": ["bcp", "supervised"]})
+    assert config["roles"] == {"lower_bound": "supervised", "method_of_interest": "bcp"}
+    assert comparison_references(config) == ("bcp", "supervised")
+
+
+def test_resolved_roles_validate_again_unchanged(tmp_path):
+    # the merged config Snakemake writes for the jobs holds the resolved roles
+    config = validate_config({**raw(DEMO), "methods": ["semi_agcl", "bcp"],
+                              "full_supervision": False, "noise_floor": {}})
+    again = tmp_path / "merged.yaml"
+    again.write_text(yaml.safe_dump(config))
+    assert load_config(again)["roles"] == config["roles"]

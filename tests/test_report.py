@@ -300,3 +300,43 @@ def test_noise_band_and_forest_plot_inputs():
                            "ci_low": np.nan, "ci_high": np.nan, "p_holm": np.nan,
                            "seed_diffs": "0:0.02;1:0"}])
     assert len(forest_plot(stats, noise, ["la", "acdc"])) > 1000  # a PNG, no CI needed
+
+
+def test_the_configs_roles_set_the_reports_references(tmp_path, monkeypatch):
+    """roles: lower bound mean_teacher (its 100 % run, first row, compute base, reference),
+    method of interest supervised (the other reference): semi_agcl, a reference by default,
+    is only compared."""
+    monkeypatch.chdir(tmp_path)
+    config = fixture_config()
+    config.update(methods=["supervised", "mean_teacher", "semi_agcl"], full_supervision=True,
+                  roles={"lower_bound": "mean_teacher", "method_of_interest": "supervised"})
+    config = validate_config(config)
+    layout = Layout(config)
+    for method in config["methods"]:
+        for ratio in [*config["ratios"], *([1.0] if method == "mean_teacher" else [])]:
+            for seed in config["seeds"]:
+                write_evaluated_run(layout.run("la", method, ratio, seed),
+                                    fake_metrics(method, ratio, seed, "metrics_reloaded"),
+                                    train_seconds=60 * (1 + config["methods"].index(method)),
+                                    parameters=1, device="cpu", amp="off")
+    aggregate(config)
+    tables = layout.results / "summary"
+    assert pd.read_csv(tables / "missing.csv").empty  # the 100 % run is mean_teacher's
+    runs = pd.read_csv(tables / "runs.csv")
+    assert set(runs.loc[runs.ratio == 1.0, "method"]) == {"mean_teacher"}
+    stats = pd.read_csv(tables / "stats.csv")
+    assert set(stats["reference"]) == {"mean_teacher", "supervised"}
+    html = render_report(config).read_text()
+    assert "semi_agcl − mean_teacher" in html and "semi_agcl − supervised" in html
+    assert "− semi_agcl" not in html
+    assert "× mean_teacher" in html and "× supervised" not in html
+    table = html.split('id="table-la"')[1].split("</table>")[0]
+    assert table.index(">mean_teacher<") < table.index(">supervised<")  # the lower bound first
+    from agcl.report.render import compute_rows
+
+    rows = {r["method"]: r for r in compute_rows(runs, pd.DataFrame(
+        columns=["dataset", "method", "parameters_m", "train_minutes", "source"]),
+        config["methods"], config["roles"])}
+    # the base of the ratios: mean_teacher's 120 s (supervised 60 s, semi_agcl 180 s)
+    assert (rows["mean_teacher"]["ratio"], rows["supervised"]["ratio"],
+            rows["semi_agcl"]["ratio"]) == ("1.00", "0.50", "1.50")

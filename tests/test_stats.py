@@ -327,3 +327,22 @@ def test_bad_n_boot_and_seed_diffs_rejected():
     with pytest.raises(ValueError, match="seed_diffs"):
         parse_seed_diffs("0:0.1;oops")
     assert parse_seed_diffs(np.nan) == {}
+
+
+def test_the_references_are_the_configs_roles():
+    from agcl.config import comparison_references
+
+    ref = np.array([REF_DICE] * 8)
+    per_case = pd.concat([table(grid(m, ref + shift)) for m, shift in
+                          (("supervised", 0.0), ("mean_teacher", 0.01), ("bcp", 0.02),
+                           ("semi_agcl", 0.03))])
+    config = {"methods": ["supervised", "mean_teacher", "bcp", "semi_agcl"],
+              "roles": {"lower_bound": "mean_teacher", "method_of_interest": "bcp"}}
+    assert comparison_references(config) == ("bcp", "mean_teacher")
+    out = paired_comparisons(per_case, comparison_references(config), metrics=("dice",),
+                             n_boot=100)
+    assert set(out["reference"]) == {"bcp", "mean_teacher"}
+    assert len(out) == 2 * 3  # each reference against the three other methods
+    # the default references are those of the default roles
+    default = paired_comparisons(per_case, metrics=("dice",), n_boot=100)
+    assert set(default["reference"]) == {"semi_agcl", "supervised"}

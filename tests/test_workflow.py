@@ -308,3 +308,26 @@ def test_a_baseline_file_dropped_in_baselines_is_validated_and_trained_by_the_da
     assert meta["hparams"]["weight"] == 0.2 and meta["iterations"] == 3
     assert (run_json / "metrics.json").exists()
     assert "entropy_min" in (work / "results" / "demo" / "summary" / "runs.csv").read_text()
+
+
+def test_the_lower_bound_role_trains_at_100_percent_and_an_unknown_role_stops_snakemake(tmp_path):
+    import yaml
+
+    overlay = tmp_path / "roles.yaml"
+    overlay.write_text(yaml.safe_dump({"roles": {"lower_bound": "mean_teacher"},
+                                       "noise_floor": {"methods": []}}))
+    out, text = dry_run_commands("method_mean_teacher", "--configfile",
+                                 str(REPO / "config" / "demo.yaml"), str(overlay), cwd=tmp_path)
+    assert out.returncode == 0, text
+    jobs = [line.split("agcl train ")[1].split() for line in text.splitlines()
+            if "agcl train " in line]
+    # 3 datasets x 2 seeds x (0.05, 0.1 and, as the lower bound, 1)
+    assert sorted({job[job.index("--labels") + 1] for job in jobs}) == ["0.05", "0.1", "1"]
+    assert len(jobs) == 3 * 2 * 3
+    merged = yaml.safe_load((tmp_path / "results" / "demo" / "config.merged.yaml").read_text())
+    assert merged["roles"] == {"lower_bound": "mean_teacher", "method_of_interest": "semi_agcl"}
+    overlay.write_text(yaml.safe_dump({"roles": {"lower_bound": "nope"}}))
+    out, text = dry_run_commands("--configfile", str(REPO / "config" / "demo.yaml"), str(overlay),
+                                 cwd=tmp_path)
+    assert out.returncode != 0
+    assert "roles.lower_bound: 'nope' is not in methods (supervised, mean_teacher" in text

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from agcl.config import Layout, expected_runs, noise_twins
+from agcl.config import Layout, comparison_references, expected_runs, noise_twins
 from agcl.eval.evaluate import METRICS as METRIC_NAMES
 from agcl.eval.evaluate import aggregated_value
 from agcl.report.noise import noise_floor
@@ -128,7 +128,8 @@ def methods_only(frame: pd.DataFrame) -> pd.DataFrame:
 def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path = ".") -> dict:
     """Write the tables every later step (and every user) reads, all computed from per-case rows:
     per_case, runs, summary (mean +- std over seeds), missing, case_means (per case, mean over
-    classes then seeds), stats (paired tests against Semi-AGCL and the supervised baseline),
+    classes then seeds), stats (paired tests against the config's method of interest and its
+    lower bound, config `roles`),
     noise_floor (twin - method per seed; empty without noise_floor.methods) and published (ours
     beside the published numbers). Twins are left out of all but per_case, runs and
     noise_floor."""
@@ -139,7 +140,8 @@ def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path 
     tables = {"per_case": cases, "runs": runs, "summary": summary, "missing": missing,
               "case_means": case_means(methods_cases) if not methods_cases.empty
               else pd.DataFrame(),
-              "stats": paired_comparisons(methods_cases) if not methods_cases.empty
+              "stats": paired_comparisons(methods_cases, comparison_references(config))
+              if not methods_cases.empty
               else pd.DataFrame(),
               "noise_floor": noise_floor(cases, noise_twins(config)),
               "published": compare_with_published(summary)}

@@ -160,10 +160,11 @@ def qualitative_overlays(case_means: pd.DataFrame, dataset: str, ratio: float,
 ANCHOR_PREFIX = "anchors_class"
 
 
-def agcl_curves(logs: pd.DataFrame, datasets: list[str], method: str = "semi_agcl") -> str | None:
-    """Semi-AGCL's own training signals, where its train_log.csv has them: anchors per class per
-    step (columns anchors_class0..K-1) and the fraction of the queue filled (queue_fill, 0..1),
-    mean over seeds, one column of panels per dataset. None when no run logged either."""
+def agcl_curves(logs: pd.DataFrame, datasets: list[str], method: str) -> str | None:
+    """Semi-AGCL's own training signals of `method` (the config's method of interest), where its
+    train_log.csv has them: anchors per class per step (columns anchors_class0..K-1) and the
+    fraction of the queue filled (queue_fill, 0..1), mean over seeds, one column of panels per
+    dataset. None when no run logged either."""
     if logs.empty or "method" not in logs:
         return None
     part = logs[logs["method"] == method]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from agcl.config import Layout, expected_runs, noise_twins
+from agcl.config import Layout, default_roles, expected_runs, noise_twins, roles_of
 from agcl.report import figures
 from agcl.report.aggregate import methods_only
 from agcl.report.forest import forest_plot
@@ -61,10 +61,17 @@ BETTER = {"dice": max, "jaccard": max, "hd95": min, "asd": min}
 PRIMARY_SOURCE = "Semi-AGCL paper"  # the paper this kit replicates: its value sits beside ours
 
 
-def _method_rank(methods: list[str] | None):
-    """Sort key for method names: supervised first (as the paper), then the config's order,
-    then any other (published-only) method by name."""
-    order = {m: i for i, m in enumerate(dict.fromkeys(["supervised", *(methods or [])]))}
+def _lower_bound(roles: dict | None) -> str | None:
+    """The lower bound of a grid's roles (agcl.config.roles_of); None: the default roles'."""
+    return (roles if roles is not None else default_roles())["lower_bound"]
+
+
+def _method_rank(methods: list[str] | None, roles: dict | None = None):
+    """Sort key for method names: the lower bound first (as the paper puts its supervised
+    baseline), then the config's order, then any other (published-only) method by name."""
+    lower = _lower_bound(roles)
+    order = {m: i for i, m in enumerate(dict.fromkeys([*([lower] if lower else []),
+                                                       *(methods or [])]))}
     return lambda method: (order.get(method, len(order)), method)
 
 
@@ -88,7 +95,7 @@ def _mark_best(rows: list[dict], field: str) -> None:
 
 
 def main_tables(published: pd.DataFrame, ratios: list[float],
-                methods: list[str] | None = None) -> dict[str, dict]:
+                methods: list[str] | None = None, roles: dict | None = None) -> dict[str, dict]:
     """Per dataset, the paper-style table: one row per method and label ratio with our mean ±
     std and one published value beside each metric (the Semi-AGCL paper's where it has one),
     every source a numbered footnote, methods with published numbers only in their own block,
@@ -133,8 +140,8 @@ def main_tables(published: pd.DataFrame, ratios: list[float],
             row = {"method": method, "labels": f"{100 * ratio:g}%", "cells": cells,
                    "marks": marks, "flagged": bool(flags)}
             (ours_rows if with_ours else published_rows).append(row)
-        # the config's method order within each label ratio (supervised first, as the paper)
-        rank = _method_rank(methods)
+        # the config's method order within each label ratio (the lower bound first, as the paper)
+        rank = _method_rank(methods, roles)
         ours_rows.sort(key=lambda r: (float(r["labels"][:-1]), *rank(r["method"])))
         _mark_best(ours_rows, "ours")
         _mark_best(ours_rows + published_rows, "theirs")
@@ -143,24 +150,27 @@ def main_tables(published: pd.DataFrame, ratios: list[float],
     return tables
 
 
-def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]) -> list[dict]:
+def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str],
+                 roles: dict | None = None) -> list[dict]:
     """Per dataset x method: parameters of the evaluated network and training wall time (mean ±
-    std over its semi-supervised runs; the 100 % bound excluded), each also as a ratio to
-    supervised, beside the paper's compute table where it has the row."""
+    std over its semi-supervised runs; the 100 % bound excluded), each also as a ratio to the
+    lower bound's (roles; the published ratio to its published row), beside the paper's compute
+    table where it has the row. No lower bound: no ratios."""
     rows = []
     ours = runs[runs["ratio"] < 1] if not runs.empty and "train_seconds" in runs else pd.DataFrame()
     keys = set()
     if not ours.empty:
         keys |= set(map(tuple, ours[["dataset", "method"]].drop_duplicates().values))
     keys |= set(map(tuple, published[["dataset", "method"]].values))
-    rank = _method_rank(methods)
+    rank = _method_rank(methods, roles)
+    lower = _lower_bound(roles)
     for dataset, method in sorted(keys, key=lambda k: (k[0], *rank(k[1]))):
         mine = ours[(ours["dataset"] == dataset) & (ours["method"] == method)] if len(ours) else ours
-        base = ours[(ours["dataset"] == dataset) & (ours["method"] == "supervised")] \
+        base = ours[(ours["dataset"] == dataset) & (ours["method"] == lower)] \
             if len(ours) else ours
         theirs = published[(published["dataset"] == dataset) & (published["method"] == method)]
         their_base = published[(published["dataset"] == dataset)
-                               & (published["method"] == "supervised")]
+                               & (published["method"] == lower)]
         minutes = mine["train_seconds"].mean() / 60 if len(mine) else math.nan
         base_minutes = base["train_seconds"].mean() / 60 if len(base) else math.nan
         paper = theirs.iloc[0] if len(theirs) else None
@@ -216,7 +226,8 @@ SEED_COUNT_NOTE = re.compile(r"\d+ seed\(s\) < \d+: |CI over \d+ seeds: approxim
 STATS_METRICS = {"dice": ("DSC (points)", 100.0), "hd95": ("HD95", 1.0)}
 
 
-def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | None = None) -> dict:
+def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | None = None,
+               roles: dict | None = None) -> dict:
     """The compact statistics table: one row per comparison with Dice and HD95 side by side
     (mean difference, CI, Holm p; Dice in percentage points), notes every row shares written once
     (`shared_notes`), a row's own notes beside it (prefixed with the metric when only one has
@@ -225,7 +236,7 @@ def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | No
     if stats.empty:
         return view
     shown = stats[stats["metric"].isin(STATS_METRICS)]
-    rank = _method_rank(methods)
+    rank = _method_rank(methods, roles)
     where = {d: i for i, d in enumerate(datasets)}
     keys = sorted({(d, r, ref, m) for d, r, ref, m in
                    shown[["dataset", "ratio", "reference", "method"]].itertuples(index=False)},
@@ -314,10 +325,11 @@ def training_logs(config: dict, layout: Layout) -> pd.DataFrame:
 
 
 def overlays(config: dict, layout: Layout, case_means: pd.DataFrame) -> list[dict]:
-    """Best / median / worst test cases at the smallest labeled fraction, seed 0 predictions."""
+    """Best / median / worst test cases (by the method of interest's Dice) at the smallest
+    labeled fraction, seed 0 predictions."""
     if case_means.empty:
         return []
-    rank_method = "semi_agcl" if "semi_agcl" in config["methods"] else config["methods"][0]
+    rank_method = roles_of(config)["method_of_interest"]
     ratio = min(config["ratios"])
     seed = config["seeds"][0]
     out = []
@@ -359,14 +371,15 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
     synthetic = sorted(d for d, c in config["datasets"].items() if c["source"] == "synthetic")
     methods, datasets = list(config["methods"]), list(config["datasets"])
     compute_published = load_published_compute()
+    grid = roles_of(config)
     tables_shown = main_tables(published[published["dataset"].isin(datasets)] if len(published)
-                               else published, ratios, methods)
+                               else published, ratios, methods, grid)
     bcp_la = published[(published["dataset"] == "la") & (published["method"] == "bcp")
                        & (published["present"] != "ours_only")] if len(published) else published
     if "la" in tables_shown and bcp_la.empty:
         tables_shown["la"]["notes"].append(BCP_LA_NOTE)
     logs = training_logs(config, layout)
-    rank = _method_rank(methods)
+    rank = _method_rank(methods, grid)
     twins = noise_twins(config)
     html = env.get_template("index.html.j2").render(
         name=config["name"],
@@ -379,14 +392,16 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
         label_efficiency=figures.label_efficiency(runs, methods, datasets),
         per_case=figures.per_case_distribution(case_means, methods, datasets),
         training=figures.training_curves(logs, methods, datasets),
-        agcl_training=figures.agcl_curves(logs, datasets),
+        agcl_training=figures.agcl_curves(logs, datasets, grid["method_of_interest"]),
         overlays=overlays(config, layout, case_means),
-        stats=stats_view(stats, datasets, methods),
+        stats=stats_view(stats, datasets, methods, grid),
         forest=forest_plot(stats, noise, datasets, rank),
         noise=noise_rows(noise, datasets),
         noise_methods=sorted(set(twins.values())),
         compute=compute_rows(runs, compute_published[compute_published["dataset"].isin(datasets)],
-                             methods),
+                             methods, grid),
+        lower_bound=grid["lower_bound"],
+        method_of_interest=grid["method_of_interest"],
         missing=missing.to_dict("records"),
         reference_policy_runs=len(reference_policy_runs),
         inconsistent=inconsistent.to_dict("records"),

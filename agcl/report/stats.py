@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from agcl.config import comparison_references
+
 MIN_SEEDS_TEST = 6
 MIN_SEEDS_CI = 3
 EXACT_MAX_SEEDS = 16  # 2**16 sign patterns enumerated; beyond, Monte Carlo
@@ -249,14 +251,18 @@ def seed_case_tables(per_case: pd.DataFrame, metric: str) -> dict[tuple, pd.Data
             for key, g in values.groupby(["dataset", "ratio", "method"], sort=True)}
 
 
-def paired_comparisons(per_case: pd.DataFrame, reference_methods=("semi_agcl", "supervised"),
+def paired_comparisons(per_case: pd.DataFrame, reference_methods=None,
                        metrics=("dice", "hd95"), n_boot: int = 10000,
                        seed: int = 0) -> pd.DataFrame:
     """One row per dataset x ratio x reference x other method x metric (see module docstring).
 
-    Only dataset x ratio blocks where the reference method has results produce rows; a reference
-    absent everywhere gives no rows, not an error.
+    reference_methods: the grid's agcl.config.comparison_references(config) (its method of
+    interest and its lower bound); None: those of the default roles. Only dataset x ratio blocks
+    where the reference method has results produce rows; a reference absent everywhere gives no
+    rows, not an error.
     """
+    if reference_methods is None:
+        reference_methods = comparison_references()
     if int(n_boot) < 1:
         raise ValueError(f"n_boot: expected a positive number of resamples, got {n_boot}")
     rows = []

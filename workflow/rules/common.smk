@@ -6,10 +6,9 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
-validate(config, schema="../schemas/config.schema.yaml")
-
-# Paths, the run grid and the method registry come from the package itself, so rules, CLI and
-# aggregation never disagree (the registry imports torch: Snakemake runs in the agcl env).
+# Paths, the run grid, the config schema and the method registry come from the package itself,
+# so rules, CLI and aggregation never disagree (the registry imports torch: Snakemake runs in the
+# agcl env).
 REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))
 # The method plugins of this workflow: baselines/ beside the Snakefile (whatever --directory
@@ -18,7 +17,7 @@ sys.path.insert(0, str(REPO))
 from agcl.plugins import export_plugin_dirs  # noqa: E402
 
 PLUGIN_DIRS = export_plugin_dirs(REPO / "baselines")
-from agcl.config import Layout, expected_runs, validate_config  # noqa: E402
+from agcl.config import SCHEMA_PATH, Layout, config_rules, expected_runs  # noqa: E402
 from agcl.config_checks import check_config  # noqa: E402
 from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
 
@@ -26,8 +25,14 @@ CONFIG_SOURCES = [str(f) for f in workflow.configfiles]
 if workflow.config_settings.config:
     CONFIG_SOURCES.append("--config")
 SOURCE = " + ".join(CONFIG_SOURCES)
-# Also applies run_datasets (e.g. --config run_datasets='[la,acdc]': the grid without CRAG).
-validate_config(config, source=SOURCE)
+# The config is validated once, against the one schema, the package's (what `agcl` subcommands
+# load too): by Snakemake's validate(), as snakemake-workflows do (it fills the defaults and
+# names a bad key as a path into the config), then by agcl's rules across keys that no schema
+# can say (config_rules: what agcl.config.validate_config runs after its own schema pass). It
+# also applies run_datasets (e.g. --config run_datasets='[la,acdc]': the grid without CRAG) and
+# resolves the roles (lower bound, method of interest).
+validate(config, schema=str(SCHEMA_PATH))
+config_rules(config, source=SOURCE)
 # Unregistered methods, hparams of a misspelt method, unknown net options: errors now, not
 # when the first job of that kind runs.
 check_config(config, source=SOURCE)
@@ -59,7 +64,8 @@ AGCL = (f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} AGCL_PLUGIN_DIRS='{PLUG
         "python -m agcl")
 ENV = "../envs/agcl.yaml"
 LOGS = Path("logs") / config["name"]
-BENCHMARKS = Path("benchmarks") / config["name"]
+# Snakemake's benchmark: files are outputs of the grid: beside its results, not the scripts.
+BENCHMARKS = LAYOUT.results / "benchmarks"
 
 RUNS = expected_runs(config)
 DATASETS = list(config["datasets"])
