@@ -513,7 +513,7 @@ WHERE = "datasets.acdc.hparams.semi_agcl"
 
 
 def geometry(dataset="acdc", train=None, **hparams):
-    from agcl.methods.semi_agcl import patch_geometry
+    from agcl.methods.agcl_geometry import patch_geometry
 
     cls = get_method("semi_agcl")
     spec = get_spec(dataset)
