@@ -1,6 +1,8 @@
-"""Largest connected component of a mask, or of every foreground class of a label map.
+"""Connected components: their labelling, and the largest component of a mask or of every
+foreground class of a label map.
 
-One implementation for its two users: evaluation's optional post-processing (SS-Net's and BCP's
+One labelling for every user (evaluation's object metrics too); one largest-component filter for
+its two users: evaluation's optional post-processing (SS-Net's and BCP's
 LA tests) and BCP's pseudo-labels (get_cut_mask / get_ACDC_masks with nms=1). Connectivity is
 full by default, as in skimage.measure.label, which both references call.
 """
@@ -15,17 +17,24 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
-    """Keep only the largest connected component of a boolean mask; empty stays empty.
+def label_components(mask: np.ndarray, connectivity: int | None = None) -> tuple[np.ndarray, int]:
+    """(int32 map of component ids 1..k, 0 = background; k) of a binary mask.
 
     connectivity: orthogonal hops that make two voxels neighbours (1 = faces only, ndim = faces,
-    edges and corners; default ndim). Ties keep the component met first in C order.
+    edges and corners; default ndim, as skimage.measure.label and MATLAB's bwlabel).
     """
     connectivity = mask.ndim if connectivity is None else connectivity
     if not 1 <= connectivity <= mask.ndim:
         raise ValueError(f"connectivity: expected 1..{mask.ndim}, got {connectivity}")
     structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
-    labels, count = ndimage.label(mask, structure=structure)
+    labels, count = ndimage.label(mask, structure=structure, output=np.int32)
+    return labels, count
+
+
+def largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
+    """Keep only the largest connected component of a boolean mask; empty stays empty.
+    Ties keep the component met first in C order."""
+    labels, count = label_components(mask, connectivity)
     if count <= 1:
         return mask.copy()
     sizes = np.bincount(labels.ravel())

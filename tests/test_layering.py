@@ -119,3 +119,16 @@ def test_run_folder_file_names_are_defined_once():
         text = path.read_text()
         for name in names:
             assert f'"{name}"' not in text, f"{path} spells {name} itself; use agcl.runfolder"
+
+
+def test_an_evaluation_job_imports_neither_methods_nor_the_engine():
+    """What `agcl evaluate` loads: the nets and the metrics, not the method registry, its
+    plugins or the training engine (a job pays only for what it uses)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, agcl.cli, agcl.eval.evaluate; "
+            "print(' '.join(m for m in sys.modules if m.startswith(('agcl.methods', "
+            "'agcl.engine', 'agcl_plugins', 'agcl.report'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []

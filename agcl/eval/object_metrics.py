@@ -21,6 +21,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from agcl.components import label_components
+
 
 def to_instances(mask, connectivity: int | None = None) -> np.ndarray:
     """Label the connected components of a binary mask: int32 map, 0 = background, ids 1..k.
@@ -31,12 +33,7 @@ def to_instances(mask, connectivity: int | None = None) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.dtype != bool:
         raise TypeError(f"mask: expected a boolean array, got dtype {mask.dtype}")
-    connectivity = mask.ndim if connectivity is None else connectivity
-    if not 1 <= connectivity <= mask.ndim:
-        raise ValueError(f"connectivity: expected 1..{mask.ndim}, got {connectivity}")
-    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
-    labels, _ = ndimage.label(mask, structure=structure, output=np.int32)
-    return labels
+    return label_components(mask, connectivity)[0]
 
 
 def _as_instances(array, name: str) -> np.ndarray:
