@@ -18,7 +18,7 @@ PACKAGE = REPO / "agcl"
 # Every module of the package on one layer, lowest first: a module imports its own layer or
 # lower ones. Sub-packages are named by their folder, root modules by their file.
 LAYERS = [
-    ("foundation", {"agcl", "utils", "plugins", "numerics", "random_streams", "components", "devices",
+    ("foundation", {"agcl", "utils", "plugins", "declarations", "numerics", "random_streams", "components", "devices",
                     "imaging", "runfolder", "config"}),
     ("data", {"data"}),
     ("nets", {"nets"}),

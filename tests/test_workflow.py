@@ -331,3 +331,32 @@ def test_the_lower_bound_role_trains_at_100_percent_and_an_unknown_role_stops_sn
                                  cwd=tmp_path)
     assert out.returncode != 0
     assert "roles.lower_bound: 'nope' is not in methods (supervised, mean_teacher" in text
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/reference.yaml"])
+def test_the_paper_grid_is_planned_where_torch_cannot_be_imported(configfile, tmp_path):
+    """A login node whose Python has no torch: `snakemake -n` still resolves and checks every
+    recipe (agcl.declarations' stand-in), and plans the same jobs."""
+    blocker = tmp_path / "blocked" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+    (tmp_path / "resources").mkdir()
+    (tmp_path / "resources" / "CRAG.zip").touch()
+    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{REPO}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,
+                           text=True, check=False)
+    assert check.returncode != 0 and "torch is not installed here" in check.stderr
+    out = subprocess.run([*SNAKEMAKE, "-n", "--configfile", configfile, "--cores", "1",
+                          "--directory", str(tmp_path), "--snakefile", str(REPO / "Snakefile")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+                         env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    with_torch = snakemake("-n", "--configfile", configfile, "--cores", "1", "--directory",
+                           str(tmp_path), "--snakefile", str(REPO / "Snakefile"))
+    def job_counts(text):  # the dry run's table: rule, count
+        return {line.split()[0]: int(line.split()[1]) for line in text.splitlines()
+                if len(line.split()) == 2 and line.split()[1].isdigit()}
+
+    assert job_counts(out.stdout)["train"] > 0
+    assert job_counts(out.stdout) == job_counts(with_torch.stdout)

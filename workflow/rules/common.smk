@@ -7,8 +7,7 @@ from snakemake.utils import validate
 
 
 # Paths, the run grid, the config schema and the method registry come from the package itself,
-# so rules, CLI and aggregation never disagree (the registry imports torch: Snakemake runs in the
-# agcl env).
+# so rules, CLI and aggregation never disagree.
 REPO = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPO))
 # The method plugins of this workflow: baselines/ beside the Snakefile (whatever --directory
@@ -17,6 +16,11 @@ sys.path.insert(0, str(REPO))
 from agcl.plugins import export_plugin_dirs  # noqa: E402
 
 PLUGIN_DIRS = export_plugin_dirs(REPO / "baselines")
+# Planning reads the methods' declarations only: torch is never imported here (a login node
+# without torch plans the grid; the jobs run where it is installed).
+from agcl.declarations import declarations_only  # noqa: E402
+
+declarations_only()
 from agcl.config import SCHEMA_PATH, Layout, config_rules, expected_runs  # noqa: E402
 from agcl.config_checks import check_config  # noqa: E402
 from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
