@@ -183,6 +183,7 @@ def preprocess(dataset: str, src: str | Path, out: str | Path, scale: float = 1.
         *rest, last = SPECS
         raise PreprocessError(f"unknown dataset '{dataset}' (expected {', '.join(rest)} or {last})")
     index = PREPROCESSORS[SPECS[dataset].source_format](src, out, scale)
+    index["dataset"] = dataset  # a reader may serve several datasets of one upstream format
     if index["missing"]:
         log.warning("%s: %d listed cases are absent (restricted download?): %s", dataset,
                     len(index["missing"]), ", ".join(index["missing"][:5]))
