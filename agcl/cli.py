@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from agcl.data.specs import SPECS
+from agcl.data.specs import SPECS, get_spec
 
 DATASETS = list(SPECS)
 
@@ -109,7 +109,7 @@ def cmd_synth(args) -> None:
 
         kwargs = dict(dataset_config(load_config(args.config), args.dataset).get("synth", {}))
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    if args.dataset == "crag" and args.zip:
+    if args.zip and get_spec(args.dataset).synth_zip:  # ignored where no zip exists
         kwargs["as_zip"] = True
     out = synth.SYNTHESIZERS[args.dataset](args.out, seed=args.seed, **kwargs)
     print(f"synthetic {args.dataset} written to {out}")
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("download", "fetch LA or ACDC files, verified against sha256 manifests", cmd_download)
-    _dataset(p, ["la", "acdc"])
+    _dataset(p, [name for name, spec in SPECS.items() if spec.manifests])
     p.add_argument("--dest", required=True, help="dataset folder to fill")
     p.add_argument("--base-url", default="https://raw.githubusercontent.com",
                    help="raw-file host; file://<abs path> reads a local mirror")

@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,52 @@ import pooch
 import requests
 from tqdm import tqdm
 
+from agcl.data.specs import SPECS
+
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
 LOGGER = logging.getLogger("agcl.download")
 
-_MANIFESTS = {"la": ("LA.sha256",), "acdc": ("ACDC_lists.sha256", "ACDC_volumes.sha256")}
+# The downloadable datasets: those whose DatasetSpec names manifests.
+_MANIFESTS = {name: spec.manifests for name, spec in SPECS.items() if spec.manifests}
 _LA_PREFIX = "yulequan/UA-MT/master/data"
 _ACDC_LISTS_PREFIX = "HiLab-git/SSL4MIS/master/data/ACDC"
 _ACDC_VOLUMES_PREFIX = "HiLab-git/WSL4MIS/main/data/ACDC"
 _ACDC_LISTS = frozenset({"train.list", "val.list", "test.list", "train_slices.list"})
 _HTTP_TIMEOUT_S = 60
 _CHUNK_BYTES = 1 << 20
+
+
+def _la_case_names(relpath: str) -> tuple[str, ...]:
+    return (relpath.split("/")[1],)  # 2018LA_Seg_Training Set/<ID>/mri_norm2.h5
+
+
+def _acdc_case_names(relpath: str) -> tuple[str, ...]:
+    stem = Path(relpath).stem  # patient099_frame09
+    return (stem, stem.split("_")[0])
+
+
+@dataclass(frozen=True)
+class _Upstream:
+    """Where the files of one upstream format (DatasetSpec.source_format) lie, and how a case id
+    selects them."""
+
+    prefix: str  # folder of the files under the raw-file host
+    case_names: Callable[[str], tuple[str, ...]]  # the case ids that select a file in a folder
+    example: str  # what a case id looks like (named when an unknown one is asked for)
+    list_prefix: str = ""  # where the top-level list files in list_files are instead of prefix
+    list_files: frozenset[str] = frozenset()
+
+
+_UPSTREAMS = {
+    "ua_mt_la": _Upstream(_LA_PREFIX, _la_case_names, "an LA ID like 06SR5RBREL16DQ6M8LWS"),
+    "ssl4mis_acdc": _Upstream(_ACDC_VOLUMES_PREFIX, _acdc_case_names,
+                              "a patient id like patient099 or a volume like patient099_frame09",
+                              list_prefix=_ACDC_LISTS_PREFIX, list_files=_ACDC_LISTS),
+}
+
+
+def _upstream(key: str) -> _Upstream:
+    return _UPSTREAMS[SPECS[key].source_format]
 
 
 class DownloadError(RuntimeError):
@@ -88,13 +125,8 @@ def _normalise_base(base_url: str) -> str:
 
 def remote_url(dataset: str, relpath: str, base_url: str = DEFAULT_BASE_URL) -> str:
     """URL of `relpath` (a manifest path) under `base_url`, each path segment percent-encoded."""
-    key = _dataset_key(dataset)
-    if key == "la":
-        prefix = _LA_PREFIX
-    elif relpath in _ACDC_LISTS:
-        prefix = _ACDC_LISTS_PREFIX
-    else:
-        prefix = _ACDC_VOLUMES_PREFIX
+    upstream = _upstream(_dataset_key(dataset))
+    prefix = upstream.list_prefix if relpath in upstream.list_files else upstream.prefix
     quoted = "/".join(urllib.parse.quote(part, safe="") for part in relpath.split("/"))
     return f"{_normalise_base(base_url)}/{prefix}/{quoted}"
 
@@ -103,10 +135,7 @@ def _case_names(dataset_key: str, relpath: str) -> tuple[str, ...]:
     """The case ids that select `relpath` (empty for top-level list files)."""
     if "/" not in relpath:
         return ()
-    if dataset_key == "la":
-        return (relpath.split("/")[1],)
-    stem = Path(relpath).stem  # patient099_frame09
-    return (stem, stem.split("_")[0])
+    return _upstream(dataset_key).case_names(relpath)
 
 
 def select_files(dataset: str, cases: list[str] | None) -> dict[str, str]:
@@ -125,12 +154,9 @@ def select_files(dataset: str, cases: list[str] | None) -> dict[str, str]:
             seen.update(wanted.intersection(names))
     unknown = sorted(wanted - seen)
     if unknown:
-        example = "an LA ID like 06SR5RBREL16DQ6M8LWS" if key == "la" else (
-            "a patient id like patient099 or a volume like patient099_frame09"
-        )
         raise DownloadError(
             f"unknown {dataset} case(s) {', '.join(unknown)}: not in the {key} manifest "
-            f"(expected {example})"
+            f"(expected {_upstream(key).example})"
         )
     return selected
 

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from agcl.data import formats
 from agcl.data.preprocess import load_index
+from agcl.data.specs import SPECS, DatasetSpec
 from agcl.imaging import resize_nearest
 from agcl.random_streams import numpy_stream
 
@@ -58,46 +59,93 @@ def load_training_set(processed_dir: str | Path, split: dict, ratio_tag: str,
     """Labeled and unlabeled training images of one split and label ratio."""
     processed_dir = Path(processed_dir)
     index = load_index(processed_dir)
-    dataset = index["dataset"]
     if ratio_tag not in split["labeled"]:
         raise KeyError(f"split of seed {split['seed']} has no ratio {ratio_tag} "
                        f"(has {', '.join(split['labeled'])}); rerun `agcl splits`")
-    labeled_entry = split["labeled"][ratio_tag]
-    val = set(split["val"])
+    spec = _spec_of(processed_dir, index)
     out = TrainingSet([], [])
-    if dataset == "la":
-        labeled = labeled_entry["cases"]
-        unlabeled = _rest_of_pool(split, labeled)
-        for ids, is_labeled in ((labeled, True), (unlabeled, False)):
-            for case in ids:
-                image, label = _load_volume(processed_dir, index["items"][case])
-                _append(out, case, image[None], label if is_labeled else None)
-    elif dataset == "acdc":
-        labeled_slices = set(labeled_entry["slices"])
-        train_frames = set(split["train"]) - val
-        size = tuple(patch[-2:])
-        with h5py.File(processed_dir / index["slices_file"], "r") as h5:
-            for name in index["train_slices"]:
-                if name.rsplit("_slice_", 1)[0] not in train_frames:
-                    continue
-                image = resize_nearest(_finite(h5, name, "image"), size)
-                if name in labeled_slices:
-                    _append(out, name, image[None], resize_nearest(h5[name]["label"][()], size))
-                else:
-                    _append(out, name, image[None], None)
-    elif dataset == "crag":
-        labeled = labeled_entry["images"]
-        unlabeled = _rest_of_pool(split, labeled)
-        with h5py.File(processed_dir / index["data_file"], "r") as h5:
-            for ids, is_labeled in ((labeled, True), (unlabeled, False)):
-                for name in ids:
-                    _append(out, name, _finite(h5, name, "image"),
-                            h5[name]["label"][()] if is_labeled else None)
-    else:
-        raise ValueError(f"{processed_dir}: unknown dataset '{dataset}' in index.json")
+    _TRAINING_READERS[spec.layout](processed_dir, index, spec, split, split["labeled"][ratio_tag],
+                                   patch, out)
     if not out.labeled_images:
         raise ValueError(f"{processed_dir}: ratio {ratio_tag} of seed {split['seed']} has no labeled image")
     return out
+
+
+def _spec_of(processed_dir: Path, index: dict) -> DatasetSpec:
+    dataset = index["dataset"]
+    if dataset not in SPECS:
+        raise ValueError(f"{processed_dir}: unknown dataset '{dataset}' in index.json")
+    return SPECS[dataset]
+
+
+# --- one reader per layout of the processed data (DatasetSpec.layout) ---------------------------
+def _train_from_volumes(processed_dir: Path, index: dict, spec: DatasetSpec, split: dict,
+                        labeled_entry: dict, patch: list[int], out: TrainingSet) -> None:
+    """An h5 volume per case (LA): the labeled units and the rest of the pool, whole."""
+    labeled = labeled_entry[spec.label_unit + "s"]
+    unlabeled = _rest_of_pool(split, labeled)
+    for ids, is_labeled in ((labeled, True), (unlabeled, False)):
+        for case in ids:
+            image, label = _load_volume(processed_dir, index["items"][case])
+            _append(out, case, image[None], label if is_labeled else None)
+
+
+def _train_from_slices(processed_dir: Path, index: dict, spec: DatasetSpec, split: dict,
+                       labeled_entry: dict, patch: list[int], out: TrainingSet) -> None:
+    """2D training slices in one h5 (ACDC): every slice of a training (not val) frame, resized
+    to the patch; labeled where the ratio's entry lists it."""
+    val = set(split["val"])
+    labeled_slices = set(labeled_entry["slices"])
+    train_frames = set(split["train"]) - val
+    size = tuple(patch[-2:])
+    with h5py.File(processed_dir / index["slices_file"], "r") as h5:
+        for name in index["train_slices"]:
+            if name.rsplit("_slice_", 1)[0] not in train_frames:
+                continue
+            image = resize_nearest(_finite(h5, name, "image"), size)
+            if name in labeled_slices:
+                _append(out, name, image[None], resize_nearest(h5[name]["label"][()], size))
+            else:
+                _append(out, name, image[None], None)
+
+
+def _train_from_tiles(processed_dir: Path, index: dict, spec: DatasetSpec, split: dict,
+                      labeled_entry: dict, patch: list[int], out: TrainingSet) -> None:
+    """Every image a group of one h5 (CRAG): the labeled units and the rest of the pool."""
+    labeled = labeled_entry[spec.label_unit + "s"]
+    unlabeled = _rest_of_pool(split, labeled)
+    with h5py.File(processed_dir / index["data_file"], "r") as h5:
+        for ids, is_labeled in ((labeled, True), (unlabeled, False)):
+            for name in ids:
+                _append(out, name, _finite(h5, name, "image"),
+                        h5[name]["label"][()] if is_labeled else None)
+
+
+def _cases_from_volumes(processed_dir: Path, index: dict, case_ids: list[str]) -> list[Case]:
+    """Evaluation cases as h5 volumes, one per case (LA cases, ACDC frames)."""
+    cases = []
+    for case_id in case_ids:
+        image, label = _load_volume(processed_dir, index["items"][case_id])
+        cases.append(Case(case_id, image[None].astype(np.float32), label))
+    return cases
+
+
+def _cases_from_tiles(processed_dir: Path, index: dict, case_ids: list[str]) -> list[Case]:
+    """Evaluation images from the one h5 file, with their instance maps (CRAG)."""
+    cases = []
+    with h5py.File(processed_dir / index["data_file"], "r") as h5:
+        for case_id in case_ids:
+            grp = h5[case_id]
+            cases.append(Case(case_id, _finite(h5, case_id, "image"), grp["label"][()],
+                              grp["instances"][()]))
+    return cases
+
+
+_TRAINING_READERS = {"volumes": _train_from_volumes, "slices": _train_from_slices,
+                     "tiles": _train_from_tiles}
+# The slices layout keeps its evaluation cases as whole volumes.
+_CASE_READERS = {"volumes": _cases_from_volumes, "slices": _cases_from_volumes,
+                 "tiles": _cases_from_tiles}
 
 
 def _finite(h5: h5py.File, group: str, key: str) -> np.ndarray:
@@ -126,18 +174,7 @@ def load_cases(processed_dir: str | Path, case_ids: list[str]) -> list[Case]:
     """Validation or test cases at their original resolution."""
     processed_dir = Path(processed_dir)
     index = load_index(processed_dir)
-    cases = []
-    if index["dataset"] in ("la", "acdc"):
-        for case_id in case_ids:
-            image, label = _load_volume(processed_dir, index["items"][case_id])
-            cases.append(Case(case_id, image[None].astype(np.float32), label))
-    else:
-        with h5py.File(processed_dir / index["data_file"], "r") as h5:
-            for case_id in case_ids:
-                grp = h5[case_id]
-                cases.append(Case(case_id, _finite(h5, case_id, "image"), grp["label"][()],
-                                  grp["instances"][()]))
-    return cases
+    return _CASE_READERS[_spec_of(processed_dir, index).layout](processed_dir, index, case_ids)
 
 
 AUGMENTATIONS = ("rot_flip", "rot_flip_or_rotate")

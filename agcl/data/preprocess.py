@@ -20,13 +20,15 @@ import numpy as np
 from PIL import Image
 
 from agcl.data import formats
+from agcl.data.specs import SPECS
 from agcl.utils import atomic_path, write_json
 
 log = logging.getLogger("agcl.preprocess")
 
-# Stain statistics of CRAG used by the semi-supervised gland repos (docs/paper-notes.md).
-CRAG_MEAN = np.array([0.8307, 0.7224, 0.8573], dtype=np.float32)
-CRAG_STD = np.array([0.1200, 0.1523, 0.0914], dtype=np.float32)
+# Stain statistics of CRAG used by the semi-supervised gland repos (docs/paper-notes.md), kept
+# on its DatasetSpec.
+CRAG_MEAN = np.array(SPECS["crag"].channel_mean, dtype=np.float32)
+CRAG_STD = np.array(SPECS["crag"].channel_std, dtype=np.float32)
 
 
 class PreprocessError(ValueError):
@@ -163,19 +165,25 @@ def _rescale(rgb: np.ndarray, instances: np.ndarray, scale: float):
     return rgb, inst.astype(np.int32)
 
 
+# The reader of each upstream format (DatasetSpec.source_format), called (src, out, scale): a
+# dataset folder -> the processed folder's index (only the CRAG images are resampled).
+PREPROCESSORS = {
+    "ua_mt_la": lambda src, out, scale: preprocess_la(src, out),
+    "ssl4mis_acdc": lambda src, out, scale: preprocess_acdc(src, out),
+    "crag_png": preprocess_crag,
+}
+
+
 def preprocess(dataset: str, src: str | Path, out: str | Path, scale: float = 1.0) -> dict:
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise PreprocessError(f"dataset folder {src} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    if dataset == "la":
-        index = preprocess_la(src, out)
-    elif dataset == "acdc":
-        index = preprocess_acdc(src, out)
-    elif dataset == "crag":
-        index = preprocess_crag(src, out, scale)
-    else:
-        raise PreprocessError(f"unknown dataset '{dataset}' (expected la, acdc or crag)")
+    if dataset not in SPECS:
+        *rest, last = SPECS
+        raise PreprocessError(f"unknown dataset '{dataset}' (expected {', '.join(rest)} or {last})")
+    index = PREPROCESSORS[SPECS[dataset].source_format](src, out, scale)
+    index["dataset"] = dataset  # a reader may serve several datasets of one upstream format
     if index["missing"]:
         log.warning("%s: %d listed cases are absent (restricted download?): %s", dataset,
                     len(index["missing"]), ", ".join(index["missing"][:5]))

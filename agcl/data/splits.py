@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from agcl.data.specs import get_spec
 from agcl.utils import ratio_tag
 
 # Counts the references use; floor(ratio * N) reproduces them, written down to fail loudly if not.
@@ -33,18 +34,28 @@ def _unique_in_order(values):
     return list(dict.fromkeys(values))
 
 
+def _unit_of_item(item: str) -> str:
+    """The labeling unit of an item where a unit groups several ("patient001_frame01" and its
+    slices "patient001_frame01_slice_3" -> "patient001")."""
+    return item.split("_")[0]
+
+
 def make_splits(index: dict, ratios: list[float], seed: int, val_cases: int = 0) -> dict:
     """index: a processed dataset's index.json; returns the JSON-ready split record."""
     dataset = index["dataset"]
+    spec = get_spec(dataset)
     lists = index["lists"]
-    if dataset == "acdc":
-        # ACDC is labeled by patient: both frames of a patient are labeled together.
-        unit = "patient"
-        pool = _unique_in_order(frame.split("_")[0] for frame in lists["train"])
-        val = list(lists["val"])
+    # What a labeled subset counts (the spec's label_unit); where a unit groups several items
+    # (ACDC: both frames of a patient are labeled together) the pool holds the units.
+    unit = spec.label_unit
+    if spec.unit_items:
+        pool = _unique_in_order(_unit_of_item(item) for item in lists["train"])
     else:
-        unit = "case" if dataset == "la" else "image"
         pool = list(lists["train"])
+    if spec.val_from == "upstream_list":
+        val = list(lists["val"])
+        carved = 0
+    else:  # train_tail
         # Counts refer to the whole upstream training list (5% of LA = 4 of 80), val carved or not.
         if val_cases >= len(pool):
             raise SplitError(f"{dataset}: val_cases={val_cases} leaves no training case (pool {len(pool)})")
@@ -52,6 +63,7 @@ def make_splits(index: dict, ratios: list[float], seed: int, val_cases: int = 0)
         # every ratio shares the same val set and it never overlaps a labeled subset.
         val = pool[len(pool) - val_cases:] if val_cases else []
         pool = pool[: len(pool) - val_cases]
+        carved = len(val)
     if not pool:
         raise SplitError(f"{dataset}: the training list is empty")
 
@@ -61,7 +73,7 @@ def make_splits(index: dict, ratios: list[float], seed: int, val_cases: int = 0)
         perm = np.random.default_rng(seed).permutation(len(pool))
         order, order_note = [pool[i] for i in perm], f"numpy default_rng({seed}).permutation"
 
-    upstream_pool = len(pool) + (0 if dataset == "acdc" else len(val))
+    upstream_pool = len(pool) + carved
     labeled = {}
     for ratio in sorted(set(ratios)):
         n = labeled_count(ratio, upstream_pool)
@@ -71,16 +83,16 @@ def make_splits(index: dict, ratios: list[float], seed: int, val_cases: int = 0)
         n = min(n, len(order))
         units = order[:n]
         entry = {"n": n, unit + "s": units}
-        if dataset == "acdc":
+        if spec.unit_items:  # the items of the chosen units, and their training slices
             chosen = set(units)
-            entry["frames"] = [f for f in lists["train"] if f.split("_")[0] in chosen]
-            entry["slices"] = [s for s in index["train_slices"] if s.split("_")[0] in chosen]
+            entry[spec.unit_items + "s"] = [f for f in lists["train"] if _unit_of_item(f) in chosen]
+            if spec.layout == "slices":
+                entry["slices"] = [s for s in index["train_slices"] if _unit_of_item(s) in chosen]
         labeled[ratio_tag(ratio)] = entry
 
-    if dataset == "acdc":
-        train_ids = list(lists["train"])
-    else:
-        train_ids = list(order)
+    # Units that group items train on all the listed items, in upstream order; otherwise the
+    # train ids are the units in the seed's order.
+    train_ids = list(lists["train"]) if spec.unit_items else list(order)
     return {
         "dataset": dataset,
         "seed": seed,
@@ -92,7 +104,7 @@ def make_splits(index: dict, ratios: list[float], seed: int, val_cases: int = 0)
         "val": val,
         "test": list(lists["test"]),
         "labeled": labeled,
-        "val_source": "upstream val.list" if dataset == "acdc" else (
+        "val_source": "upstream val.list" if spec.val_from == "upstream_list" else (
             f"last {len(val)} cases of the upstream train order" if val else "none"),
         "restricted": bool(index.get("missing")),
     }

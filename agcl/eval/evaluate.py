@@ -15,7 +15,7 @@ from agcl.components import largest_component_per_class
 from agcl.config import ConfigError, Layout, dataset_config
 from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
-from agcl.data.specs import get_spec
+from agcl.data.specs import SPECS, get_spec
 from agcl.devices import resolve_amp, resolve_device
 from agcl.eval.metrics import multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
@@ -27,18 +27,16 @@ from agcl.utils import atomic_path, code_version, write_json
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 OBJECT_METRICS = ("object_f1", "object_dice", "object_hausdorff")
-# Physical voxel size where the processed files still allow one (LA is 0.625 mm isotropic);
-# the processed ACDC and CRAG files carry no spacing.
-SPACING_MM = {"la": (0.625, 0.625, 0.625)}
-
-
 def _spacing(dataset: str, unit: str):
+    """The physical voxel size (DatasetSpec.spacing_mm) where the processed files still allow one
+    (LA); the processed ACDC and CRAG files carry no spacing."""
     if unit == "voxels":
         return None
-    if dataset not in SPACING_MM:
+    spacing = SPECS[dataset].spacing_mm if dataset in SPECS else None
+    if spacing is None:
         raise ConfigError(f"datasets.{dataset}.eval.spacing: 'mm' is not available for {dataset} "
                           "(its processed files store no voxel size); use 'voxels'")
-    return SPACING_MM[dataset]
+    return spacing
 
 
 def worst_distance(shape, spacing) -> float:

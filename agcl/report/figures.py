@@ -15,7 +15,7 @@ import pandas as pd
 import seaborn as sns
 
 from agcl.data.loaders import load_cases
-from agcl.data.preprocess import CRAG_MEAN, CRAG_STD
+from agcl.data.specs import get_spec
 from agcl.runfolder import PREDICTIONS
 
 sns.set_theme(style="whitegrid", context="paper")
@@ -99,11 +99,16 @@ def training_curves(logs: pd.DataFrame, methods: list[str], datasets: list[str])
 
 
 def _display_slice(image: np.ndarray, label: np.ndarray, dataset: str):
-    """A 2D view of a case: the slice with the most foreground (3D) or the whole image (CRAG)."""
-    if dataset == "crag":
-        rgb = image.transpose(1, 2, 0) * CRAG_STD + CRAG_MEAN
-        return np.clip(rgb, 0, 1), label, (slice(None), slice(None))
-    axis = 2 if dataset == "la" else 0  # LA volumes are (X, Y, Z); ACDC (S, H, W)
+    """A 2D view of a case: the slice with the most foreground along the spec's display_axis
+    (3D), or the whole image (2D, e.g. CRAG), its normalisation undone where the spec records it."""
+    spec = get_spec(dataset)
+    axis = spec.display_axis
+    if axis is None:
+        view = image.transpose(1, 2, 0) if image.shape[0] > 1 else image[0]
+        if spec.channel_mean is not None:
+            view = np.clip(view * np.asarray(spec.channel_std, dtype=np.float32)
+                           + np.asarray(spec.channel_mean, dtype=np.float32), 0, 1)
+        return view, label, (slice(None), slice(None))
     counts = (label > 0).sum(axis=tuple(a for a in range(3) if a != axis))
     index = int(np.argmax(counts))
     take = [slice(None)] * 3

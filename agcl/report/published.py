@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from agcl.data.specs import SPECS
+
 COLUMNS = ["dataset", "method", "ratio", "dice", "jaccard", "hd95", "asd", "source", "note",
            "flag"]
-DATASETS = ("la", "acdc", "crag")
+DATASETS = tuple(SPECS)
 METRICS = ("dice", "jaccard", "hd95", "asd")
 PERCENT_METRICS = ("dice", "jaccard")  # published in %, ours as fractions
 KEYS = ["dataset", "method", "ratio"]
