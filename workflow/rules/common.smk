@@ -23,6 +23,7 @@ from agcl.declarations import declarations_only  # noqa: E402
 declarations_only()
 from agcl.config import SCHEMA_PATH, Layout, config_rules, expected_runs  # noqa: E402
 from agcl.config_checks import check_config  # noqa: E402
+from agcl.data.specs import get_spec  # noqa: E402
 from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
 
 CONFIG_SOURCES = [str(f) for f in workflow.configfiles]

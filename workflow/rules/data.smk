@@ -25,7 +25,8 @@ rule synth:
         directory(LAYOUT.raw("{dataset}")),
     wildcard_constraints:
         dataset=alternatives(
-            [d for d, s in SOURCES.items() if s == "synthetic" and d != "crag"]
+            # a dataset whose synthetic copy is a zip (CRAG) goes through its ingest rule instead
+            [d for d, s in SOURCES.items() if s == "synthetic" and not get_spec(d).synth_zip]
         ),
     params:
         agcl=AGCL,
