@@ -187,7 +187,7 @@ def test_acdc_deterministic(tmp_path):
 
 
 def test_acdc_patient_variation_ranges():
-    from agcl.data.synth import _patient_variation
+    from agcl.data.synth._common import _patient_variation
     assert _patient_variation(np.random.default_rng(0), 0.0) == {
         "scale": 1.0, "contrast": 1.0, "noise": 1.0, "gamma": 1.0}
     factors = [_patient_variation(np.random.default_rng(i), 1.0) for i in range(400)]
