@@ -40,7 +40,14 @@ class _StandIn:
     def __call__(self, *args, **kwargs):
         if len(args) == 1 and not kwargs and callable(args[0]):
             return args[0]  # a decorator (@torch.no_grad() is a call, then this)
-        return _StandIn(f"{self._name}(...)")
+        if args or kwargs:  # computing: torch.zeros(3), nn.Conv2d(1, 2, 3), ...
+            raise self._missing()
+        return _StandIn(f"{self._name}()")  # a decorator factory, @torch.no_grad()
+
+    def _missing(self) -> TorchMissing:
+        return TorchMissing(f"{self._name} was used, but torch is not installed here: this "
+                            "process only reads declarations (a method file may import torch "
+                            "but compute with it only inside its functions)")
 
     def __mro_entries__(self, bases):
         return (_base_class(self._name),)
@@ -54,8 +61,7 @@ class _StandIn:
     __ror__ = __or__
 
     def __bool__(self):
-        raise TorchMissing(f"{self._name} was used, but torch is not installed here: this "
-                           "process only reads declarations (install torch to train)")
+        raise self._missing()
 
     def __repr__(self) -> str:
         return f"<stand-in for {self._name}: torch is not installed>"

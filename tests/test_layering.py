@@ -132,3 +132,21 @@ def test_an_evaluation_job_imports_neither_methods_nor_the_engine():
             "'agcl.engine', 'agcl_plugins', 'agcl.report'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == []
+
+
+def test_reading_declarations_without_torch_refuses_to_compute_with_it(tmp_path):
+    """The planning stand-in lets a method file import torch, decorate with it and subclass
+    nn.Module, but computing with torch at import time stops with a message naming the call."""
+    import subprocess
+    import sys
+
+    code = (
+        "from agcl.declarations import declarations_only; declarations_only()\n"
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n    @torch.no_grad()\n    def f(self):\n        return 1\n"
+        "assert Net().f() == 1\n"
+        "torch.zeros(3)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode != 0
+    assert "TorchMissing: torch.zeros was used, but torch is not installed here" in out.stderr
