@@ -91,13 +91,8 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     train_cfg = {**recipe, **_pop_train_overrides(recipe, overrides)}
     if iterations is not None:
         train_cfg["iterations"] = positive_iterations(iterations)
-    hparams = method_cls.hparams_for(
-        dataset,
-        config.get("hparams", {}).get(base_name, {}),
-        dcfg.get("hparams", {}).get(base_name, {}),
-        variant_hparams,
-        overrides,
-    )
+    layers = hparam_layers(config, dataset, method, base_name, variant_hparams, overrides)
+    hparams = method_cls.hparams_for(dataset, *(layer for _, layer in layers))
     augmentation = (default_augmentation(spec.spatial_dims)
                     if train_cfg["augmentation"] == "auto" else train_cfg["augmentation"])
     smoke = config.get("smoke_steps")
@@ -126,6 +121,17 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
                   settings)
 
 
+def hparam_layers(config: dict, dataset: str, method: str, base: str, variant_hparams: dict,
+                  overrides: dict[str, Any]) -> list[tuple[str, dict]]:
+    """(where, values) of each layer laid over a method's declared defaults, lowest precedence
+    first: the config's hparams, the dataset's, a variant's own, then `--set`."""
+    dcfg = dataset_config(config, dataset)
+    return [(f"hparams.{base}", config.get("hparams", {}).get(base, {})),
+            (f"datasets.{dataset}.hparams.{base}", dcfg.get("hparams", {}).get(base, {})),
+            (f"variants.{method}.hparams", variant_hparams),
+            ("--set", overrides)]
+
+
 def stage_plan(config: dict, dataset: str, method: str, recipe: Recipe, *,
                overrides: dict[str, Any] | None = None, iterations: int | None = None
                ) -> list[tuple[str, int, str]]:
@@ -135,8 +141,9 @@ def stage_plan(config: dict, dataset: str, method: str, recipe: Recipe, *,
     twin_of = noise_twins(config).get(method)
     name = twin_of or method
     dcfg = dataset_config(config, dataset)
-    variant = config.get("variants", {}).get(name)
     base = recipe.method_cls.name
+    variant_hparams = dict(config.get("variants", {}).get(name, {}).get("hparams", {}))
+    layers = hparam_layers(config, dataset, name, base, variant_hparams, dict(overrides or {}))
     smoke = config.get("smoke_steps")
     plan = []
     for index, stage in enumerate(recipe.stages):
@@ -153,14 +160,11 @@ def stage_plan(config: dict, dataset: str, method: str, recipe: Recipe, *,
                 where = f"datasets.{dataset}.train.iterations"
         else:
             key = f"{stage.name}_iterations"
-            layers = [("--set", overrides or {}),
-                      (f"variants.{name}.hparams", (variant or {}).get("hparams", {})),
-                      (f"datasets.{dataset}.hparams.{base}", dcfg.get("hparams", {}).get(base, {})),
-                      (f"hparams.{base}", config.get("hparams", {}).get(base, {})),
-                      (f"{base}'s default for {dataset}",
-                       recipe.method_cls.dataset_defaults.get(dataset, {}))]
-            where = next((f"{label}: {key}" for label, layer in layers if key in layer),
-                         f"{base}'s default {key}")
+            dataset_default = (f"{base}'s default for {dataset}",
+                               recipe.method_cls.dataset_defaults.get(dataset, {}))
+            where = next((f"{label}: {key}" for label, layer in [*reversed(layers),
+                                                                  dataset_default]
+                          if key in layer), f"{base}'s default {key}")
         plan.append((stage.name, stage.iterations, where))
     return plan
 
