@@ -1,7 +1,8 @@
 """Time one training step of every registered method on the same synthetic batch.
 
-A step is what the engine does per iteration: method.train_step + backward + SGD step (lr 0.01,
-momentum 0.9, wd 1e-4) + method.after_optimizer_step. Every method gets the same random batch
+A step is what the engine does per iteration, through the engine's own Updater: method.train_step
++ backward + SGD step (lr 0.01, momentum 0.9, wd 1e-4) + method.after_optimizer_step, then each
+auxiliary update the method declares (SASSNet's discriminator) with its own optimiser. Every method gets the same random batch
 (images N(0, 1), labels uniform class ids) and the same seed for its weights; methods that do not
 use unlabeled images get none, as in the engine. Median seconds over --repeats after --warmup.
 The methods take turns, one step each per round, so that a change in machine load (a shared CPU)
@@ -32,6 +33,9 @@ import torch
 
 from agcl.data.specs import get_spec
 from agcl.devices import channels_last_format
+from agcl.engine.optimizers import auxiliary_optimizers, main_optimizer
+from agcl.engine.state import TrainingState
+from agcl.engine.update import Updater
 from agcl.methods.base import Batch
 from agcl.methods.registry import get_method, list_methods
 
@@ -43,6 +47,9 @@ DEFAULTS = {
     "cuda": {"la": (16, (112, 112, 80), 8, 4), "acdc": (16, (256, 256), 24, 12)},
 }
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+SCHEDULE = {"lr": 0.01, "schedule": "constant"}
+ITERATIONS_ANY = 1  # the stage length a constant schedule never reads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,10 +135,13 @@ class Runner:
         if args.channels_last:
             self.method.to(memory_format=channels_last_format(2 + len(args.patch)))
         self.method.train()
-        self.optimizer = torch.optim.SGD(self.method.trainable_parameters(), lr=0.01,
-                                         momentum=0.9, weight_decay=1e-4)
-        self.amp = AMP[args.amp]
-        self.scaler = torch.amp.GradScaler(args.device.type, enabled=self.amp == torch.float16)
+        amp = AMP[args.amp]
+        scaler = torch.amp.GradScaler(args.device.type, enabled=amp == torch.float16)
+        self.update = Updater(self.method, main_optimizer(self.method, SGD), scaler,
+                              device=args.device, amp_dtype=amp, nonfinite="stop",
+                              max_consecutive_skips=1, where=f"step_time {name}",
+                              auxiliary=auxiliary_optimizers(self.method))
+        self.state = TrainingState()
         self.batch = batch if cls.uses_unlabeled else Batch(batch.x_labeled, batch.y_labeled, None)
         self.device = args.device
         self.iteration = 0
@@ -139,14 +149,8 @@ class Runner:
     def step(self) -> float:
         sync(self.device)
         tic = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                            enabled=self.amp is not None):
-            loss, _ = self.method.train_step(self.batch, self.iteration)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.method.after_optimizer_step(self.iteration)
+        self.update(self.method, self.batch, SCHEDULE, self.iteration, ITERATIONS_ANY,
+                    self.state)
         sync(self.device)
         self.iteration += 1
         return time.perf_counter() - tic

@@ -281,10 +281,10 @@ def test_a_stage_that_keeps_the_optimiser_takes_the_momentum_of_the_selected_wei
 
     next_stage = trainer_module.Trainer._next_stage
 
-    def spy_next_stage(self, method, optimizer, state):
-        last = momenta(optimizer.state_dict())
-        next_stage(self, method, optimizer, state)
-        handed.update(last=last, now=momenta(optimizer.state_dict()))
+    def spy_next_stage(self, parts, state):
+        last = momenta(parts.optimizer.state_dict())
+        next_stage(self, parts, state)
+        handed.update(last=last, now=momenta(parts.optimizer.state_dict()))
 
     monkeypatch.setattr(RunFolder, "save_checkpoint", spy_save)
     monkeypatch.setattr(trainer_module.Trainer, "_next_stage", spy_next_stage)

@@ -36,6 +36,7 @@ def resume_payload(trainer, parts, state) -> dict:
     return {
         "identity": trainer.identity, "settings": trainer.settings,
         "method": parts.method.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "auxiliary_optimizers": auxiliary_states(parts.auxiliary),
         "scaler": parts.scaler.state_dict(), "sampler": parts.sampler.state_dict(),
         "rng": rng_states(), "streams": parts.streams.state_dict(),
         "state": state.to_dict(),
@@ -46,16 +47,32 @@ def restore(parts, saved: dict) -> None:
     """Load a resume payload into freshly prepared parts."""
     parts.method.load_state_dict(saved["method"])
     parts.optimizer.load_state_dict(saved["optimizer"])
+    load_auxiliary_states(parts.auxiliary, saved)
     parts.scaler.load_state_dict(saved["scaler"])
     parts.sampler.load_state_dict(saved["sampler"])
     set_rng_states(saved["rng"])
     parts.streams.load_state_dict(saved["streams"])
 
 
-def pretrain_best_payload(trainer, method, optimizer, state) -> dict:
-    """The best pre-training state, with the optimiser's, which a next stage that keeps it
+def auxiliary_states(auxiliary: dict) -> dict:
+    return {name: optimizer.state_dict() for name, (_, optimizer) in auxiliary.items()}
+
+
+def load_auxiliary_states(auxiliary: dict, saved: dict) -> None:
+    states = saved.get("auxiliary_optimizers", {})
+    missing = sorted(set(auxiliary) - set(states))
+    if missing:
+        raise KeyError(f"the checkpoint holds no state of the auxiliary optimiser(s) "
+                       f"{', '.join(missing)} (expected key 'auxiliary_optimizers')")
+    for name, (_, optimizer) in auxiliary.items():
+        optimizer.load_state_dict(states[name])
+
+
+def pretrain_best_payload(trainer, parts, state) -> dict:
+    """The best pre-training state, with the optimisers', which a next stage that keeps them
     loads with the weights (BCP's ACDC code: save_net_opt at the best val, load_net_opt after)."""
-    return {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+    return {"method": parts.method.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "auxiliary_optimizers": auxiliary_states(parts.auxiliary),
             "step": state.step, "run_id": state.run_id, "identity": trainer.identity}
 
 
@@ -97,6 +114,9 @@ def run_metadata(trainer, parts, state) -> dict:
         # extra decoders, projection heads)
         "parameters": sum(p.numel() for p in method.inference_net().parameters()),
         "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
+        # parameters of the method's own optimisers (SASSNet's discriminator), not evaluated
+        "auxiliary_parameters": {name: sum(p.numel() for p in update.parameters)
+                                 for name, (update, _) in parts.auxiliary.items()},
         "labeled": parts.data.labeled_ids,
         "n_labeled": len(parts.data.labeled_ids),
         "n_unlabeled": len(parts.data.unlabeled_ids),

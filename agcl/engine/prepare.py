@@ -18,6 +18,7 @@ from agcl.data.loaders import (
     training_set_bytes,
 )
 from agcl.devices import channels_last_format, data_device, seed_everything
+from agcl.engine.optimizers import auxiliary_optimizers, main_optimizer
 from agcl.random_streams import RandomStreams, building
 
 
@@ -30,6 +31,8 @@ class PreparedRun:
     streams: RandomStreams
     sampler: PatchSampler
     optimizer: torch.optim.Optimizer
+    # name -> (AuxiliaryUpdate, its optimiser): parameters the main SGD does not update
+    auxiliary: dict[str, tuple[Any, torch.optim.Optimizer]]
     scaler: torch.amp.GradScaler
     data_device: torch.device | None  # where the sampler holds the training set (None: host)
 
@@ -60,9 +63,8 @@ def prepare(trainer) -> PreparedRun:
         split=split, data=data, val_cases=val_cases, method=method, streams=streams,
         sampler=PatchSampler(data, train_cfg["patch"], labeled_bs, unlabeled_bs, trainer.seed,
                              trainer.augmentation, device=on_device),
-        optimizer=torch.optim.SGD(method.trainable_parameters(), lr=train_cfg["lr"],
-                                  momentum=train_cfg["momentum"],
-                                  weight_decay=train_cfg["weight_decay"]),
+        optimizer=main_optimizer(method, train_cfg),
+        auxiliary=auxiliary_optimizers(method),
         scaler=torch.amp.GradScaler(trainer.device.type,
                                     enabled=trainer.amp_dtype == torch.float16),
         data_device=on_device,

@@ -158,7 +158,7 @@ class Trainer:
                          amp_dtype=self.amp_dtype, nonfinite=self.train_cfg["nonfinite"],
                          max_consecutive_skips=self.train_cfg["max_consecutive_skips"],
                          where=f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} "
-                               f"s{self.seed}")
+                               f"s{self.seed}", auxiliary=parts.auxiliary)
         logs = RunLog(self.out / LOG_CSV, with_val=bool(parts.val_cases),
                       log_every=self.train_cfg["log_every"],
                       tensorboard_dir=self.out if self.train_cfg["tensorboard"] else None,
@@ -170,7 +170,7 @@ class Trainer:
         try:
             for step in range(state.step, self.total):
                 if step == self.stage_starts[state.stage + 1]:  # the previous stage is done
-                    self._next_stage(method, optimizer, state)
+                    self._next_stage(parts, state)
                 stage = self.stages[state.stage]
                 local = step - self.stage_starts[state.stage]
                 values, skipped = self._step(method, update, parts.sampler, stage, local, state)
@@ -183,7 +183,7 @@ class Trainer:
                     val_dice = self._validate(method, parts.val_cases)
                     if val_dice > state.best_val:
                         state.best_val, state.best_step = val_dice, state.step
-                        self._save_best(method, optimizer, state, saved_step)
+                        self._save_best(parts, state, saved_step)
                     method.train()
                 logs.step(values, skipped, val_dice=val_dice, stage_done=stage_done)
                 if (state.step % self.train_cfg["checkpoint_every"] == 0
@@ -227,14 +227,15 @@ class Trainer:
                   "data_seconds": data_seconds}
         return values, skipped
 
-    def _save_best(self, method, optimizer, state: TrainingState, saved_step: int) -> None:
+    def _save_best(self, parts: PreparedRun, state: TrainingState, saved_step: int) -> None:
         if state.stage < len(self.stages) - 1:  # a pre-training stage: the whole method state
             if self.selection == "best_val":
                 self.folder.save_checkpoint(
-                    PRETRAIN_BEST, checkpoint.pretrain_best_payload(self, method, optimizer, state),
+                    PRETRAIN_BEST, checkpoint.pretrain_best_payload(self, parts, state),
                     resume_step=saved_step)
         else:
-            self.folder.save_checkpoint(BEST, checkpoint.inference_payload(self, method, state),
+            self.folder.save_checkpoint(BEST, checkpoint.inference_payload(self, parts.method,
+                                                                           state),
                                         resume_step=saved_step)
 
     def _stage_record(self, state: TrainingState) -> dict:
@@ -250,10 +251,12 @@ class Trainer:
                 # wall time of the stage's steps, validations and checkpoints (as train_seconds)
                 "seconds": state.train_seconds - state.stage_start_seconds}
 
-    def _next_stage(self, method, optimizer, state: TrainingState) -> None:
+    def _next_stage(self, parts: PreparedRun, state: TrainingState) -> None:
         """Hand the selected weights of the finished stage to the next one, which restarts its
         schedule and, unless it keeps it, the optimiser's momentum; the selection policy (last,
         or best on val, never test) picks the weights."""
+        method = parts.method
+        optimizers = [parts.optimizer, *(optimizer for _, optimizer in parts.auxiliary.values())]
         state.stages.append(self._stage_record(state))
         state.stage_start_seconds = state.train_seconds
         saved = None
@@ -262,9 +265,11 @@ class Trainer:
             method.load_state_dict(saved["method"])
         state.stage += 1
         if not self.stages[state.stage].keep_optimizer_state:
-            optimizer.state.clear()
+            for optimizer in optimizers:
+                optimizer.state.clear()
         elif saved is not None:  # the momentum of the selected weights, not of the last step
-            optimizer.load_state_dict(saved["optimizer"])
+            parts.optimizer.load_state_dict(saved["optimizer"])
+            checkpoint.load_auxiliary_states(parts.auxiliary, saved)
         state.best_val, state.best_step = -math.inf, None
         method.start_stage(self.stages[state.stage].name, fresh=True)
         method.train()

@@ -1,5 +1,7 @@
 """One parameter update: the learning rate of the step, autocast, backward, the finite check and
-the non-finite policy (skip or stop). The method only computed the loss."""
+the non-finite policy (skip or stop). The method only computed the loss. A method's auxiliary
+updates (its own optimisers, e.g. SASSNet's discriminator) follow the main one, each on its own
+loss, under the same policy."""
 
 from __future__ import annotations
 
@@ -70,8 +72,9 @@ class Updater:
 
     def __init__(self, method, optimizer, scaler, *, device: torch.device,
                  amp_dtype: torch.dtype | None, nonfinite: str, max_consecutive_skips: int,
-                 where: str):
+                 where: str, auxiliary: dict | None = None):
         self.optimizer = optimizer
+        self.auxiliary = auxiliary or {}
         self.scaler = scaler
         self.device = device
         self.amp_dtype = amp_dtype
@@ -80,6 +83,8 @@ class Updater:
         self.where = where  # names the run in errors and warnings
         names = {id(p): n for n, p in method.named_parameters()}
         self.trainable = [(names.get(id(p), "?"), p) for p in method.trainable_parameters()]
+        self.auxiliary_named = {name: [(names.get(id(p), "?"), p) for p in update.parameters]
+                                for name, (update, _) in self.auxiliary.items()}
 
     def __call__(self, method, batch: Batch, schedule: dict, step: int, stage_iterations: int,
                  state) -> tuple[float, torch.Tensor, dict, bool]:
@@ -88,25 +93,41 @@ class Updater:
         lr = learning_rate(schedule, step, stage_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        loss_value, logs, problem = self._update(
+            method.train_step, (batch, step), self.optimizer, self.trainable)
+        if problem is None:
+            method.after_optimizer_step(step)
+            state.consecutive_skips = 0
+            for name, (_, optimizer) in self.auxiliary.items():
+                aux_loss, aux_logs, aux_problem = self._update(
+                    method.auxiliary_step, (name, batch, step), optimizer,
+                    self.auxiliary_named[name])
+                logs = {**logs, f"loss_{name}": aux_loss, **aux_logs}
+                if aux_problem is not None:  # only this optimiser's step is skipped
+                    self._skip(f"auxiliary update {name}: {aux_problem}", state)
+            self.scaler.update()
+        else:
+            self._skip(problem, state)
+        return lr, loss_value, logs, problem is not None
+
+    def _update(self, compute, args, optimizer, named_params):
+        """Autocast `compute(*args)` -> (loss, logs), backward, finite check, and the step of
+        `optimizer` unless something is not finite; (loss, logs, problem or None)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            loss, logs = method.train_step(batch, step)
+            loss, logs = compute(*args)
         loss_value = loss.detach()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         finite = torch.isfinite(loss_value)
         if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN grads itself
-            finite = finite & gradients_finite(self.trainable)
-        problem = None if bool(finite) else non_finite_problem(loss_value, logs, self.trainable)
+            finite = finite & gradients_finite(named_params)
+        problem = None if bool(finite) else non_finite_problem(loss_value, logs, named_params)
         if problem is None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            method.after_optimizer_step(step)
-            state.consecutive_skips = 0
+            self.scaler.step(optimizer)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._skip(problem, state)
-        return lr, loss_value, logs, problem is not None
+            optimizer.zero_grad(set_to_none=True)
+        return loss_value, logs, problem
 
     def _skip(self, problem: str, state) -> None:
         where = f"{self.where}, step {state.step + 1}"

@@ -34,8 +34,8 @@ from agcl.methods.hparams import HParam, HparamError, resolve_hparams
 from agcl.nets import build
 from agcl.random_streams import streams_for_new_method
 
-__all__ = ["MAIN", "PRETRAIN", "SCHEDULE_KEYS", "Batch", "HParam", "HparamError", "Method",
-           "Stage", "require_unlabeled"]
+__all__ = ["MAIN", "PRETRAIN", "SCHEDULE_KEYS", "AuxiliaryUpdate", "Batch", "HParam",
+           "HparamError", "Method", "Stage", "require_unlabeled"]
 
 
 @dataclass
@@ -66,6 +66,22 @@ class Stage:
     # False: the optimiser's momentum starts afresh at this stage (a new optimiser, as BCP's LA
     # code); True: carried over from the previous stage (BCP's ACDC code loads it).
     keep_optimizer_state: bool = False
+
+
+@dataclass(frozen=True)
+class AuxiliaryUpdate:
+    """A second set of parameters with an optimiser of its own (SASSNet's discriminator, Adam
+    beside the segmentation net's SGD). The engine builds the optimiser, and in every iteration,
+    after the main update, calls `method.auxiliary_step(name, batch, step)`, back-propagates that
+    loss and steps this optimiser, which updates these parameters only. Its lr is constant."""
+
+    name: str
+    parameters: tuple[nn.Parameter, ...]
+    optimizer: str  # "adam" or "sgd"
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)  # adam
+    momentum: float = 0.0  # sgd
+    weight_decay: float = 0.0
 
 
 class Method(nn.Module):
@@ -130,6 +146,19 @@ class Method(nn.Module):
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after every optimiser step (EMA teachers update here)."""
+
+    def auxiliary_updates(self) -> list[AuxiliaryUpdate]:
+        """Parameters outside trainable_parameters() that an optimiser of their own updates on
+        their own loss each iteration (default: none). They must not receive gradients from
+        train_step's loss (the engine's main update would leave those behind)."""
+        return []
+
+    def auxiliary_step(self, name: str, batch: Batch,
+                       step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of auxiliary update `name` on the iteration's batch, after the main update
+        (so it sees the updated networks), and its terms to log; as train_step."""
+        raise NotImplementedError(f"{type(self).__name__} declares auxiliary update {name!r} "
+                                  "but no auxiliary_step")
 
     def inference_net(self) -> nn.Module:
         """The network evaluated at validation and test time (the student, as the references)."""

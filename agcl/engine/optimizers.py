@@ -1,0 +1,43 @@
+"""The optimisers the engine builds for a method: SGD over its trainable parameters (every
+reference's), and one per auxiliary update the method declares (methods.base.AuxiliaryUpdate)."""
+
+from __future__ import annotations
+
+import torch
+
+from agcl.methods.base import AuxiliaryUpdate
+
+AUXILIARY_OPTIMIZERS = ("adam", "sgd")
+
+
+def main_optimizer(method, train_cfg: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(method.trainable_parameters(), lr=train_cfg["lr"],
+                           momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"])
+
+
+def auxiliary_optimizer(update: AuxiliaryUpdate, method_name: str) -> torch.optim.Optimizer:
+    if update.optimizer == "adam":
+        return torch.optim.Adam(update.parameters, lr=update.lr, betas=update.betas,
+                                weight_decay=update.weight_decay)
+    if update.optimizer == "sgd":
+        return torch.optim.SGD(update.parameters, lr=update.lr, momentum=update.momentum,
+                               weight_decay=update.weight_decay)
+    raise ValueError(f"{method_name}: auxiliary update {update.name!r}: optimizer "
+                     f"{update.optimizer!r}, expected one of {', '.join(AUXILIARY_OPTIMIZERS)}")
+
+
+def auxiliary_optimizers(method) -> dict[str, tuple[AuxiliaryUpdate, torch.optim.Optimizer]]:
+    """name -> (declaration, optimiser), in the method's order; the parameters must lie outside
+    trainable_parameters() and outside each other (one optimiser updates each parameter)."""
+    seen = {id(p) for p in method.trainable_parameters()}
+    built = {}
+    for update in method.auxiliary_updates():
+        if update.name in built:
+            raise ValueError(f"{method.name}: two auxiliary updates named {update.name!r}")
+        ids = {id(p) for p in update.parameters}
+        if not ids or ids & seen:
+            raise ValueError(f"{method.name}: auxiliary update {update.name!r} must own "
+                             "parameters that no other optimiser updates")
+        seen |= ids
+        built[update.name] = (update, auxiliary_optimizer(update, method.name))
+    return built
