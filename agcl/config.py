@@ -251,12 +251,16 @@ def expected_runs(config: dict) -> list[tuple[str, str, str, int]]:
 
     Used by the Snakemake rules and by aggregation, so both agree on what is missing. The lower
     bound (roles.lower_bound) also runs at 100 % labels when full_supervision is on (the upper
-    bound).
+    bound). A method in `datasets.<d>.skip_methods` (and its noise twin) has no run on <d>.
     """
     full = roles_of(config)["lower_bound"] if config["full_supervision"] else None
+    twins = noise_twins(config)
     runs = []
-    for dataset in config["datasets"]:
-        for method in [*config["methods"], *noise_twins(config)]:
+    for dataset, dcfg in config["datasets"].items():
+        skipped = set(dcfg.get("skip_methods", []))
+        for method in [*config["methods"], *twins]:
+            if twins.get(method, method) in skipped:
+                continue
             ratios = list(config["ratios"])
             if full is not None and method == full:
                 ratios.append(1.0)

@@ -61,8 +61,22 @@ def check_config(config: dict, source: str = "<config>") -> None:
                 problems.append(f"{where}.{name}: {exc.args[0]}")
     for dataset, dcfg in config["datasets"].items():
         spec = get_spec(dataset)
-        bases = [variants[m]["method"] if m in variants else m for m in config["methods"]]
-        nets = sorted({methods[m].net_name(spec) for m in bases if m in methods})
+        skipped = dcfg.get("skip_methods", [])
+        problems += [f"datasets.{dataset}.skip_methods: '{name}' is not in methods"
+                     for name in skipped if name not in config["methods"]]
+        problems += [f"datasets.{dataset}.skip_methods: '{name}' is roles.{role}, which every "
+                     "dataset needs" for role, name in config.get("roles", {}).items()
+                     if name in skipped]
+        base_of = {m: variants[m]["method"] if m in variants else m for m in config["methods"]
+                   if m not in skipped}
+        for name, base in base_of.items():
+            reason = methods[base].unsupported(spec) if base in methods else None
+            if reason:
+                problems.append(f"methods: {name} cannot train on {dataset} ({reason}): add it "
+                                f"to datasets.{dataset}.skip_methods, or remove {dataset}")
+        bases = [base for base in base_of.values()
+                 if base in methods and not methods[base].unsupported(spec)]
+        nets = sorted({methods[m].net_name(spec) for m in bases})
         for net in nets:
             try:
                 check_kwargs(net, dcfg.get("net", {}), where=f"datasets.{dataset}.net")

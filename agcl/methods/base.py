@@ -104,6 +104,13 @@ class Method(nn.Module):
                                cls.renamed_hparams, overrides)
 
     @classmethod
+    def unsupported(cls, spec: DatasetSpec) -> str | None:
+        """Why this method cannot train on `spec`'s dataset (e.g. a 3D-only reference on a 2D
+        dataset), or None. A config that lists the method must then name it in
+        `datasets.<d>.skip_methods`, so that the grid says what it leaves out."""
+        return None
+
+    @classmethod
     def net_name(cls, spec: DatasetSpec) -> str:
         return spec.default_net
 
