@@ -92,10 +92,15 @@ class VNetDecoder(nn.Module):
         self.dropout = nn.Dropout3d(0.5) if has_dropout else nn.Identity()
         self.out_conv = nn.Conv3d(n_filters, num_classes, 1)
 
-    def forward(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The last feature map before the dropout and the output conv."""
         x = skips[-1]
         for up, stage, skip in zip(self.ups, self.stages, reversed(skips[:-1])):
             x = stage(up(x) + skip)
+        return x
+
+    def forward(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.features(skips)
         return self.out_conv(self.dropout(x)), x
 
 
