@@ -40,3 +40,19 @@ class ShapeDiscriminator3d(nn.Module):
             if index < len(self.convs) - 1:  # no dropout after the last convolution
                 x = self.dropout(x)
         return self.classifier(x.mean(dim=(2, 3, 4)))
+
+
+_REFERENCE_MODULES = {"conv0": "map_conv", "conv1": "image_conv", "conv2": "convs.0",
+                      "conv3": "convs.1", "conv4": "convs.2", "classifier": "classifier"}
+
+
+def from_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of the reference's FC3DDiscriminator renamed for ShapeDiscriminator3d."""
+    renamed = {}
+    for key, value in state.items():
+        block, rest = key.removeprefix("module.").split(".", 1)
+        if block not in _REFERENCE_MODULES:
+            raise KeyError(f"discriminator: {key!r} is not a parameter of the reference "
+                           "FC3DDiscriminator")
+        renamed[f"{_REFERENCE_MODULES[block]}.{rest}"] = value
+    return renamed
