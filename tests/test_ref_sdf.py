@@ -194,6 +194,12 @@ def test_supervised_loss_equals_the_reference_terms_and_gradients():
     grads = torch.autograd.grad(ours["loss_sup"], (sdf, seg))
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    # Whole-batch outputs (labeled first) and the caller's sigmoid: the same terms.
+    extra = torch.randn(1, *sdf.shape[1:], generator=gen)
+    whole_sdf, whole_seg = torch.cat([sdf, extra]), torch.cat([seg, extra])
+    whole = sdf_supervised_loss(whole_sdf, whole_seg, labels, beta, torch.sigmoid(whole_seg))
+    for name in ours:
+        assert torch.equal(whole[name], ours[name]), name
     # the Dice alone, on probabilities
     probs = torch.rand(2, 5, 6, generator=gen)
     target = torch.rand(2, 5, 6, generator=gen) > 0.5

@@ -85,16 +85,24 @@ SDF_SUPERVISED_HPARAMS = {
 
 
 def sdf_supervised_loss(sdf: torch.Tensor, foreground_logits: torch.Tensor,
-                        labels: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """Dice of sigmoid(z) + beta * MSE(tanh sdf, sdf of the labels), on labeled outputs
-    (B, 1, ...) and their int labels (B, ...) (train_la_dtc.py:173-188, SASSnet
-    train_gan_sdfloss.py:158-170). The BCE term the references compute but never add
-    (train_la_dtc.py:181-182) is returned as `loss_bce`, detached, for the logs."""
-    probs = torch.sigmoid(foreground_logits.float())[:, 0]
-    loss_sdf = F.mse_loss(sdf.float()[:, 0], sdf_target(labels))
-    loss_dice = binary_dice_loss(probs, labels == 1)
+                        labels: torch.Tensor, beta: float,
+                        probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Dice of sigmoid(z) + beta * MSE(tanh sdf, sdf of the labels) on the first len(labels)
+    samples of the outputs (B, 1, ...), labeled first, against their int labels (Bl, ...)
+    (train_la_dtc.py:173-188, SASSnet train_gan_sdfloss.py:158-170).
+
+    `probs`: sigmoid(foreground_logits) of the whole batch where the caller computes it anyway
+    (the references' outputs_soft, shared with their consistency terms): then the backward graph
+    is theirs and the gradients equal bit for bit. The BCE term the references compute but never
+    add (train_la_dtc.py:181-182) is returned as `loss_bce`, detached, for the logs.
+    """
+    n = labels.shape[0]
+    if probs is None:
+        probs = torch.sigmoid(foreground_logits[:n].float())
+    loss_sdf = F.mse_loss(sdf[:n, 0].float(), sdf_target(labels))
     with torch.no_grad():
-        loss_bce = F.binary_cross_entropy_with_logits(foreground_logits.float()[:, 0],
+        loss_bce = F.binary_cross_entropy_with_logits(foreground_logits[:n, 0].float(),
                                                       labels.float())
+    loss_dice = binary_dice_loss(probs[:n, 0].float(), labels == 1)
     return {"loss_dice": loss_dice, "loss_sdf": loss_sdf, "loss_bce": loss_bce,
             "loss_sup": loss_dice + beta * loss_sdf}
