@@ -82,7 +82,11 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     spec = get_spec(dataset)
     dcfg = dataset_config(config, dataset)
     overrides = dict(overrides or {})
-    check_config({**config, "methods": [method]}, source="config")
+    # The registry's checks for this one run: this method on this dataset (the DAG build checks
+    # the whole grid, skip_methods included).
+    check_config({**config, "methods": [method],
+                  "datasets": {dataset: {**config["datasets"][dataset], "skip_methods": []}}},
+                 source="config")
     # A variant (e.g. an ablation) is its registered method with some hyperparameters changed:
     # the method's config hparams and training recipe apply, then the variant's own hparams.
     method_cls, variant_hparams = resolve_method(config, method)
@@ -103,7 +107,8 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
         stages = [dataclasses.replace(s, iterations=min(s.iterations, smoke)) for s in stages]
     for stage in stages:
         positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
-    problems = method_cls.check_recipe(hparams, train_cfg, spec)
+    unsupported = method_cls.unsupported(spec)
+    problems = [unsupported] if unsupported else method_cls.check_recipe(hparams, train_cfg, spec)
     if problems:
         raise ConfigError(f"datasets.{dataset}: {method}: " + "; ".join(problems))
     eval_patch, eval_stride = eval_window(dcfg["eval"], train_cfg["patch"])

@@ -17,7 +17,7 @@ the argmax of the net's [0, z] logits.
 
 3D only: DTC ships its LA code alone, and SSL4MIS, which re-implements the 2D references on
 ACDC, has no DTC (its utils/util.py holds compute_sdf, but no training script calls it and no
-2D net has a signed-distance head). A 2D dataset is refused (net_name, check_recipe).
+2D net has a signed-distance head). A 2D dataset is refused (Method.unsupported: configs list dtc in datasets.<d>.skip_methods).
 """
 
 from __future__ import annotations
@@ -63,14 +63,12 @@ class Dtc(Method):
     }
 
     @classmethod
-    def net_name(cls, spec: DatasetSpec) -> str:
-        if spec.spatial_dims != 3:
-            raise ValueError(_three_d_only(spec))
-        return "vnet_sdf"
+    def unsupported(cls, spec: DatasetSpec) -> str | None:
+        return None if spec.spatial_dims == 3 else _three_d_only(spec)
 
     @classmethod
-    def check_recipe(cls, hparams, train_cfg, spec: DatasetSpec) -> list[str]:
-        return [] if spec.spatial_dims == 3 else [_three_d_only(spec)]
+    def net_name(cls, spec: DatasetSpec) -> str:
+        return "vnet_sdf"
 
     def train_step(self, batch: Batch, step: int):
         hp = self.hparams

@@ -84,8 +84,9 @@ class SassNet(Method):
         self.discriminator.eval()  # train:154-155
         x = torch.cat([batch.x_labeled, x_unlabeled])
         sdf_pred, seg_logit = self.student.forward_sdf(x)
-        terms = sdf_supervised_loss(sdf_pred[:n_labeled], seg_logit[:n_labeled], batch.y_labeled,
-                                    hp["beta"])
+        # outputs_soft of the whole batch, as train:157, so the backward graph is the reference's
+        terms = sdf_supervised_loss(sdf_pred, seg_logit, batch.y_labeled, hp["beta"],
+                                    probs=torch.sigmoid(seg_logit.float()))
         # The net's gradient flows through the discriminator; the discriminator's own weights
         # take none (detached copies), which upstream's Dopt.zero_grad() would discard anyway.
         frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}

@@ -273,7 +273,7 @@ def test_supervised_and_mean_teacher_draw_the_same_labeled_batches(tiny_project)
     assert set(sup["unlabeled"]) == {None} and None not in mt["unlabeled"]
 
 
-@pytest.mark.parametrize("method", ["semi_agcl", "mean_teacher"])
+@pytest.mark.parametrize("method", ["semi_agcl", "mean_teacher", "sassnet"])
 def test_a_killed_run_drawing_from_method_streams_resumes_to_identical_weights(
         tiny_project, monkeypatch, method):
     prepare(tiny_project, "la")

@@ -110,13 +110,40 @@ def test_train_by_method_names_a_registered_method():
         check_config(config)
 
 
+@pytest.mark.parametrize("method", ["dtc", "sassnet"])
+def test_a_3d_only_method_needs_skip_methods_on_a_2d_dataset(method):
+    from agcl.config_checks import check_config
+    from agcl.recipe import resolve_recipe
+
+    config = load_config(PAPER)
+    config["methods"] = [*config["methods"], method]
+    with pytest.raises(ConfigError, match=rf"methods: {method} cannot train on acdc \(.*3D only"
+                                          rf".*add it to datasets.acdc.skip_methods"):
+        check_config(config)
+    with pytest.raises(ConfigError, match=f"{method} cannot train on crag .*3D only"):
+        resolve_recipe(config, "crag", method)  # agcl train refuses it too
+    for dataset in ("acdc", "crag"):
+        config["datasets"][dataset]["skip_methods"] = [method]
+    check_config(config)
+    assert {d for d, m, _, _ in expected_runs(config) if m == method} == {"la"}
+    config["datasets"]["acdc"]["skip_methods"] = [method, "supervised"]
+    with pytest.raises(ConfigError, match="skip_methods: 'supervised' is roles.lower_bound"):
+        check_config(config)
+    config["datasets"]["acdc"]["skip_methods"] = ["mean_teachr"]
+    with pytest.raises(ConfigError, match="skip_methods: 'mean_teachr' is not in methods"):
+        check_config(config)
+
+
 def test_cpu_study_is_acdc_every_method_between_the_bounds():
-    from agcl.methods.registry import list_methods
+    from agcl.data.specs import SPECS
+    from agcl.methods.registry import get_method, list_methods
 
     config = load_config(REPO_ROOT / "config" / "cpu_study.yaml")
     # at least 8 seeds: the seed is the unit of the statistics (a sign-flip test needs >= 6)
     assert list(config["datasets"]) == ["acdc"] and config["seeds"] == list(range(8))
-    assert set(config["methods"]) == set(list_methods())  # bcp included
+    # bcp included; the 3D-only methods (dtc, sassnet) cannot train on ACDC
+    assert set(config["methods"]) == {m for m in list_methods()
+                                      if not get_method(m).unsupported(SPECS["acdc"])}
     twins = {"supervised_ulp", "bcp_ulp"}  # the noise floor of the lower bound and of bcp
     runs = expected_runs(config)
     assert {(m, r) for _, m, r, _ in runs} == {*((m, "0.05") for m in [*config["methods"], *twins]),

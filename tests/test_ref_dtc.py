@@ -189,9 +189,7 @@ def test_consistency_reaches_both_heads_undetached():
 def test_a_2d_dataset_is_refused_with_a_clear_message(dataset):
     cls = get_method("dtc")
     spec = SPECS[dataset]
-    with pytest.raises(ValueError, match="dtc is 3D only"):
-        cls.net_name(spec)
-    problems = cls.check_recipe(cls.hparams_for(dataset), {}, spec)
-    assert len(problems) == 1 and "no reference ships a 2D DTC" in problems[0]
-    assert cls.check_recipe(cls.hparams_for("la"), {}, SPECS["la"]) == []
+    assert "dtc is 3D only" in cls.unsupported(spec)
+    assert "no reference ships a 2D DTC" in cls.unsupported(spec)
+    assert cls.unsupported(SPECS["la"]) is None
     assert cls.net_name(SPECS["la"]) == "vnet_sdf"
