@@ -38,15 +38,18 @@ def test_packaged_csv_loads_and_validates(published):
     assert list(published.columns) == COLUMNS
     # 15 LA + 13 ACDC + 1 ablation + 11 CRAG + 3 + 3 + 1 releases + 2 BCP (ACDC)
     # + 4 patch-similarity ablation rows (cosine, class confidence at 5 and 10 %)
-    assert len(published) == 53
+    # + issue 18's baselines: 20 Semi-AGCL rows (SASSNet, DTC, URPC on LA/ACDC/CRAG, SS-Net on
+    # CRAG), 1 SS-Net release (ACDC 7 labeled), 4 DTC README rows (LA 8 and 16 labeled)
+    assert len(published) == 78
     similarity = one(published, dataset="acdc", method="semi_agcl_cosine", ratio=0.1)
     assert (similarity["dice"], similarity["jaccard"], similarity["hd95"],
             similarity["asd"]) == (81.07, 70.35, 9.23, 6.77)
     assert set(published["dataset"]) == {"la", "acdc", "crag"}
     assert set(published["ratio"]) == {0.05, 0.1, 0.2, 1.0}
     counts = published.groupby("source").size()
-    assert counts["MC-Net+ released results"] == 3 and counts["SS-Net released results"] == 3
-    assert counts["UA-MT paper"] == 1 and counts["Semi-AGCL paper Table (CRAG)"] == 11
+    assert counts["MC-Net+ released results"] == 3
+    assert counts["UA-MT paper"] == 1 and counts["Semi-AGCL paper Table (CRAG)"] == 19
+    assert counts["DTC README"] == 4 and counts["SS-Net released results"] == 4
     assert counts["BCP paper (arXiv 2305.00673) Table (ACDC)"] == 2
     bcp = one(published, dataset="acdc", method="bcp", ratio=0.05)
     assert (bcp["dice"], bcp["jaccard"], bcp["hd95"], bcp["asd"]) == (87.59, 78.67, 1.90, 0.67)
@@ -98,6 +101,18 @@ def test_release_rows_mapped_to_ratios(published):
     assert ua["source"] == "UA-MT paper" and ua["dice"] == 88.88
 
 
+def test_the_new_baselines_rows(published):
+    dtc = one(published, dataset="la", method="dtc", ratio=0.05)
+    assert (dtc["dice"], dtc["jaccard"], dtc["hd95"], dtc["asd"]) == (81.25, 69.33, 14.90, 3.99)
+    urpc = one(published, dataset="acdc", method="urpc", ratio=0.1)
+    assert (urpc["dice"], urpc["jaccard"], urpc["hd95"], urpc["asd"]) == (83.11, 72.41, 4.84, 1.55)
+    assert "first value read as DTC" in urpc["note"]
+    ss = one(published, dataset="acdc", method="ss_net", ratio=0.1, source="SS-Net released results")
+    assert (ss["dice"], ss["jaccard"], ss["hd95"], ss["asd"]) == (86.78, 77.67, 6.07, 1.40)
+    sass = one(published, dataset="la", method="sassnet", ratio=0.1, source="DTC README")
+    assert (sass["dice"], sass["hd95"]) == (87.32, 9.62)  # README columns reordered: ASD after HD95
+
+
 def test_dice_jaccard_consistency_bound(published):
     checked = dice_jaccard_consistency(published)
     la10 = one(checked, dataset="la", method="semi_agcl", ratio=0.1)
@@ -108,7 +123,7 @@ def test_dice_jaccard_consistency_bound(published):
     assert ((bad["dataset"] == "la") & (bad["method"] == "semi_agcl") & (bad["ratio"] == 0.05)).any()
     # no release row (MC-Net+, SS-Net, UA-MT) fails the bound
     assert bad["source"].str.startswith("Semi-AGCL").all()
-    assert len(bad) == 12
+    assert len(bad) == 13  # 12 + CRAG SS-Net 10 % (83.40 with Jaccard 70.25)
 
 
 def hand_summary():
