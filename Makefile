@@ -1,6 +1,7 @@
 # Two entry points for a fresh Linux machine with Python 3.11 (no conda needed):
 #   make demo   set up .venv and run the whole Snakemake DAG on the CPU demo config
 #   make test   set up .venv and run the test suite
+#   make demo-baselines   the SS-Net, DTC, URPC and SASSNet baselines on the demo's data
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 CORES ?= 2
@@ -10,7 +11,7 @@ CORES ?= 2
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test lint clean-demo
+.PHONY: demo demo-baselines test lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,11 @@ demo: $(VENV)/.installed
 		--configfile config/demo.yaml
 	@echo "report: reports/demo/index.html   tables: results/demo/summary/"
 
+demo-baselines: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --profile profiles/cpu --workflow-profile none --cores $(CORES) \
+		--configfile config/demo.yaml config/demo_baselines.yaml
+	@echo "report: reports/demo_baselines/index.html   tables: results/demo_baselines/summary/"
+
 # The tests run under the reproducible CPU switches (agcl/numerics.py), as the demo does.
 REPRODUCIBLE_CPU_ENV = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
 
@@ -36,3 +42,4 @@ lint: $(VENV)/.installed
 
 clean-demo:
 	rm -rf resources/demo results/demo reports/demo logs/demo
+	rm -rf results/demo_baselines reports/demo_baselines logs/demo_baselines

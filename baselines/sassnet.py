@@ -1,5 +1,6 @@
-"""SASSNet (Li et al., MICCAI 2020): a signed-distance head with an adversarial shape prior, as
-kleinzcy/SASSnet code/train_gan_sdfloss.py (LA; lines cited below as train:N).
+"""SASSNet (Li et al., MICCAI 2020): a signed-distance V-Net with an adversarial shape prior (LA).
+
+Follows kleinzcy/SASSnet code/train_gan_sdfloss.py (lines cited below as train:N).
 
 The net (vnet_sdf: V-Net with a sigmoid segmentation channel and a tanh signed-distance channel)
 trains on the labeled scans with Dice on the sigmoid + beta * MSE(tanh, SDF of the label)

@@ -177,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "supervised" not in names:
         names = ["supervised", *names]  # the ratio's denominator
-    names = [*names, WHOLE_BATCH]
     spec = get_spec(args.dataset)
+    skipped = {n: get_method(n).unsupported(spec) for n in names if get_method(n).unsupported(spec)}
+    for name, reason in skipped.items():
+        print(f"# {name} skipped: {reason}")
+    names = [n for n in names if n not in skipped] + [WHOLE_BATCH]
     batch = synthetic_batch(args, spec.num_classes, spec.in_channels)
     timings = time_methods(names, args, batch)
     print(f"# dataset={args.dataset} device={args.device} amp={args.amp} width={args.width} "

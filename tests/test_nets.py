@@ -15,6 +15,10 @@ REFERENCE_COUNTS = {
     "unet": (1, 4, 1_813_764),
     "mcnet3d": (1, 2, 15_246_566),
     "mcnet2d": (1, 4, 3_210_924),
+    "vnet_sdf": (1, 2, 9_448_866),  # DTC's / SASSnet's vnet_sdf.VNet(n_classes=1)
+    "ssnet3d": (1, 2, 9_448_866),  # SS-Net's VNet without its heads (tests/test_ref_ss_net.py)
+    "urpc2d": (1, 4, 1_821_840),  # SSL4MIS UNet_URPC less its unused out_conv_dp4 (9,220)
+    "urpc3d": (1, 2, 5_884_504),  # SSL4MIS unet_3D_dv_semi
 }
 
 # Small widths and inputs so that every registered net runs a forward pass in well under a second.
@@ -23,9 +27,14 @@ SMALL = {
     "mcnet3d": ({"n_filters": 4}, (2, 1, 32, 32, 16), 2),
     "unet": ({"base_features": 4}, (2, 1, 32, 32), 4),
     "mcnet2d": ({"base_features": 4}, (2, 1, 32, 32), 4),
+    "vnet_sdf": ({"n_filters": 4}, (2, 1, 32, 32, 16), 2),
+    "ssnet3d": ({"n_filters": 4}, (2, 1, 32, 32, 16), 2),
+    "urpc2d": ({"base_features": 4}, (2, 1, 32, 32), 4),
+    "urpc3d": ({"n_filters": 4}, (2, 1, 32, 32, 16), 2),
 }
 EXPECTED_LAYOUT = {  # name -> (spatial_dims, num_decoders)
     "vnet": (3, 1), "mcnet3d": (3, 3), "unet": (2, 1), "mcnet2d": (2, 3),
+    "vnet_sdf": (3, 1), "ssnet3d": (3, 1), "urpc2d": (2, 4), "urpc3d": (3, 4),
 }
 
 
@@ -76,7 +85,8 @@ def test_forward_interface_shapes(name):
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_forward_all_reaches_every_parameter(name):
     net, x, _ = small_net(name)
-    sum(out.sum() for out in net.forward_all(x)).backward()
+    outputs = [*net.forward_all(x), *(net.forward_sdf(x) if hasattr(net, "forward_sdf") else ())]
+    sum(out.sum() for out in outputs).backward()
     unused = [n for n, p in net.named_parameters() if p.grad is None]
     assert unused == []
 
@@ -121,7 +131,7 @@ def test_input_with_wrong_channels_or_dims_is_rejected():
 
 
 def test_unknown_net_lists_known_names():
-    with pytest.raises(KeyError, match="unknown net 'vnett'.*mcnet2d, mcnet3d, unet, vnet"):
+    with pytest.raises(KeyError, match="unknown net 'vnett'.*mcnet2d, mcnet3d, ssnet3d, unet, urpc2d, urpc3d, vnet, vnet_sdf"):
         build("vnett", 1, 2)
 
 

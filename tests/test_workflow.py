@@ -210,8 +210,9 @@ def test_label_efficiency_overlay_plans_five_ratios(tmp_path):
     assert out.returncode == 0, text
     config = load_config(*files)
     train_jobs = [line for line in text.splitlines() if "agcl train " in line]
-    # 3 datasets x (6 methods x 5 ratios + the 100 % supervised bound) x 3 seeds
-    assert len(train_jobs) == len(expected_runs(config)) == 3 * (6 * 5 + 1) * 3
+    # (10 methods on LA, 8 on ACDC and CRAG: dtc and sassnet are 3D only) x 5 ratios, + the 100 %
+    # supervised bound on each dataset, x 3 seeds
+    assert len(train_jobs) == len(expected_runs(config)) == ((10 + 8 + 8) * 5 + 3) * 3
     assert {line.split("--labels ")[1].split()[0] for line in train_jobs} == {
         "0.01", "0.03", "0.05", "0.1", "0.2", "1"}
     assert all("results/label_efficiency/runs/" in line for line in train_jobs)
