@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 if method not in config["methods"]:
                     print(f"# {method} is not in {args.config}'s methods: skipped")
                     continue
+                if method in config["datasets"][dataset].get("skip_methods", []):
+                    print(f"# {method} is in datasets.{dataset}.skip_methods: skipped")
+                    continue
                 recipe = resolve_recipe(config, dataset, method)
                 measured = measure(config, dataset, method, recipe, args.warmup, args.steps,
                                    workdir)
