@@ -61,7 +61,7 @@ from agcl.nets.ssnet import SSNetHeads
 DICE_FORMS = ("linear", "batch_squared")
 
 
-def binary_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def linear_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """1 - (2 sum(p t) + eps) / (sum p + sum t + eps) over every element (losses.py:44-48)."""
     target = target.to(probs.dtype)
     return 1 - (2 * torch.sum(probs * target) + eps) / (torch.sum(probs) + torch.sum(target) + eps)
@@ -85,7 +85,7 @@ def supervised_dice(probs: torch.Tensor, labels: torch.Tensor, form: str) -> tor
     """train_ss_3d.py:159 Binary_dice_loss(p[:, 1], y == 1) ("linear"), train_ss_2d.py:161
     DiceLoss(4)(p, y) ("batch_squared": per class over the batch, smooth 1e-10, background in)."""
     if form == "linear":
-        return binary_dice_loss(probs[:, 1], labels == 1)
+        return linear_dice_loss(probs[:, 1], labels == 1)
     return dice_batch_squared(probs, labels)
 
 
@@ -93,7 +93,7 @@ def vat_distance(probs: torch.Tensor, target: torch.Tensor, form: str) -> torch.
     """VAT3d's Binary_dice_loss over the whole (B, C, ...) tensors ("linear", losses.py:131),
     VAT2d's softDiceLoss ("batch_squared", losses.py:99)."""
     if form == "linear":
-        return binary_dice_loss(probs, target)
+        return linear_dice_loss(probs, target)
     return class_mean_soft_dice_loss(probs, target)
 
 
