@@ -287,3 +287,86 @@ def test_deterministic_kernels_by_default_on_the_cpu_and_autotuning_on_cuda(tiny
                    progress=False, overrides={"train.iterations": 1}).run()
     assert meta["deterministic"] is True and meta["data_on"] == "host"
     assert torch.are_deterministic_algorithms_enabled()
+
+
+class _TwoOptimisers(torch.nn.Module):
+    """A toy method: the main loss trains `main`, an auxiliary update trains `aux` on its own
+    loss (NaN on request), as SASSNet's discriminator beside its net."""
+
+    def __init__(self, aux_nan: bool = False):
+        super().__init__()
+        self.main, self.aux = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        self.aux_nan = aux_nan
+        self.order = []
+
+    def trainable_parameters(self):
+        return self.main.parameters()
+
+    def auxiliary_updates(self):
+        from agcl.methods.base import AuxiliaryUpdate
+
+        return [AuxiliaryUpdate("critic", tuple(self.aux.parameters()), "adam", lr=0.1)]
+
+    def train_step(self, batch, step):
+        self.order.append("main")
+        return self.main(batch.x_labeled).pow(2).mean(), {}
+
+    def auxiliary_step(self, name, batch, step):
+        self.order.append(name)
+        loss = self.aux(batch.x_labeled).pow(2).mean()
+        return (loss * float("nan") if self.aux_nan else loss), {"critic_term": loss.detach()}
+
+    def after_optimizer_step(self, step):
+        self.order.append("after")
+
+
+@pytest.mark.parametrize("aux_nan", [False, True])
+def test_auxiliary_update_steps_its_own_parameters_after_the_main_update(aux_nan):
+    from agcl.engine.optimizers import auxiliary_optimizers, main_optimizer
+    from agcl.engine.state import TrainingState
+    from agcl.engine.update import NonFiniteError, Updater
+    from agcl.methods.base import Batch
+
+    torch.manual_seed(0)
+    method = _TwoOptimisers(aux_nan)
+    method.name = "toy"
+    auxiliary = auxiliary_optimizers(method)
+    assert isinstance(auxiliary["critic"][1], torch.optim.Adam)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    update = Updater(method, main_optimizer(method, {"lr": 0.1, "momentum": 0.0,
+                                                     "weight_decay": 0.0}),
+                     torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                     amp_dtype=None, nonfinite="skip", max_consecutive_skips=3, where="toy",
+                     auxiliary=auxiliary)
+    batch = Batch(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), None)
+    state = TrainingState()
+    _, _, logs, skipped = update(method, batch, {"lr": 0.1, "schedule": "constant"}, 0, 1, state)
+    assert method.order == ["main", "after", "critic"] and not skipped
+    after = method.state_dict()
+    assert not torch.equal(after["main.weight"], before["main.weight"])
+    # the main SGD never touches the auxiliary parameters: they move only by their own Adam
+    assert torch.equal(after["aux.weight"], before["aux.weight"]) == aux_nan
+    assert "loss_critic" in logs and "critic_term" in logs
+    assert state.skipped == int(aux_nan)
+    if aux_nan:
+        stop = Updater(method, update.optimizer, update.scaler, device=torch.device("cpu"),
+                       amp_dtype=None, nonfinite="stop", max_consecutive_skips=3, where="toy",
+                       auxiliary=auxiliary)
+        with pytest.raises(NonFiniteError, match="auxiliary update critic: the loss is nan"):
+            stop(method, batch, {"lr": 0.1, "schedule": "constant"}, 1, 2, state)
+
+
+def test_an_auxiliary_update_must_own_parameters_no_other_optimiser_updates():
+    from agcl.engine.optimizers import auxiliary_optimizers
+    from agcl.methods.base import AuxiliaryUpdate
+
+    method = _TwoOptimisers()
+    method.name = "toy"
+    method.auxiliary_updates = lambda: [AuxiliaryUpdate("critic", tuple(method.main.parameters()),
+                                                        "adam", lr=0.1)]
+    with pytest.raises(ValueError, match="toy: auxiliary update 'critic' must own parameters"):
+        auxiliary_optimizers(method)
+    method.auxiliary_updates = lambda: [AuxiliaryUpdate("critic", tuple(method.aux.parameters()),
+                                                        "rmsprop", lr=0.1)]
+    with pytest.raises(ValueError, match="optimizer 'rmsprop', expected one of adam, sgd"):
+        auxiliary_optimizers(method)
