@@ -72,13 +72,14 @@ def check_config(config: dict, source: str = "<config>") -> None:
                      if name in skipped]
         base_of = {m: variants[m]["method"] if m in variants else m for m in config["methods"]
                    if m not in skipped}
+        bases = []  # the registered methods that train on this dataset
         for name, base in base_of.items():
             reason = methods[base].unsupported(spec) if base in methods else None
             if reason:
                 problems.append(f"methods: {name} cannot train on {dataset} ({reason}): add it "
                                 f"to datasets.{dataset}.skip_methods, or remove {dataset}")
-        bases = [base for base in base_of.values()
-                 if base in methods and not methods[base].unsupported(spec)]
+            elif base in methods:
+                bases.append(base)
         nets = sorted({methods[m].net_name(spec) for m in bases})
         for net in nets:
             try:

@@ -82,8 +82,8 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     spec = get_spec(dataset)
     dcfg = dataset_config(config, dataset)
     overrides = dict(overrides or {})
-    # The registry's checks for this one run: this method on this dataset (the DAG build checks
-    # the whole grid, skip_methods included).
+    # The registry's checks for this one run: this method on this dataset, which it must support
+    # (the DAG build checks the whole grid, skip_methods included).
     check_config({**config, "methods": [method],
                   "datasets": {dataset: {**config["datasets"][dataset], "skip_methods": []}}},
                  source="config")
@@ -107,8 +107,7 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
         stages = [dataclasses.replace(s, iterations=min(s.iterations, smoke)) for s in stages]
     for stage in stages:
         positive_iterations(stage.iterations, f"{method}: iterations of stage '{stage.name}'")
-    unsupported = method_cls.unsupported(spec)
-    problems = [unsupported] if unsupported else method_cls.check_recipe(hparams, train_cfg, spec)
+    problems = method_cls.check_recipe(hparams, train_cfg, spec)
     if problems:
         raise ConfigError(f"datasets.{dataset}: {method}: " + "; ".join(problems))
     eval_patch, eval_stride = eval_window(dcfg["eval"], train_cfg["patch"])

@@ -24,10 +24,7 @@ class SSNetVNetDecoder(VNetDecoder):
     """VNetDecoder whose features are the dropped-out map the output conv reads."""
 
     def forward(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = skips[-1]
-        for up, stage, skip in zip(self.ups, self.stages, reversed(skips[:-1])):
-            x = stage(up(x) + skip)
-        x = self.dropout(x)  # VNet.py:234-237: the embedding is taken after the dropout
+        x = self.dropout(self.features(skips))  # VNet.py:234-237: the embedding after dropout
         return self.out_conv(x), x
 
 
