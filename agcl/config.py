@@ -70,7 +70,7 @@ def config_rules(config: dict, source: str = "<config>") -> dict:
                               f"configure (configured: {', '.join(config['datasets'])})")
         config["datasets"] = {d: config["datasets"][d] for d in config["run_datasets"]}
     problems = [f"noise_floor.methods: '{m}' is not in methods ({', '.join(config['methods'])}); "
-                "a noise floor retrains a method of the grid"
+                "a run-to-run twin retrains a method of the grid"
                 for m in config["noise_floor"].get("methods", []) if m not in config["methods"]]
     taken = set(config["methods"]) | set(config["variants"])
     problems += [f"noise_floor: the twin name '{t}' is already a method or variant name"
@@ -241,7 +241,7 @@ NOISE_TWIN_SUFFIX = "_ulp"
 
 
 def noise_twins(config: dict) -> dict[str, str]:
-    """{twin name: method} of the noise floor (config `noise_floor.methods`): the twin is the
+    """{twin name: method} of the run-to-run twins (config `noise_floor.methods`): the twin is the
     method trained again, same seed and recipe, with its initial weights moved by one ulp."""
     return {f"{m}{NOISE_TWIN_SUFFIX}": m for m in config.get("noise_floor", {}).get("methods", [])}
 

@@ -19,7 +19,7 @@ from tests.test_report import fake_metrics, fixture_config, write_evaluated_run
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_TABLES = ("per_case", "runs", "summary", "missing", "case_means", "stats",
-                  "noise_floor", "published")
+                  "run_to_run", "published")
 
 
 def installed_copy(tmp_path: Path) -> Path:

@@ -1,5 +1,5 @@
-"""The measured noise floor (config `noise_floor`): each named method is trained again at every
-ratio and seed with its initial weights one ulp away, as the twin `<method>_ulp`."""
+"""Run-to-run twins (config `noise_floor`, its historical name): each named method is trained
+again at every ratio and seed with its initial weights one ulp away, as the twin `<method>_ulp`."""
 
 from __future__ import annotations
 

@@ -105,7 +105,8 @@ def test_aggregate_tables_from_per_case_records(fixture_grid):
     assert dice_vs_agcl["mean_diff"] < 0  # the fixture's semi_agcl is better
     # two seeds: neither a seed-level test nor a CI, and the note says why
     assert math.isnan(dice_vs_agcl["p_value"]) and math.isnan(dice_vs_agcl["ci_low"])
-    assert "2 seed(s) < 6: no test" in dice_vs_agcl["note"]
+    assert "2 seed(s) < 3: no interval and no test" in dice_vs_agcl["note"]
+    assert dice_vs_agcl["verdict"] == "no interval"
     # at 10 % semi_agcl has seed 0 only: the comparison pairs that seed
     at_10 = stats[(stats.reference == "supervised") & (stats.ratio == 0.1)].iloc[0]
     assert at_10["n_seeds"] == 1 and "seed(s) 1 present for one method only" in at_10["note"]
@@ -126,9 +127,11 @@ def test_report_renders_every_section_with_a_partial_grid(fixture_grid):
     # efficiency, per case, training, forest plot (no anchors logged: no Semi-AGCL curves)
     assert html.count("data:image/png;base64,") == 4 and 'id="forest-plot"' in html
     assert 'id="agcl-training"' not in html
-    assert 'id="no-noise-floor"' in html and 'id="noise-table"' not in html
+    assert 'id="no-run-to-run"' in html and 'id="run-to-run-table"' not in html
+    assert 'id="families-table"' in html and "float noise" not in html
     # the notes every comparison shares are written once, above the table, not on each row
-    assert html.count("2 seed(s) &lt; 6: no test") == 1 and 'id="stats-shared-notes"' in html
+    assert html.count("2 seed(s) &lt; 3: no interval and no test") == 1
+    assert 'id="stats-shared-notes"' in html
     assert html.count("trained in bf16 autocast") >= 2  # main table and statistics
     assert "BCP paper&#39;s LA table is not in the material" in html
     assert "1 run(s) of the grid are not counted in any table" in html
@@ -189,11 +192,11 @@ def test_report_opens_in_a_headless_browser(fixture_grid, tmp_path):
     for table in tables:
         assert table["width"] <= 1400 - 32, table
         assert max(table["row_heights"]) <= 1.6 * min(table["row_heights"][2:]), table
-    # the statistics table too: one line per comparison, Dice and HD95 side by side
+    # the statistics table too: one line per comparison and metric (2 label ratios x Dice, HD95)
     stats = json.loads(re.search(r'data-stats-table="([^"]*)"', dom).group(1)
                        .replace("&quot;", '"'))
-    assert stats["width"] <= 1400 - 32 and len(stats["row_heights"]) == 2 + 2, stats
-    assert max(stats["row_heights"][2:]) <= 1.6 * min(stats["row_heights"][2:]), stats
+    assert stats["width"] <= 1400 - 32 and len(stats["row_heights"]) == 1 + 4, stats
+    assert max(stats["row_heights"][1:]) <= 1.6 * min(stats["row_heights"][1:]), stats
 
 
 PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
@@ -210,9 +213,10 @@ PROBE_SCRIPT = """<script>window.addEventListener("load", () => {
 });</script>"""
 
 
-def test_noise_floor_twins_and_semi_agcl_curves(tmp_path, monkeypatch):
-    """A twin of supervised whose per-seed Dice moves by +1e-4 (seed 0) and -3e-4 (seed 1): the
-    noise floor has those differences; the twin is in no method table or comparison."""
+def test_run_to_run_twins_and_semi_agcl_curves(tmp_path, monkeypatch):
+    """A twin of supervised whose per-seed Dice moves by +1e-4 (seed 0) and -3e-4 (seed 1):
+    run_to_run.csv has those differences on the per-seed scale and the share of supervised's
+    seed-to-seed variance they explain; the twin is in no method table or comparison."""
     monkeypatch.chdir(tmp_path)
     config = fixture_config()
     config["noise_floor"] = {"methods": ["supervised"]}
@@ -235,11 +239,17 @@ def test_noise_floor_twins_and_semi_agcl_curves(tmp_path, monkeypatch):
             pd.DataFrame(log).to_csv(run / "train_log.csv", index=False)
     aggregate(config)
     tables = layout.results / "summary"
-    noise = pd.read_csv(tables / "noise_floor.csv")
-    dice = noise[noise.metric == "dice"].iloc[0]
+    spread = pd.read_csv(tables / "run_to_run.csv")
+    dice = spread[spread.metric == "dice"].iloc[0]
     assert (dice["twin"], dice["method"], dice["n_seeds"]) == ("supervised_ulp", "supervised", 2)
-    assert dice["max_abs_diff"] == pytest.approx(3e-4, rel=1e-6)
-    assert dice["rms_diff"] == pytest.approx(math.sqrt((1e-8 + 9e-8) / 2), rel=1e-6)
+    rms = math.sqrt((1e-8 + 9e-8) / 2)
+    assert dice["rms_diff"] == pytest.approx(rms, rel=1e-6)
+    assert dice["se_of_mean"] == pytest.approx(rms / math.sqrt(2), rel=1e-6)
+    per_case = pd.read_csv(tables / "per_case.csv")
+    own = per_case[(per_case.method == "supervised") & (per_case["class"] != 0)]
+    seed_sd = own.groupby(["seed", "case"])["dice"].mean().groupby("seed").mean().std()
+    assert dice["seed_sd"] == pytest.approx(seed_sd, rel=1e-6)
+    assert dice["chaos_share"] == pytest.approx(min(1.0, rms ** 2 / 2 / seed_sd ** 2), rel=1e-6)
     stats = pd.read_csv(tables / "stats.csv")
     assert "supervised_ulp" not in set(stats["method"]) | set(stats["reference"])
     for name in ("summary", "case_means"):
@@ -247,59 +257,66 @@ def test_noise_floor_twins_and_semi_agcl_curves(tmp_path, monkeypatch):
     runs = pd.read_csv(tables / "runs.csv")
     assert runs.loc[runs.method == "supervised_ulp", "noise_twin_of"].eq("supervised").all()
     html = render_report(config).read_text()
-    assert 'id="noise-table"' in html and "supervised_ulp − supervised" in html
-    assert "0.03" in html  # max |diff| of Dice in points: 100 * 3e-4
+    assert 'id="run-to-run-table"' in html and "supervised_ulp − supervised" in html
+    assert f"{100 * rms:.2f}" in html  # RMS per seed of Dice in points
+    assert "float noise" not in html and "noise floor" not in html.lower()
     assert 'id="agcl-training"' in html and html.count("data:image/png;base64,") == 5
     # one bf16 and one fp32 run per method: the tables say the precision is mixed
     assert "mixed: bf16 autocast (2 runs), fp32 (no autocast) (2 runs)" in html
-    assert "supervised_ulp" not in html.split('id="noise-floor"')[0]  # nowhere before it
+    assert "supervised_ulp" not in html.split('id="run-to-run"')[0]  # nowhere before it
 
 
-def test_stats_view_one_row_per_comparison_with_shared_notes():
+def test_stats_view_one_row_per_comparison_and_metric_with_shared_notes():
     from agcl.report.render import stats_view
 
     def rec(reference, method, metric, diff, note, low=np.nan, high=np.nan, p=np.nan):
         return {"dataset": "la", "ratio": 0.05, "reference": reference, "method": method,
-                "metric": metric, "n_seeds": 2, "mean_diff": diff, "ci_low": low,
-                "ci_high": high, "p_holm": p, "note": note}
+                "metric": metric, "n_seeds": 6, "mean_diff": diff, "ci_low": low,
+                "ci_high": high, "p_holm": p, "note": note, "interval": "sign-flip inversion "
+                "(exact)", "np_low": np.nan, "np_high": np.nan, "seeds_won": "5/6",
+                "delta": 1.5, "median_case_diff": diff / 2, "verdict": "x"}
 
-    few = "2 seed(s) < 6: no test (smallest attainable p 2/2^2 = 0.5 > 0.05)"
+    shared = "1 case(s) undefined or not evaluated in some seed: left out"
     stats = pd.DataFrame([
-        rec("supervised", "semi_agcl", "dice", 0.0123, few, 0.001, 0.02, 0.03),
-        rec("supervised", "semi_agcl", "hd95", -1.5, f"{few}; 1 case(s) present for one "
-            "method only: left out"),
-        rec("supervised", "bcp", "dice", 0.004, few), rec("supervised", "bcp", "hd95", 0.2, few),
-        rec("semi_agcl", "supervised", "dice", -0.0123, few),  # the mirror: not shown again
-        rec("semi_agcl", "supervised", "hd95", 1.5, few),
+        rec("supervised", "semi_agcl", "dice", 0.0123, shared, 0.001, 0.02, 0.03),
+        rec("supervised", "semi_agcl", "hd95", -1.5, f"{shared}; 1 case(s) present for one "
+            "method only: left out", 0.5, 2.0, 0.2),
+        rec("supervised", "bcp", "dice", 0.004, shared, -0.01, 0.02, 0.5),
+        rec("supervised", "bcp", "hd95", 0.2, shared),
+        rec("semi_agcl", "supervised", "dice", -0.0123, shared),  # the mirror: not shown again
+        rec("semi_agcl", "supervised", "hd95", 1.5, shared),
     ])
     view = stats_view(stats, ["la"], ["supervised", "bcp", "semi_agcl"])
-    assert [r["comparison"] for r in view["rows"]] == ["bcp − supervised",
-                                                       "semi_agcl − supervised"]
-    assert view["shared_notes"] == [few]  # once, not on each row
-    agcl = view["rows"][1]
-    assert agcl["cells"][0] == {"diff": "+1.23", "ci": "[+0.10, +2.00]", "p": "0.030",
-                                "significant": True}  # Dice in percentage points
-    assert agcl["cells"][1]["diff"] == "−1.50" and agcl["cells"][1]["ci"] == "–"
-    assert agcl["note"] == "HD95: 1 case(s) present for one method only: left out"
-    assert view["rows"][0]["note"] == "" and view["rows"][0]["span"] == 2
-    assert agcl["span"] == 0 and agcl["seeds"] == "2"
+    assert [(r["comparison"], r["metric"]) for r in view["rows"]] == [
+        ("bcp − supervised", "DSC (points)"), ("bcp − supervised", "HD95"),
+        ("semi_agcl − supervised", "DSC (points)"), ("semi_agcl − supervised", "HD95")]
+    assert view["shared_notes"] == [shared]  # once, not on each row
+    agcl_dice, agcl_hd95 = view["rows"][2], view["rows"][3]
+    assert (agcl_dice["diff"], agcl_dice["ci"], agcl_dice["p"], agcl_dice["mark"]) == (
+        "+1.23", "[+0.10, +2.00]", "0.030", "holm")  # Dice in percentage points
+    assert agcl_dice["procedure"] == "sign-flip" and agcl_dice["median_case"] == ""
+    # the bar clears 0 but Holm does not reject: marked as such, never as significant
+    assert agcl_hd95["mark"] == "unadjusted" and agcl_hd95["median_case"] == "−0.75"
+    assert view["rows"][0]["mark"] == "none" and view["rows"][1]["ci"] == "–"
+    assert agcl_hd95["note"] == "1 case(s) present for one method only: left out"
+    assert view["footnotes"] == [agcl_hd95["note"]] and agcl_hd95["mark_note"] == 1
+    assert view["rows"][0]["span"] == 4 and agcl_dice["span"] == 0
 
 
-def test_noise_band_and_forest_plot_inputs():
+def test_forest_plot_inputs():
     from agcl.report.forest import forest_plot
-    from agcl.report.noise import noise_band
 
-    noise = pd.DataFrame({"dataset": ["la", "la", "la"], "ratio": [0.05, 0.05, 0.05],
-                          "metric": ["dice", "dice", "hd95"], "max_abs_diff": [2e-4, 5e-4, np.nan]})
-    # the widest pair sets the band; a metric without a finite value has none
-    assert noise_band(noise) == {("la", 0.05, "dice"): 5e-4}
-    assert noise_band(noise.iloc[:0]) == {}
-    assert forest_plot(pd.DataFrame(), noise, ["la"]) is None
+    spread = pd.DataFrame([{"dataset": "la", "ratio": 0.05, "twin": "supervised_ulp",
+                            "method": "supervised", "metric": "dice",
+                            "seed_diffs": "0:0.01;1:-0.02"}])
+    assert forest_plot(pd.DataFrame(), spread, ["la"]) is None
     stats = pd.DataFrame([{"dataset": "la", "ratio": 0.05, "reference": "supervised",
-                           "method": "semi_agcl", "metric": "dice", "mean_diff": 0.01,
+                           "method": "semi_agcl", "metric": metric, "mean_diff": 0.01,
                            "ci_low": np.nan, "ci_high": np.nan, "p_holm": np.nan,
-                           "seed_diffs": "0:0.02;1:0"}])
-    assert len(forest_plot(stats, noise, ["la", "acdc"])) > 1000  # a PNG, no CI needed
+                           "np_low": np.nan, "np_high": np.nan, "seed_diffs": "0:0.02;1:0"}
+                          for metric in ("dice", "hd95")])
+    assert len(forest_plot(stats, spread, ["la", "acdc"])) > 1000  # a PNG, no CI needed
+    assert len(forest_plot(stats, spread.iloc[:0], ["la"])) > 1000
 
 
 def test_the_configs_roles_set_the_reports_references(tmp_path, monkeypatch):

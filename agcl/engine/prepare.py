@@ -74,7 +74,7 @@ def prepare(trainer) -> PreparedRun:
 @torch.no_grad()
 def perturb_one_ulp(module: torch.nn.Module) -> None:
     """Move every floating-point parameter (student, teacher, heads) one ulp towards +inf: the
-    noise floor's perturbation, nothing in expectation, yet enough for a small run to diverge
+    run-to-run twins' perturbation, nothing in expectation, yet enough for a small run to diverge
     chaotically from its unperturbed twin."""
     for p in module.parameters():
         if p.is_floating_point():

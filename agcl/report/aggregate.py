@@ -4,9 +4,9 @@ A run counts only when its finished model, run.json and metrics.json belong toge
 value it contributes is finite; any other run is listed in missing.csv with the reason, and the
 summary says how many of the expected seeds each mean is over.
 
-Noise-floor twins (agcl.config.noise_twins) are not methods: per_case and runs keep their rows,
-flagged in `noise_twin_of` (the method they twin; empty for an ordinary run), while summary,
-case_means and stats leave them out; noise_floor.csv holds their differences.
+Run-to-run twins (config noise_floor, agcl.config.noise_twins) are not methods: per_case and runs
+keep their rows, flagged in `noise_twin_of` (the method they twin; empty for an ordinary run),
+while summary, case_means and stats leave them out; run_to_run.csv holds their differences.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 from agcl.config import Layout, comparison_references, expected_runs, noise_twins
 from agcl.eval.evaluate import METRICS as METRIC_NAMES
 from agcl.eval.evaluate import aggregated_value
-from agcl.report.noise import noise_floor
+from agcl.report.noise import run_to_run
 from agcl.report.published import compare_with_published
 from agcl.report.stats import case_means, paired_comparisons
 from agcl.runfolder import METRICS_JSON, RunFolder
@@ -129,10 +129,10 @@ def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path 
     """Write the tables every later step (and every user) reads, all computed from per-case rows:
     per_case, runs, summary (mean +- std over seeds), missing, case_means (per case, mean over
     classes then seeds), stats (paired tests against the config's method of interest and its
-    lower bound, config `roles`),
-    noise_floor (twin - method per seed; empty without noise_floor.methods) and published (ours
+    lower bound, config `roles`; smallest effects from config `stats`),
+    run_to_run (twin - method per seed; empty without noise_floor.methods) and published (ours
     beside the published numbers). Twins are left out of all but per_case, runs and
-    noise_floor."""
+    run_to_run."""
     out_dir = Path(out_dir) if out_dir else Layout(config, root).results / "summary"
     cases, runs, missing = collect(config, root)
     methods_cases, methods_runs = methods_only(cases), methods_only(runs)
@@ -140,10 +140,12 @@ def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path 
     tables = {"per_case": cases, "runs": runs, "summary": summary, "missing": missing,
               "case_means": case_means(methods_cases) if not methods_cases.empty
               else pd.DataFrame(),
-              "stats": paired_comparisons(methods_cases, comparison_references(config))
+              "stats": paired_comparisons(
+                  methods_cases, comparison_references(config),
+                  smallest_effect=config.get("stats", {}).get("smallest_effect"))
               if not methods_cases.empty
               else pd.DataFrame(),
-              "noise_floor": noise_floor(cases, noise_twins(config)),
+              "run_to_run": run_to_run(cases, noise_twins(config)),
               "published": compare_with_published(summary)}
     for name, frame in tables.items():
         _write_csv(frame, out_dir / f"{name}.csv")

@@ -19,11 +19,13 @@ from agcl.config import Layout, default_roles, expected_runs, noise_twins, roles
 from agcl.report import figures
 from agcl.report.aggregate import methods_only
 from agcl.report.forest import forest_plot
+from agcl.report.intervals import seeds_needed, smallest_attainable_p_holm
 from agcl.report.published import (
     dice_jaccard_consistency,
     load_published,
     load_published_compute,
 )
+from agcl.report.stats import mark
 from agcl.runfolder import LOG_CSV
 from agcl.utils import code_version, write_text
 
@@ -222,65 +224,74 @@ def _p_text(p) -> str:
     return "–" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
-SEED_COUNT_NOTE = re.compile(r"\d+ seed\(s\) < \d+: |CI over \d+ seeds: approximate")
+SEED_COUNT_NOTE = re.compile(r"\d+ seed\(s\) < \d+: |no new-patients interval")
 STATS_METRICS = {"dice": ("DSC (points)", 100.0), "hd95": ("HD95", 1.0)}
+INTERVAL_TEXT = {"sign-flip inversion (exact)": "sign-flip",
+                 "sign-flip inversion (Monte Carlo)": "sign-flip (MC)",
+                 "t over per-seed means (assumes normal per-seed means)": "t"}
+
+
+def _interval_text(low, high, scale: float) -> str:
+    return "–" if pd.isna(low) or pd.isna(high) else \
+        f"[{_signed(low, scale)}, {_signed(high, scale)}]"
 
 
 def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | None = None,
                roles: dict | None = None) -> dict:
-    """The compact statistics table: one row per comparison with Dice and HD95 side by side
-    (mean difference, CI, Holm p; Dice in percentage points), notes every row shares written once
-    (`shared_notes`), a row's own notes beside it (prefixed with the metric when only one has
-    it). Of a pair compared both ways only the first in method order is shown."""
-    view = {"rows": [], "shared_notes": [], "metrics": [t for t, _ in STATS_METRICS.values()]}
+    """The statistics table: one row per comparison and metric (Dice in percentage points):
+    mean difference, the primary interval on this test set with its procedure, Holm's p, the
+    new-patients interval, seeds won, delta, the median per-case difference and the verdict;
+    notes every row shares written once (`shared_notes`), a row's own notes beside it. Of a pair
+    compared both ways only the first in method order is shown."""
+    view = {"rows": [], "shared_notes": [], "footnotes": []}
     if stats.empty:
         return view
     shown = stats[stats["metric"].isin(STATS_METRICS)]
     rank = _method_rank(methods, roles)
     where = {d: i for i, d in enumerate(datasets)}
-    keys = sorted({(d, r, ref, m) for d, r, ref, m in
-                   shown[["dataset", "ratio", "reference", "method"]].itertuples(index=False)},
-                  key=lambda k: (where.get(k[0], len(where)), k[1], *rank(k[2]), *rank(k[3])))
-    indexed = shown.set_index(["dataset", "ratio", "reference", "method", "metric"]).sort_index()
-    rows, row_notes, seen = [], [], set()
-    for dataset, ratio, reference, method in keys:
-        pair = (dataset, ratio, frozenset((reference, method)))
-        if pair in seen:  # b − a is a − b negated (same CI mirrored, same p): shown once
-            continue
-        seen.add(pair)
-        cells, notes, seeds = [], {}, set()
-        for metric, (_, scale) in STATS_METRICS.items():
-            key = (dataset, ratio, reference, method, metric)
-            if key not in indexed.index:
-                cells.append({"diff": "–", "ci": "", "p": "–", "significant": False})
-                continue
-            rec = indexed.loc[key]
-            rec = rec.iloc[0] if isinstance(rec, pd.DataFrame) else rec
-            seeds.add(int(rec["n_seeds"]))
-            ci = ("–" if pd.isna(rec["ci_low"]) else
-                  f"[{_signed(rec['ci_low'], scale)}, {_signed(rec['ci_high'], scale)}]")
-            cells.append({"diff": _signed(rec["mean_diff"], scale), "ci": ci,
-                          "p": _p_text(rec["p_holm"]),
-                          "significant": not pd.isna(rec["p_holm"]) and rec["p_holm"] < 0.05})
-            for note in (rec["note"].split("; ") if isinstance(rec["note"], str) else []):
-                notes.setdefault(note, []).append(STATS_METRICS[metric][0])
-        rows.append({"dataset": dataset, "labels": f"{100 * ratio:g}%",
-                     "comparison": f"{method} − {reference}",
-                     "seeds": " / ".join(map(str, sorted(seeds))) or "–", "cells": cells})
-        row_notes.append(notes)
-    # Notes that only restate a row's seed count (no test / no CI / approximate CI) follow from
-    # the seeds column: each is written once above the table, as are notes every row has.
+    order = {m: i for i, m in enumerate(STATS_METRICS)}
+    records = sorted(shown.to_dict("records"), key=lambda r: (
+        where.get(r["dataset"], len(where)), r["ratio"], *rank(r["reference"]),
+        *rank(r["method"]), order[r["metric"]]))
+    rows, row_notes, seen = [], [], {}
+    for rec in records:
+        pair = (rec["dataset"], rec["ratio"], frozenset((rec["reference"], rec["method"])))
+        first = seen.setdefault(pair, (rec["reference"], rec["method"]))
+        if first != (rec["reference"], rec["method"]):
+            continue  # b − a is a − b negated (mirrored intervals, same p): shown once
+        title, scale = STATS_METRICS[rec["metric"]]
+        state = mark(rec["p_holm"], rec["ci_low"], rec["ci_high"])
+        rows.append({
+            "dataset": rec["dataset"], "labels": f"{100 * rec['ratio']:g}%",
+            "comparison": f"{rec['method']} − {rec['reference']}", "metric": title,
+            "seeds": int(rec["n_seeds"]), "diff": _signed(rec["mean_diff"], scale),
+            "ci": _interval_text(rec["ci_low"], rec["ci_high"], scale),
+            "procedure": INTERVAL_TEXT.get(rec.get("interval"), "")
+            if isinstance(rec.get("interval"), str) else "",
+            "p": _p_text(rec["p_holm"]), "mark": state,
+            "new": _interval_text(rec.get("np_low"), rec.get("np_high"), scale),
+            "won": rec.get("seeds_won") if isinstance(rec.get("seeds_won"), str) else "–",
+            "delta": _num(rec.get("delta")),
+            "median_case": _signed(rec.get("median_case_diff"), scale)
+            if rec["metric"] == "hd95" else "",
+            "verdict": rec.get("verdict") if isinstance(rec.get("verdict"), str) else "",
+        })
+        row_notes.append([n for n in (rec["note"].split("; ") if isinstance(rec["note"], str)
+                                      else []) if n])
     by_count = [n for notes in row_notes for n in notes if SEED_COUNT_NOTE.match(n)]
     shared = set.intersection(*(set(n) for n in row_notes)) if row_notes else set()
+    footnotes: list[str] = []  # a row's own notes, numbered under the table (one line a row)
     for row, notes in zip(rows, row_notes):
-        own = [n if len(on) == len(STATS_METRICS) else f"{on[0]}: {n}"
-               for n, on in notes.items() if n not in shared and not SEED_COUNT_NOTE.match(n)]
-        row["note"] = "; ".join(own)
+        row["note"] = "; ".join(n for n in notes if n not in shared
+                                and not SEED_COUNT_NOTE.match(n))
+        if row["note"] and row["note"] not in footnotes:
+            footnotes.append(row["note"])
+        row["mark_note"] = footnotes.index(row["note"]) + 1 if row["note"] else None
+    view["footnotes"] = footnotes
     view["shared_notes"] = list(dict.fromkeys(
         [*(n for n in row_notes[0] if n in shared and not SEED_COUNT_NOTE.match(n)),
          *sorted(set(by_count), key=by_count.index)])) if row_notes else []
-    # the dataset and label cells span their block (fewer repeated words per row)
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows):  # the dataset and label cells span their block
         block = (row["dataset"], row["labels"])
         first = i == 0 or (rows[i - 1]["dataset"], rows[i - 1]["labels"]) != block
         row["span"] = sum(1 for r in rows[i:] if (r["dataset"], r["labels"]) == block) if first else 0
@@ -288,22 +299,77 @@ def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | No
     return view
 
 
-def noise_rows(noise: pd.DataFrame, datasets: list[str]) -> list[dict]:
-    """The noise floor table (noise_floor.csv): per dataset x labels x twin pair, Dice (points)
-    and HD95 RMS and largest |twin − method| over seeds."""
-    if noise.empty:
+def family_rows(stats: pd.DataFrame, datasets: list[str]) -> list[dict]:
+    """Per comparison family (dataset x labels x reference x metric): tests in it, seeds, the
+    smallest p_holm any of its rows could reach, the per-seed sd (median over its rows), the
+    smallest effect worth detecting and the seeds needed for 80 % power to detect it at that sd
+    under Holm."""
+    if stats.empty or "family_size" not in stats:
         return []
     where = {d: i for i, d in enumerate(datasets)}
     rows = []
-    groups = noise.groupby(["dataset", "ratio", "twin", "method"], sort=False)
+    shown = stats[stats["metric"].isin(STATS_METRICS)]
+    for (dataset, ratio, reference, metric), g in sorted(
+            shown.groupby(["dataset", "ratio", "reference", "metric"], sort=False),
+            key=lambda item: (where.get(item[0][0], len(where)), *item[0][1:])):
+        _, scale = STATS_METRICS[metric]
+        size = int(g["family_size"].max()) if g["family_size"].notna().any() else 0
+        seeds = int(g["n_seeds"].max())
+        sd = float(g["seed_sd"].median()) if g["seed_sd"].notna().any() else math.nan
+        effect = float(g["smallest_effect"].iloc[0]) if g["smallest_effect"].notna().any() \
+            else math.nan
+        floor = smallest_attainable_p_holm(seeds, size)
+        needed = seeds_needed(effect / sd, max(size, 1)) if sd > 0 and effect > 0 else math.nan
+        rows.append({
+            "dataset": dataset, "labels": f"{100 * ratio:g}%", "reference": reference,
+            "metric": STATS_METRICS[metric][0], "tests": size, "seeds": seeds,
+            "min_p": "–" if pd.isna(floor) else ("no floor (t)" if floor == 0
+                                                 else _p_text(floor)),
+            "can_conclude": not pd.isna(floor) and floor < 0.05,
+            "seed_sd": _num(sd * scale), "effect": _num(effect * scale),
+            "needed": "–" if pd.isna(needed) else ("> 10000" if math.isinf(needed)
+                                                   else str(int(needed))),
+        })
+    return rows
+
+
+def case_floors(stats: pd.DataFrame, datasets: list[str]) -> list[dict]:
+    """Per dataset, the half-width no number of seeds removes from a new-patients interval of a
+    Dice difference: 1.96 sd_case / sqrt(C), median over the comparisons."""
+    if stats.empty or "case_floor" not in stats:
+        return []
+    dice = stats[(stats["metric"] == "dice") & stats["case_floor"].notna()]
+    out = []
+    for dataset in datasets:
+        part = dice[dice["dataset"] == dataset]
+        if len(part):
+            out.append({"dataset": dataset, "cases": int(part["n_cases"].median()),
+                        "sd_case": _num(100 * part["sd_case"].median()),
+                        "floor": _num(100 * part["case_floor"].median())})
+    return out
+
+
+def run_to_run_rows(spread: pd.DataFrame, datasets: list[str]) -> list[dict]:
+    """The run-to-run table (run_to_run.csv): per dataset x labels x twin pair and metric, the
+    RMS of the per-seed twin − method differences (the per-seed scale of the forest plot's grey
+    dots), its standard error on the scale of a mean over the seeds, and the share of the
+    method's seed-to-seed variance that this chaos explains."""
+    if spread.empty:
+        return []
+    where = {d: i for i, d in enumerate(datasets)}
+    rows = []
+    groups = spread.groupby(["dataset", "ratio", "twin", "method"], sort=False)
     for (dataset, ratio, twin, method), g in sorted(
             groups, key=lambda item: (where.get(item[0][0], len(where)), *item[0][1:])):
         by_metric = g.set_index("metric")
         cells = []
         for metric, (_, scale) in STATS_METRICS.items():
             rec = by_metric.loc[metric] if metric in by_metric.index else None
-            cells.append({"rms": "–" if rec is None else f"{scale * rec['rms_diff']:.2g}",
-                          "max": "–" if rec is None else f"{scale * rec['max_abs_diff']:.2g}"})
+            cells.append({
+                "rms": "–" if rec is None else _num(scale * rec["rms_diff"]),
+                "se": "–" if rec is None else _num(scale * rec["se_of_mean"]),
+                "share": "–" if rec is None or pd.isna(rec["chaos_share"])
+                else f"{100 * rec['chaos_share']:.0f}%"})
         notes = [n for n in g["note"] if isinstance(n, str) and n]
         rows.append({"dataset": dataset, "labels": f"{100 * ratio:g}%",
                      "pair": f"{twin} − {method}", "seeds": int(g["n_seeds"].max()),
@@ -346,9 +412,9 @@ def overlays(config: dict, layout: Layout, case_means: pd.DataFrame) -> list[dic
 def render_report(config: dict, out: str | Path | None = None, root: str | Path = ".") -> Path:
     layout = Layout(config, root)
     tables = layout.results / "summary"
-    all_runs, missing, case_means, stats, published, noise = (
+    all_runs, missing, case_means, stats, published, spread = (
         _read(tables / f"{name}.csv") for name in ("runs", "missing", "case_means", "stats",
-                                                   "published", "noise_floor"))
+                                                   "published", "run_to_run"))
     runs = methods_only(all_runs)
     ratios = sorted(set(config["ratios"]) | ({1.0} if config["full_supervision"] else set()))
     reference_policy_runs = (runs[runs["empty_policy"] == "reference"] if not runs.empty
@@ -395,9 +461,11 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
         agcl_training=figures.agcl_curves(logs, datasets, grid["method_of_interest"]),
         overlays=overlays(config, layout, case_means),
         stats=stats_view(stats, datasets, methods, grid),
-        forest=forest_plot(stats, noise, datasets, rank),
-        noise=noise_rows(noise, datasets),
-        noise_methods=sorted(set(twins.values())),
+        forest=forest_plot(stats, spread, datasets, rank),
+        families=family_rows(stats, datasets),
+        case_floors=case_floors(stats, datasets),
+        run_to_run=run_to_run_rows(spread, datasets),
+        twin_methods=sorted(set(twins.values())),
         compute=compute_rows(runs, compute_published[compute_published["dataset"].isin(datasets)],
                              methods, grid),
         lower_bound=grid["lower_bound"],

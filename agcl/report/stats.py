@@ -1,5 +1,6 @@
-"""Paired comparisons between methods with the run (seed) as the unit: two-way bootstrap CI,
-exact sign-flip test over seeds, Holm.
+"""Paired comparisons between methods with the run (seed) as the unit: per comparison, one
+interval and one test for this test set, a second interval for new patients, effect sizes, and
+what the seeds could have detected.
 
 Design. Two methods trained with the same seed see the same labeled subset, so they are paired
 by seed, and within a seed by test case: a seeds x cases matrix of differences (other -
@@ -7,55 +8,54 @@ reference; for hd95/asd a negative difference means the other method is better).
 for one seed and case is the metric averaged over the foreground classes (`seed_case_values`).
 Only seeds and cases both methods have enter the matrix; the note says what was left out.
 
-Which variance the numbers cover:
-- The CI covers run-to-run variance (seeds: initialisation, batch order and labeled subset, as far
-  as the seeds vary them) and the sampling of test cases; the design is crossed (every seed is
-  evaluated on every case), so the bootstrap resamples seeds and cases independently and takes
-  the mean of the resampled submatrix (percentile 95 % interval).
-- The p value tests over seeds only: an exact two-sided sign-flip permutation test of the mean of
-  the per-seed mean differences (all 2**n sign patterns, scipy.stats.permutation_test; Monte Carlo
-  over MC_SIGN_PATTERNS patterns beyond EXACT_MAX_SEEDS seeds). Under "no difference" each seed's
-  difference is as likely + as -: the test's unit is the run, so a difference that flips sign from
-  seed to seed is not significant however many cases there are.
-- Neither covers float/platform noise (see agcl.report.noise and the noise floor) nor the choice
-  of labeled subset beyond what the seeds vary.
-
-Minimums (stated in the note of each affected row):
-- Test: fewer than MIN_SEEDS_TEST seeds -> p = nan. The smallest attainable two-sided p is
-  2 / 2**n, above 0.05 for n < 6, so the test could never reject.
-- CI: fewer than MIN_SEEDS_CI seeds -> no CI. Resampling 2 seeds gives 3 distinct seed sets
-  ({a, a}, {a, b}, {b, b}): the "interval" only spans the two seeds' own means, whatever the
-  run-to-run variance is, which is not a 95 % interval. From 3 seeds the CI is given; below
-  MIN_SEEDS_TEST it is flagged approximate (a bootstrap over n units underestimates the variance
-  of a mean by (n - 1) / n and has few distinct resamples).
-- Holm step-down within a family (dataset x ratio x reference x metric); untestable comparisons
-  (p = nan) do not count in the family size.
-- Each comparison's generator is seeded from (seed, comparison key), so a CI does not change when
-  other methods are added.
+Columns of stats.csv (agcl.report.intervals has the maths):
+- ci_low, ci_high, p_value, p_holm (`interval` names the procedure): the primary question, the
+  mean difference on this test set over labeled subsets and initialisations. Interval and p come
+  from one procedure (sign-flip inversion from 6 seeds, t over per-seed means at 3-5, none
+  below), so p_value < 0.05 exactly when the interval excludes 0. p_holm: Holm step-down within
+  a family (dataset x ratio x reference x metric); untestable comparisons do not count.
+- np_low, np_high, np_df: new patients (new labeled subsets, initialisations and test cases),
+  variance components with Satterthwaite df; case_floor is the half-width that the case count
+  alone sets (no number of seeds narrows it), sd_case the case-to-case sd behind it.
+- seeds_won ("k/S": seeds on which the method is better), seed_sd (sd of the per-seed
+  differences), delta (mean / seed_sd), median_case_diff (median over cases of the per-case
+  difference averaged over seeds: robust to a few failed cases, for HD95 most).
+- smallest_effect (config stats.smallest_effect) and verdict (`verdict`).
+- family_size, min_p_holm (the smallest p_holm this family could reach at its seeds),
+  seeds_needed (seeds for 80 % power to detect smallest_effect at this row's seed_sd under Holm).
 """
 
 from __future__ import annotations
 
-import zlib
+import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from agcl.config import comparison_references
+from agcl.report.intervals import (
+    ALPHA,
+    fixed_set_interval,
+    new_patients_interval,
+    seeds_needed,
+    smallest_attainable_p_holm,
+)
 
-MIN_SEEDS_TEST = 6
-MIN_SEEDS_CI = 3
-EXACT_MAX_SEEDS = 16  # 2**16 sign patterns enumerated; beyond, Monte Carlo
-MC_SIGN_PATTERNS = 100_000
-CONFIDENCE_LEVEL = 0.95
 GROUP = ["dataset", "method", "ratio"]
 FAMILY = ["dataset", "ratio", "reference", "metric"]
+# metrics where a smaller value is better (a negative difference favours the method)
+LOWER_IS_BETTER = {"hd95", "asd"}
+DEFAULT_SMALLEST_EFFECT = {"dice": 0.01, "jaccard": 0.01, "hd95": 1.0, "asd": 0.5}
 COMPARISON_COLUMNS = [
     "dataset", "ratio", "reference", "method", "metric", "n_seeds", "n_cases", "n_nonzero",
-    "reference_mean", "method_mean", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
-    "seed_diffs", "note",
+    "reference_mean", "method_mean", "mean_diff", "interval", "ci_low", "ci_high", "p_value",
+    "p_holm", "np_low", "np_high", "np_df", "sd_case", "case_floor", "seeds_won", "seed_sd",
+    "delta", "median_case_diff", "smallest_effect", "verdict", "family_size", "min_p_holm",
+    "seeds_needed", "seed_diffs", "note",
 ]
+# Marks of the forest plot and the table: a mark is "holm" only if its bar excludes 0 (p_holm >=
+# p_value), "unadjusted" when the bar excludes 0 but Holm does not reject, else "none".
+MARKS = ("holm", "unadjusted", "none")
 
 
 def _require_columns(frame: pd.DataFrame, columns, name: str) -> None:
@@ -138,63 +138,6 @@ def difference_matrix(reference: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.
     return diff, notes
 
 
-def _counts(indices: np.ndarray, size: int) -> np.ndarray:
-    """(B, k) resampled indices in [0, size) -> (B, size) how often each index was drawn."""
-    rows = indices.shape[0]
-    flat = (indices + size * np.arange(rows)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * size).reshape(rows, size).astype(float)
-
-
-def two_way_resample_means(matrix, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of `n_boot` resampled submatrices: seeds (rows) and cases (columns) each drawn with
-    replacement, independently. The mean of M[s_i, c_j] over i, j equals
-    (w_s @ M @ w_c) / (S C) with w the draw counts, so no submatrix is materialised."""
-    m = np.asarray(matrix, dtype=float)
-    n_seeds, n_cases = m.shape
-    w_seeds = _counts(rng.integers(0, n_seeds, size=(n_boot, n_seeds)), n_seeds)
-    w_cases = _counts(rng.integers(0, n_cases, size=(n_boot, n_cases)), n_cases)
-    return np.einsum("bs,sc,bc->b", w_seeds, m, w_cases, optimize=True) / (n_seeds * n_cases)
-
-
-def two_way_bootstrap_ci(matrix, n_boot: int, rng: np.random.Generator) -> tuple[float, float, str]:
-    """(low, high, note): percentile 95 % interval of the matrix mean; nan with the reason if the
-    matrix has too few seeds (see the module docstring)."""
-    m = np.asarray(matrix, dtype=float)
-    n_seeds = m.shape[0]
-    if m.size == 0:
-        return np.nan, np.nan, "no paired runs"
-    if n_seeds < MIN_SEEDS_CI:
-        return np.nan, np.nan, (f"{n_seeds} seed(s) < {MIN_SEEDS_CI}: no CI (a bootstrap over so "
-                                "few runs only spans their own means)")
-    means = two_way_resample_means(m, n_boot, rng)
-    tail = 100 * (1 - CONFIDENCE_LEVEL) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
-    note = "" if n_seeds >= MIN_SEEDS_TEST else (
-        f"CI over {n_seeds} seeds: approximate (too few runs to estimate their spread well)")
-    return float(low), float(high), note
-
-
-def sign_flip_p(seed_diffs, rng: np.random.Generator | None = None) -> tuple[float, str]:
-    """(two-sided sign-flip permutation p of the mean per-seed difference, note); nan with the
-    reason when not testable. Exact for up to EXACT_MAX_SEEDS seeds."""
-    d = np.asarray(seed_diffs, dtype=float)
-    n = d.size
-    if n == 0:
-        return np.nan, "no paired runs"
-    if n < MIN_SEEDS_TEST:
-        return np.nan, (f"{n} seed(s) < {MIN_SEEDS_TEST}: no test (smallest attainable p "
-                        f"2/2^{n} = {2 / 2 ** n:.3g} > 0.05)")
-    if not np.any(d):
-        return np.nan, "all differences zero: no test"
-    exact = n <= EXACT_MAX_SEEDS
-    result = stats.permutation_test(
-        (d,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
-        vectorized=True, alternative="two-sided",
-        n_resamples=np.inf if exact else MC_SIGN_PATTERNS, rng=rng)
-    note = "" if exact else f"p by Monte Carlo over {MC_SIGN_PATTERNS} sign patterns"
-    return float(result.pvalue), note
-
-
 def format_seed_diffs(diffs: pd.Series) -> str:
     """'seed:value;...' (6 significant digits): readable in the CSV, read back by parse_seed_diffs."""
     return ";".join(f"{seed}:{value:.6g}" for seed, value in diffs.items())
@@ -213,33 +156,93 @@ def parse_seed_diffs(text) -> dict[int, float]:
     return out
 
 
-def _comparison_rng(seed: int, key: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+def better_sign(metric: str) -> float:
+    """+1 where a larger value is better (dice, jaccard), -1 where smaller is (hd95, asd)."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
 
 
-def compare_pair(reference: pd.DataFrame, other: pd.DataFrame, n_boot: int,
-                 rng: np.random.Generator) -> dict:
+def matrix_statistics(matrix, metric: str = "dice") -> dict:
+    """Every per-comparison number of a complete seeds x cases difference matrix (numpy), with
+    the notes of what could not be computed (see the module docstring)."""
+    m = np.asarray(matrix, dtype=float)
+    n_seeds = m.shape[0] if m.ndim == 2 and m.size else 0
+    per_seed = m.mean(axis=1) if n_seeds else np.empty(0)
+    notes = []
+    if n_seeds and not np.any(per_seed):
+        low = high = 0.0
+        p_value, procedure = math.nan, ""
+        notes.append("all differences zero: no test")
+    else:
+        low, high, p_value, procedure, note = fixed_set_interval(per_seed)
+        notes.append(note)
+    new = new_patients_interval(m) if n_seeds else {
+        "low": math.nan, "high": math.nan, "df": math.nan, "sd_case": math.nan,
+        "case_floor": math.nan, "note": ""}
+    if n_seeds >= 3:
+        notes.append(new["note"])
+    sign = better_sign(metric)
+    seed_sd = float(per_seed.std(ddof=1)) if n_seeds > 1 else math.nan
+    return {
+        "n_seeds": n_seeds,
+        "n_cases": int(m.shape[1]) if n_seeds else 0,
+        "n_nonzero": int(np.count_nonzero(per_seed)),
+        "mean_diff": float(per_seed.mean()) if n_seeds else math.nan,
+        "interval": procedure, "ci_low": low, "ci_high": high, "p_value": p_value,
+        "np_low": new["low"], "np_high": new["high"], "np_df": new["df"],
+        "sd_case": new["sd_case"], "case_floor": new["case_floor"],
+        "seeds_won": f"{int(np.sum(sign * per_seed > 0))}/{n_seeds}" if n_seeds else "",
+        "seed_sd": seed_sd,
+        "delta": float(per_seed.mean()) / seed_sd if n_seeds > 1 and seed_sd > 0 else math.nan,
+        "median_case_diff": float(np.median(m.mean(axis=0))) if n_seeds else math.nan,
+        "notes": [n for n in notes if n],
+    }
+
+
+def mark(p_holm, ci_low, ci_high) -> str:
+    """The mark of a comparison (MARKS): from the primary interval and Holm's p, so its colour
+    never contradicts its bar."""
+    if pd.isna(ci_low) or pd.isna(ci_high) or ci_low <= 0 <= ci_high:
+        return "none"
+    return "holm" if not pd.isna(p_holm) and p_holm < ALPHA else "unadjusted"
+
+
+def verdict(metric: str, ci_low, ci_high, p_holm, smallest_effect) -> str:
+    """One phrase per row, the method against the reference (see the module docstring):
+    better / worse (Holm), ... not after Holm, negligible (interval within +-smallest_effect),
+    inconclusive (interval spans 0 and the smallest effect), not significant (no smallest
+    effect configured), no interval."""
+    state = mark(p_holm, ci_low, ci_high)
+    if pd.isna(ci_low) or pd.isna(ci_high):
+        return "no interval"
+    effect = None if pd.isna(smallest_effect) else float(smallest_effect)
+    if state != "none":
+        word = "better" if better_sign(metric) * ci_low > 0 else "worse"
+        text = word if state == "holm" else f"{word}, not after Holm"
+        if effect is not None and max(abs(ci_low), abs(ci_high)) < effect:
+            text += ", below the smallest effect"
+        return text
+    if effect is None:
+        return "not significant"
+    return "negligible" if -effect < ci_low and ci_high < effect else "inconclusive"
+
+
+def compare_pair(reference: pd.DataFrame, other: pd.DataFrame, metric: str = "dice") -> dict:
     """Statistics of other - reference (both seeds x cases tables; see the module docstring)."""
     diff, notes = difference_matrix(reference, other)
     if diff.shape[1] == 0:
         diff = diff.iloc[:0]  # no complete case: no seed either
-    per_seed = diff.mean(axis=1)
-    p_value, p_note = sign_flip_p(per_seed.to_numpy(), rng)
-    ci_low, ci_high, ci_note = two_way_bootstrap_ci(diff.to_numpy(), n_boot, rng)
-    notes += [n for n in (p_note, ci_note) if n and n not in notes]
+    if diff.size == 0 and "no paired runs" not in notes:
+        notes.append("no paired runs")
+    numbers = matrix_statistics(diff.to_numpy(), metric)
+    notes += [n for n in numbers.pop("notes") if n not in notes]
     kept = (diff.index, diff.columns)
     empty = diff.size == 0
     return {
-        "n_seeds": int(diff.shape[0]),
-        "n_cases": int(diff.shape[1]),
-        "n_nonzero": int(np.count_nonzero(per_seed.to_numpy())),
+        **numbers,
         "reference_mean": np.nan if empty else float(reference.loc[kept].to_numpy().mean()),
         "method_mean": np.nan if empty else float(other.loc[kept].to_numpy().mean()),
-        "mean_diff": np.nan if empty else float(diff.to_numpy().mean()),
-        "ci_low": ci_low,
-        "ci_high": ci_high,
-        "p_value": p_value,
-        "seed_diffs": format_seed_diffs(per_seed),
+        "seed_diffs": format_seed_diffs(diff.mean(axis=1)),
         "note": "; ".join(notes),
     }
 
@@ -251,20 +254,26 @@ def seed_case_tables(per_case: pd.DataFrame, metric: str) -> dict[tuple, pd.Data
             for key, g in values.groupby(["dataset", "ratio", "method"], sort=True)}
 
 
+def _seeds_needed_for(effect, seed_sd, family_size) -> float:
+    if pd.isna(effect) or pd.isna(seed_sd) or seed_sd <= 0:
+        return math.nan
+    return float(seeds_needed(float(effect) / float(seed_sd), max(int(family_size), 1)))
+
+
 def paired_comparisons(per_case: pd.DataFrame, reference_methods=None,
-                       metrics=("dice", "hd95"), n_boot: int = 10000,
-                       seed: int = 0) -> pd.DataFrame:
+                       metrics=("dice", "hd95"), smallest_effect: dict | None = None
+                       ) -> pd.DataFrame:
     """One row per dataset x ratio x reference x other method x metric (see module docstring).
 
     reference_methods: the grid's agcl.config.comparison_references(config) (its method of
-    interest and its lower bound); None: those of the default roles. Only dataset x ratio blocks
-    where the reference method has results produce rows; a reference absent everywhere gives no
-    rows, not an error.
+    interest and its lower bound); None: those of the default roles. smallest_effect: config
+    stats.smallest_effect ({metric: effect}); None: DEFAULT_SMALLEST_EFFECT. Only dataset x ratio
+    blocks where the reference method has results produce rows; a reference absent everywhere
+    gives no rows, not an error.
     """
     if reference_methods is None:
         reference_methods = comparison_references()
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot: expected a positive number of resamples, got {n_boot}")
+    effects = DEFAULT_SMALLEST_EFFECT if smallest_effect is None else smallest_effect
     rows = []
     for metric in metrics:
         tables = seed_case_tables(per_case, metric)
@@ -277,13 +286,23 @@ def paired_comparisons(per_case: pd.DataFrame, reference_methods=None,
                 for other, values in by_method.items():
                     if other == reference:
                         continue
-                    key = f"{dataset}|{ratio!r}|{reference}|{other}|{metric}"
-                    stats_row = compare_pair(by_method[reference], values, int(n_boot),
-                                             _comparison_rng(seed, key))
                     rows.append({"dataset": dataset, "ratio": ratio, "reference": reference,
-                                 "method": other, "metric": metric, **stats_row})
-    frame = pd.DataFrame(rows, columns=[c for c in COMPARISON_COLUMNS if c != "p_holm"])
-    frame.insert(COMPARISON_COLUMNS.index("p_holm"), "p_holm", np.nan)
+                                 "method": other, "metric": metric,
+                                 "smallest_effect": effects.get(metric, np.nan),
+                                 **compare_pair(by_method[reference], values, metric)})
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     for index in frame.groupby(FAMILY, sort=False).groups.values():
-        frame.loc[index, "p_holm"] = holm(frame.loc[index, "p_value"].to_numpy())
+        p = frame.loc[index, "p_value"].to_numpy(dtype=float)
+        size = int(np.sum(~np.isnan(p)))
+        frame.loc[index, "p_holm"] = holm(p)
+        frame.loc[index, "family_size"] = size
+        frame.loc[index, "min_p_holm"] = [smallest_attainable_p_holm(int(n), size)
+                                          for n in frame.loc[index, "n_seeds"]]
+    if len(frame):
+        frame["seeds_needed"] = [_seeds_needed_for(e, sd, m) for e, sd, m in
+                                 zip(frame["smallest_effect"], frame["seed_sd"],
+                                     frame["family_size"])]
+        frame["verdict"] = [verdict(*args) for args in
+                            zip(frame["metric"], frame["ci_low"], frame["ci_high"],
+                                frame["p_holm"], frame["smallest_effect"])]
     return frame.sort_values(FAMILY + ["method"], kind="stable").reset_index(drop=True)

@@ -12,7 +12,7 @@ rule aggregate:
         missing=LAYOUT.results / "summary" / "missing.csv",
         case_means=LAYOUT.results / "summary" / "case_means.csv",
         stats=LAYOUT.results / "summary" / "stats.csv",
-        noise_floor=LAYOUT.results / "summary" / "noise_floor.csv",
+        run_to_run=LAYOUT.results / "summary" / "run_to_run.csv",
         published=LAYOUT.results / "summary" / "published.csv",
     params:
         agcl=AGCL,
