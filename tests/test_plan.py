@@ -126,5 +126,45 @@ def test_plan_prints_jobs_hours_and_disk(tiny_project, capsys):
     text = capsys.readouterr().out
     assert "not measured: absent.csv does not exist" in text
     assert "train    12            12" in text
+    # one method only: nothing to compare, and the plan says so
+    assert "What the grid can conclude" in text and "no comparison" in text
     disk = text.split("Disk")[1]  # nothing prepared yet: no data folders, no predictions bound
     assert re.search(r"^\s+la\s+-\s+-\s+[\d.]+ [KM]B\s+[\d.]+ [KM]B\s+-$", disk, re.MULTILINE), disk
+
+
+def test_statistics_plan_families_prior_and_measured_spread(tiny_project):
+    from agcl.config import Layout
+    from agcl.plan import comparison_families, statistics_plan
+
+    config = load_config(tiny_project)
+    config.update(methods=["supervised", "mean_teacher", "bcp", "semi_agcl"],
+                  seeds=list(range(8)),
+                  roles={"lower_bound": "supervised", "method_of_interest": "semi_agcl"})
+    families = comparison_families(config)
+    # one family per dataset x ratio x reference (semi_agcl, supervised), 3 other methods each
+    assert {(f["reference"], f["tests"], f["seeds"]) for f in families} == {
+        ("semi_agcl", 3, 8), ("supervised", 3, 8)}
+    plan = statistics_plan(config)
+    dice = plan[(plan["metric"] == "Dice") & (plan["reference"] == "semi_agcl")].iloc[0]
+    assert dice["min p_holm"] == f"{3 * 2 / 256:.3g}" and dice["min seeds (sign-flip)"] == 7
+    assert dice["per-seed sd"] == "2.00 pts prior"  # config stats.prior_seed_sd
+    # 1 point at sd 2: delta 0.5 under Holm with 3 tests
+    from agcl.report.intervals import seeds_needed
+
+    assert dice["seeds for it"] == str(seeds_needed(0.5, 3))
+    # a stats.csv of the grid: its measured per-seed sd replaces the prior
+    summary = Layout(config).results / "summary"
+    summary.mkdir(parents=True)
+    la_ratio = config["ratios"][0]
+    pd.DataFrame([{"dataset": "la", "ratio": la_ratio, "reference": "semi_agcl",
+                   "metric": "dice", "seed_sd": sd} for sd in (0.01, 0.03, 0.05)]).to_csv(
+        summary / "stats.csv", index=False)
+    measured = statistics_plan(config)
+    row = measured[(measured["dataset"] == "la") & (measured["metric"] == "Dice")
+                   & (measured["reference"] == "semi_agcl")
+                   & (measured["labels"] == f"{100 * la_ratio:g}%")].iloc[0]
+    assert row["per-seed sd"] == "3.00 pts measured (3 comparisons)"
+    # 3 seeds, 3 tests: the t test has no floor, but only a large effect is detected
+    config["seeds"] = [0, 1, 2]
+    three = statistics_plan(config).iloc[0]
+    assert three["min p_holm"] == "no floor (t)" and float(three["detectable (80%)"][:-4]) > 10
