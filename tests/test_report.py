@@ -357,3 +357,45 @@ def test_the_configs_roles_set_the_reports_references(tmp_path, monkeypatch):
     # the base of the ratios: mean_teacher's 120 s (supervised 60 s, semi_agcl 180 s)
     assert (rows["mean_teacher"]["ratio"], rows["supervised"]["ratio"],
             rows["semi_agcl"]["ratio"]) == ("1.00", "0.50", "1.50")
+
+
+def test_an_eight_seed_tree_marks_agree_with_bars(tmp_path, monkeypatch):
+    """8 seeds, four methods and run-to-run twins: every mark's colour follows its primary bar,
+    and the page shows the new-patients bar, effect sizes, seeds needed and the twins."""
+    monkeypatch.chdir(tmp_path)
+    config = fixture_config()
+    config.update(seeds=list(range(8)), ratios=[0.05],
+                  methods=["supervised", "mean_teacher", "bcp", "semi_agcl"],
+                  noise_floor={"methods": ["supervised"]})
+    config = validate_config(config)
+    layout = Layout(config)
+    base = {"supervised": 0.70, "mean_teacher": 0.705, "bcp": 0.74, "semi_agcl": 0.80}
+    for method in [*config["methods"], "supervised_ulp"]:
+        for seed in config["seeds"]:
+            name = method.removesuffix("_ulp")
+            metrics = fake_metrics(name, 0.05, seed, "metrics_reloaded")
+            rng = np.random.default_rng([seed, len(method)])
+            shift = base[name] - 0.7 + rng.normal(0, 0.02)  # a per-run effect: seeds differ
+            for rec in metrics["metric_per_case"]:
+                rec["dice"] = float(np.clip(rec["dice"] + shift, 0, 1))
+                rec["hd95"] = 10 * (1 - rec["dice"])
+            write_evaluated_run(layout.run("la", method, 0.05, seed), metrics,
+                                train_seconds=60, parameters=1, device="cpu", amp="off")
+    aggregate(config)
+    stats = pd.read_csv(layout.results / "summary" / "stats.csv")
+    assert (stats["n_seeds"] == 8).all() and (stats["interval"] == "sign-flip inversion (exact)").all()
+    excludes_zero = ~((stats["ci_low"] <= 0) & (0 <= stats["ci_high"]))
+    assert ((stats["p_value"] < 0.05) == excludes_zero).all()
+    assert (~(stats["p_holm"] < 0.05) | excludes_zero).all()  # a Holm mark always clears 0
+    assert stats[["np_low", "np_high", "delta", "seeds_needed", "min_p_holm"]].notna().all().all()
+    semi = stats[(stats.reference == "supervised") & (stats.method == "semi_agcl")
+                 & (stats.metric == "dice")].iloc[0]
+    assert semi["verdict"] == "better" and semi["seeds_won"] == "8/8"
+    mt = stats[(stats.reference == "supervised") & (stats.method == "mean_teacher")
+               & (stats.metric == "dice")].iloc[0]
+    assert mt["verdict"] in ("inconclusive", "negligible", "better, not after Holm")
+    html = render_report(config).read_text()
+    assert 'class="mark-holm"' in html and 'class="mark-none"' in html
+    assert "95% new patients" in html and 'id="case-floors"' in html
+    assert 'id="families-table"' in html and 'id="run-to-run-table"' in html
+    assert "RMS per seed" in html and "chaos share" in html and "float noise" not in html
