@@ -1,12 +1,19 @@
 """The reference codebases' own modules, imported for equality tests (never copied into ours).
 
 A baseline that says it follows a reference is checked by running the reference's network, loss
-and step functions on the same tensors as ours. Their code stays theirs: the tests read it from
-bare git mirrors of the repositories, at the commits pinned below, and skip when a mirror is
-absent (as CI on a fresh machine, which has no copy). Point ``AGCL_REFERENCE_REPOS`` at a folder
-holding ``<owner>+<name>/repo`` (a bare repository or a clone), e.g.::
+and step functions on the same tensors as ours. Their code stays theirs: the tests read it, at
+the commits pinned below, from the first of
+
+1. a snapshot ``<owner>+<name>/<commit>.tar.gz`` (the repository's text files at that commit, as
+   ``git archive`` lays them out) under ``AGCL_REFERENCE_SNAPSHOTS``, by default
+   ``../shared/references`` beside the checkout (present in CI, so the equality tests run there);
+2. a bare git mirror ``<owner>+<name>/repo`` under ``AGCL_REFERENCE_REPOS`` (default
+   ``../.mirror``), e.g.::
 
     git clone --bare https://github.com/HiLab-git/DTC $AGCL_REFERENCE_REPOS/HiLab-git+DTC/repo
+
+and skip only when neither is there. ``.ci/run`` fails when a reference test skips although the
+snapshots exist (tests/conftest.py records the skips).
 
 Usage::
 
@@ -34,6 +41,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_REPOS = Path(os.environ.get("AGCL_REFERENCE_REPOS", REPO_ROOT.parent / ".mirror"))
+REFERENCE_SNAPSHOTS = Path(os.environ.get("AGCL_REFERENCE_SNAPSHOTS",
+                                          REPO_ROOT.parent / "shared" / "references"))
 
 # The commits every equality test was run against (the newest at the time of writing).
 PINNED = {
@@ -42,6 +51,11 @@ PINNED = {
     "HiLab-git/SSL4MIS": "06df6047a59aba9988ced8331998b5957ecb356b",
     "kleinzcy/SASSnet": "1761aa8af08f42e5a36a737c88beb4dc798af35c",
     "DeepMed-Lab-ECNU/BCP": "7879f988872f561231f73eecd5b4e232e54fa2bd",
+    "yulequan/UA-MT": "88ed29ad794f877122e542a7fa9505a76fa83515",
+    "ycwu1997/MC-Net": "fee453ca299a5d2c845cc2f3de4e416fd667d9c2",
+    "ZhenZHAO/AD-MT": "03ef84c79ae4db884133293cba647c571dbce25b",
+    "chy-upc/ABD": "4efd525e052c6e3601c29c1abaa4648de81cf206",
+    "LiheYoung/UniMatch": "0324f3dd4a22128105a5eb135d2586c0bb3cc647",
 }
 
 _EXTRACTED: dict[str, Path] = {}
@@ -54,31 +68,51 @@ def git_dir(repo: str) -> Path:
     for candidate in (folder / ".git", folder):
         if (candidate / "HEAD").is_file():
             return candidate
-    pytest.skip(f"reference code of {repo} not available (no git mirror at {folder}; "
-                "set AGCL_REFERENCE_REPOS)")
+    pytest.skip(f"reference code of {repo} not available (no snapshot under "
+                f"{REFERENCE_SNAPSHOTS}, no git mirror at {folder}; set "
+                "AGCL_REFERENCE_SNAPSHOTS or AGCL_REFERENCE_REPOS)")
 
 
-def code_tree(repo: str) -> Path:
-    """The pinned commit's ``code/*.py`` files, extracted once per session."""
-    if repo in _EXTRACTED:
-        return _EXTRACTED[repo]
+def snapshot(repo: str) -> Path | None:
+    """The pinned commit's snapshot archive of ``owner/name``, or None."""
+    path = REFERENCE_SNAPSHOTS / repo.replace("/", "+") / f"{PINNED[repo]}.tar.gz"
+    return path if path.is_file() else None
+
+
+def _extract_python(tar: tarfile.TarFile, target: Path, prefix: str = "code/") -> None:
+    members = [m for m in tar.getmembers()
+               if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".py")]
+    tar.extractall(target, members=members, filter="data")
+
+
+def code_tree(repo: str, prefix: str = "code") -> Path:
+    """The pinned commit's ``<prefix>/**.py`` files (``code`` in most references), extracted
+    once per session from the snapshot, else from the mirror; skips when neither exists."""
+    key = f"{repo}:{prefix}"
+    if key in _EXTRACTED:
+        return _EXTRACTED[key]
     commit = PINNED[repo]
-    gdir = git_dir(repo)
-    known = subprocess.run(["git", "--git-dir", str(gdir), "cat-file", "-e",
-                            f"{commit}^{{commit}}"], check=False, capture_output=True)
-    if known.returncode:
-        pytest.skip(f"the mirror of {repo} lacks the pinned commit {commit}")
     target = _CACHE / repo.replace("/", "+") / commit
-    if not (target / ".complete").is_file():
-        archive = subprocess.run(["git", "--git-dir", str(gdir), "archive", "--format=tar", commit,
-                                  "code"], capture_output=True, check=True).stdout
+    done = target / f".complete-{prefix.replace('/', '+')}"
+    if not done.is_file():
+        archive = snapshot(repo)
         target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".py")]
-            tar.extractall(target, members=members, filter="data")
-        (target / ".complete").touch()
-    _EXTRACTED[repo] = target / "code"
-    return _EXTRACTED[repo]
+        if archive is not None:
+            with tarfile.open(archive, "r:gz") as tar:
+                _extract_python(tar, target, f"{prefix}/")
+        else:
+            gdir = git_dir(repo)
+            known = subprocess.run(["git", "--git-dir", str(gdir), "cat-file", "-e",
+                                    f"{commit}^{{commit}}"], check=False, capture_output=True)
+            if known.returncode:
+                pytest.skip(f"the mirror of {repo} lacks the pinned commit {commit}")
+            data = subprocess.run(["git", "--git-dir", str(gdir), "archive", "--format=tar",
+                                   commit, prefix], capture_output=True, check=True).stdout
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                _extract_python(tar, target, f"{prefix}/")
+        done.touch()
+    _EXTRACTED[key] = target / prefix
+    return _EXTRACTED[key]
 
 
 def _stub(name: str) -> types.ModuleType:
