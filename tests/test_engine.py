@@ -370,3 +370,57 @@ def test_an_auxiliary_update_must_own_parameters_no_other_optimiser_updates():
                                                         "rmsprop", lr=0.1)]
     with pytest.raises(ValueError, match="optimizer 'rmsprop', expected one of adam, sgd"):
         auxiliary_optimizers(method)
+
+
+class _BatchNormToy(torch.nn.Module):
+    """A toy method whose forward updates BatchNorm statistics and a queue buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4),
+                                       torch.nn.Linear(4, 1))
+        self.register_buffer("queue", torch.zeros(3))
+
+    def trainable_parameters(self):
+        return self.net.parameters()
+
+    def train_step(self, batch, step):
+        out = self.net(batch.x_labeled)
+        self.queue = torch.cat([self.queue[1:], out.detach().mean().reshape(1)])  # replaced
+        return out.pow(2).mean(), {}
+
+    def after_optimizer_step(self, step):
+        pass
+
+
+@pytest.mark.parametrize("scale", [1e38, float("nan")])
+def test_a_skipped_step_leaves_every_parameter_and_buffer_as_it_was(scale):
+    """A non-finite batch under nonfinite: skip: the forward already moved the BatchNorm running
+    statistics and the queue; the skip puts them back (before the fix: non-finite buffers in
+    the final checkpoint, a Dice of 0 at evaluation)."""
+    from agcl.engine.optimizers import main_optimizer
+    from agcl.engine.state import TrainingState
+    from agcl.engine.update import Updater
+    from agcl.methods.base import Batch
+
+    torch.manual_seed(0)
+    method = _BatchNormToy()
+    method.name = "toy"
+    update = Updater(method, main_optimizer(method, {"lr": 0.1, "momentum": 0.9,
+                                                     "weight_decay": 1e-4}),
+                     torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                     amp_dtype=None, nonfinite="skip", max_consecutive_skips=3, where="toy")
+    schedule = {"lr": 0.1, "schedule": "constant"}
+    state = TrainingState()
+    good = Batch(torch.randn(8, 2), torch.zeros(8, dtype=torch.long), None)
+    update(method, good, schedule, 0, 3, state)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    bad = Batch(good.x_labeled * scale, good.y_labeled, None)
+    _, _, _, skipped = update(method, bad, schedule, 1, 3, state)
+    assert skipped and state.skipped == 1  # a non-finite loss or gradient
+    after = method.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    # the next finite step trains on as if the bad batch had never come
+    update(method, good, schedule, 2, 3, state)
+    assert all(torch.isfinite(v.float()).all() for v in method.state_dict().values())

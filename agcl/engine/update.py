@@ -52,15 +52,58 @@ def first_nonfinite_gradient(named_params) -> str | None:
     return grads[int((~finite).nonzero()[0])][0]
 
 
-def non_finite_problem(loss: torch.Tensor, logs: dict, trainable) -> str | None:
-    """What is not finite, read exactly (None: only the fused gradient norm overflowed)."""
+def float_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
+
+
+def buffers_finite(named_buffers) -> torch.Tensor:
+    """A 0-d bool tensor: is every floating buffer finite (one fused norm, as for gradients)?"""
+    values = [b for _, b in named_buffers]
+    if not values:
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(values, foreach=True))
+
+
+def first_nonfinite_buffer(named_buffers) -> str | None:
+    for name, buffer in named_buffers:
+        if not bool(torch.isfinite(buffer).all()):
+            return name
+    return None
+
+
+def non_finite_problem(loss: torch.Tensor, logs: dict, trainable, buffers=()) -> str | None:
+    """What is not finite, read exactly (None: only a fused norm overflowed)."""
     if not torch.isfinite(loss):
         terms = ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
         return f"the loss is {float(loss)} ({terms})"
     bad = first_nonfinite_gradient(trainable)
     if bad is not None:
         return f"the gradient of {bad} is not finite (the loss is {float(loss):.4g})"
+    bad = first_nonfinite_buffer(buffers)
+    if bad is not None:
+        return (f"the buffer {bad} is not finite after the forward (e.g. BatchNorm statistics "
+                f"of an overflowing batch; the loss is {float(loss):.4g})")
     return None
+
+
+def snapshot_buffers(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """A copy of every buffer of `module` and its children (BatchNorm statistics, queues,
+    memories), kept with its owner and name so that a buffer the forward replaced is restored
+    too."""
+    return [(owner, name, buffer.detach().clone())
+            for owner in module.modules() for name, buffer in owner._buffers.items()
+            if buffer is not None]
+
+
+def restore_buffers(saved) -> None:
+    """Put back what snapshot_buffers copied: a skipped step leaves no trace in any buffer."""
+    with torch.no_grad():
+        for owner, name, value in saved:
+            current = owner._buffers.get(name)
+            if current is not None and current.shape == value.shape:
+                current.copy_(value)
+            else:
+                owner._buffers[name] = value
 
 
 class Updater:
@@ -68,11 +111,17 @@ class Updater:
 
     The step reads one value back from the device, whether the loss and every gradient are
     finite (GradScaler's fp16 step reads its own): the skip decision must precede the update.
+    A step is applied only if its loss, every gradient and every floating buffer are finite. A
+    skipped step leaves every parameter and every buffer as it was: the forward's changes to
+    buffers (BatchNorm running statistics from a non-finite batch, a queue the step filled) are
+    undone from a copy taken before it (under nonfinite: stop the run ends, and nothing is
+    copied).
     """
 
     def __init__(self, method, optimizer, scaler, *, device: torch.device,
                  amp_dtype: torch.dtype | None, nonfinite: str, max_consecutive_skips: int,
                  where: str, auxiliary: dict | None = None):
+        self.method = method
         self.optimizer = optimizer
         self.auxiliary = auxiliary or {}
         self.scaler = scaler
@@ -113,20 +162,25 @@ class Updater:
     def _update(self, compute, args, optimizer, named_params):
         """Autocast `compute(*args)` -> (loss, logs), backward, finite check, and the step of
         `optimizer` unless something is not finite; (loss, logs, problem or None)."""
+        saved = snapshot_buffers(self.method) if self.nonfinite == "skip" else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, logs = compute(*args)
         loss_value = loss.detach()
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        finite = torch.isfinite(loss_value)
+        buffers = float_buffers(self.method)
+        finite = torch.isfinite(loss_value) & buffers_finite(buffers)
         if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN grads itself
             finite = finite & gradients_finite(named_params)
-        problem = None if bool(finite) else non_finite_problem(loss_value, logs, named_params)
+        problem = None if bool(finite) else non_finite_problem(loss_value, logs, named_params,
+                                                               buffers)
         if problem is None:
             self.scaler.step(optimizer)
         else:
             optimizer.zero_grad(set_to_none=True)
+            if saved is not None:
+                restore_buffers(saved)
         return loss_value, logs, problem
 
     def _skip(self, problem: str, state) -> None:
