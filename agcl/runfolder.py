@@ -205,8 +205,9 @@ class RunFolder:
             raise UnfinishedRunError(self.unfinished_message() if name == FINAL
                                      else f"{path} is missing")
         try:
-            # Our own files: they hold numpy RNG states and plain dicts, which weights_only rejects.
-            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+            # weights_only: tensors and plain containers, no unpickling of arbitrary objects, so a
+            # planted file cannot run code (our payloads hold nothing else: engine/checkpoint.py)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise RunFolderError(f"{path}: cannot read this checkpoint ({first_line}); delete it "

@@ -148,7 +148,7 @@ def bcp_trainer(config_path: Path, run: Path, dataset: str = "la", **hparams) ->
 
 
 def weights(run: Path) -> dict:
-    return torch.load(run / FINAL, weights_only=False)["state_dict"]
+    return torch.load(run / FINAL, weights_only=True)["state_dict"]
 
 
 def test_two_stages_run_log_and_record(tiny_project):

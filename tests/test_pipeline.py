@@ -38,7 +38,7 @@ def prepare(config_path: Path, dataset: str, seeds=(0,)) -> Layout:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / FINAL, weights_only=False)["state_dict"]
+    return torch.load(run_dir / FINAL, weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("dataset", ["la", "acdc", "crag"])

@@ -92,7 +92,7 @@ def test_checkpoint_sizes_match_a_trained_run(tiny_project):
     run = layout.run("la", "supervised", 0.1, 0)
     run_cli("train", "la", "--config", tiny_project, "--method", "supervised", "--labels", "0.1",
             "--seed", "0", "--out", run, "--no-progress")
-    state = torch.load(run / FINAL, weights_only=False)["state_dict"]
+    state = torch.load(run / FINAL, weights_only=True)["state_dict"]
     saved = sum(t.numel() * t.element_size() for t in state.values())
     sizes = checkpoint_bytes(load_config(tiny_project), "la", "supervised")
     assert sizes["final"] == saved

@@ -71,7 +71,7 @@ def killed_at_step(monkeypatch, step_number: int):
 
 
 def finished_weights(run: Path) -> dict:
-    return torch.load(run / FINAL, weights_only=False)["state_dict"]
+    return torch.load(run / FINAL, weights_only=True)["state_dict"]
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_train_seconds_add_up_over_resumed_segments(la_project, monkeypatch):
     run = Path("runs/a")
     with killed_at_step(monkeypatch, 3):
         trainer(la_project, run).run()
-    first_segment = torch.load(run / LAST, weights_only=False)["state"]["train_seconds"]
+    first_segment = torch.load(run / LAST, weights_only=True)["state"]["train_seconds"]
     assert first_segment > 0
     # The resumed segment runs on a clock that barely moves: all it can add is ~microseconds,
     # so a total near first_segment proves the first segment was counted.
@@ -312,7 +312,7 @@ def test_best_val_checkpoint_must_belong_to_the_run(tiny_project):
     config = load_config(tiny_project)
     run = Path("runs/acdc")
     Trainer(config, "acdc", "supervised", 0.1, 0, run, progress=False).run()
-    best = torch.load(run / BEST, weights_only=False)
+    best = torch.load(run / BEST, weights_only=True)
     torch.save({**best, "run_id": "another"}, run / BEST)
     with pytest.raises(runfolder.RunFolderError, match="belongs to another training"):
         evaluate_run(config, "acdc", run)
@@ -341,3 +341,32 @@ def test_a_second_trainer_in_the_same_folder_is_refused(la_project):
                                               match="another `agcl train` is working in"):
         trainer(la_project, run).run()
     trainer(la_project, run).run()  # the lock is released with its holder
+
+
+class _Planted:
+    """A pickle that runs code when unpickled: it creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", [FINAL, LAST])
+def test_a_planted_checkpoint_is_refused_without_running_its_code(tmp_path, name):
+    """Checkpoints load with torch.load(weights_only=True): a file that would run code on
+    unpickling (on evaluate, on resume, or while the unfinished-run message reads its step) is
+    refused and its code never runs."""
+    from agcl.runfolder import RunFolder, RunFolderError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"state": {"step": _Planted(marker)}, "state_dict": {}, "run": {}}, run / name)
+    folder = RunFolder(run)
+    with pytest.raises(RunFolderError, match="cannot read this checkpoint"):
+        folder.load_checkpoint(name)
+    assert folder.last_checkpoint_step() is None
+    folder.unfinished_message()
+    assert not marker.exists()

@@ -483,7 +483,7 @@ def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_proje
     for name, overrides in runs.items():
         Trainer(config, "la", name, 0.2, 0, Path(f"runs/{name}"), progress=False,
                 overrides=overrides).run()
-    ours, base = (torch.load(Path(f"runs/{n}") / FINAL, weights_only=False)["state_dict"]
+    ours, base = (torch.load(Path(f"runs/{n}") / FINAL, weights_only=True)["state_dict"]
                   for n in ("semi_agcl", "bcp"))
     assert ours.keys() == base.keys()
     for key, value in base.items():
@@ -491,7 +491,7 @@ def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_proje
     # and the AGCL terms do change training when they are on
     Trainer(config, "la", "semi_agcl", 0.2, 0, Path("runs/on"), progress=False,
             overrides={"pretrain_iterations": 2}).run()
-    on = torch.load(Path("runs/on") / FINAL, weights_only=False)["state_dict"]
+    on = torch.load(Path("runs/on") / FINAL, weights_only=True)["state_dict"]
     assert any(not torch.equal(on[k], v) for k, v in base.items())
     # train_log.csv carries the anchors of each class and the queue fill of the main stage
     import csv

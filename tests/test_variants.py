@@ -39,8 +39,8 @@ def test_a_variant_trains_as_its_method_with_its_hparams(tiny_project):
     # the same weights as the method itself trained with that hyperparameter changed
     Trainer(load_config(tiny_project), "la", "semi_agcl", 0.2, 0, tiny_project.parent / "same",
             overrides={"kernel": "gk_l1"}, progress=False).run()
-    variant = torch.load(run / FINAL, weights_only=False)["state_dict"]
-    direct = torch.load(tiny_project.parent / "same" / FINAL, weights_only=False)["state_dict"]
+    variant = torch.load(run / FINAL, weights_only=True)["state_dict"]
+    direct = torch.load(tiny_project.parent / "same" / FINAL, weights_only=True)["state_dict"]
     assert all(torch.equal(variant[k], direct[k]) for k in direct)
 
 
