@@ -80,6 +80,7 @@ def config_rules(config: dict, source: str = "<config>") -> dict:
     if not role_problems:
         config["roles"].update(resolved)  # the names every later reader gets (roles_of)
     for dataset, dcfg in config["datasets"].items():
+        problems += _eval_window_problems(dcfg, f"datasets.{dataset}")
         problems += _batch_problems(dcfg["train"], f"datasets.{dataset}.train")
         # Per-method recipes (the reference protocol) are checked like the train block itself.
         for method, override in dcfg.get("train_by_method", {}).items():
@@ -156,6 +157,28 @@ def train_override_problems(override: dict, base: dict, where: str) -> list[str]
     problems = [f"invalid value at '{where}{'.' if e.absolute_path else ''}"
                 f"{'.'.join(map(str, e.absolute_path))}': {e.message}" for e in errors]
     return problems or _batch_problems({**base, **override}, where)
+
+
+def _eval_window_problems(dcfg: dict, where: str) -> list[str]:
+    """eval.stride must not exceed the window (eval.patch, else each recipe's train.patch) on any
+    axis: the voxels between two windows would never be predicted (background)."""
+    stride = dcfg.get("eval", {}).get("stride")
+    if stride is None:
+        return []
+    patches = ([("eval.patch", dcfg["eval"]["patch"])] if "patch" in dcfg.get("eval", {}) else
+               [("train.patch", dcfg["train"]["patch"])]
+               + [(f"train_by_method.{m}.patch", o["patch"])
+                  for m, o in dcfg.get("train_by_method", {}).items() if "patch" in o])
+    problems = []
+    for name, patch in patches:
+        if len(stride) != len(patch):
+            problems.append(f"{where}.eval.stride {stride}: expected {len(patch)} values, as "
+                            f"{name} {patch}")
+        elif any(s > p for s, p in zip(stride, patch)):
+            problems.append(f"{where}.eval.stride {stride} exceeds the window ({name} {patch}) "
+                            "on some axis: the voxels between two windows would never be "
+                            "predicted; use a stride of at most the window")
+    return problems
 
 
 def _batch_problems(train: dict, where: str) -> list[str]:

@@ -139,6 +139,18 @@ class RunFolder:
     def is_finished(self) -> bool:
         return self.file(FINAL).is_file()
 
+    def foreign_entries(self) -> list[str]:
+        """What the folder holds if it is not a run (nothing the trainer writes first: no
+        checkpoint, run.json or training log) but is not empty either: a fresh start here would
+        remove what it owns (metrics.json, tensorboard/...) from someone else's folder. Empty
+        when the folder is absent, empty (but for the lock) or a run."""
+        if not self.path.is_dir():
+            return []
+        markers = (LAST, BEST, PRETRAIN_BEST, FINAL, RUN_JSON, LOG_CSV)
+        if any(self.file(name).exists() for name in markers):
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+
     def last_checkpoint_step(self) -> int | None:
         """Step of ckpt_last.pt, read without loading its tensors (None when there is none)."""
         if not self.file(LAST).is_file():

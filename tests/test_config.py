@@ -244,3 +244,17 @@ def test_resolved_roles_validate_again_unchanged(tmp_path):
     again = tmp_path / "merged.yaml"
     again.write_text(yaml.safe_dump(config))
     assert load_config(again)["roles"] == config["roles"]
+
+
+def test_an_eval_stride_wider_than_the_window_is_refused():
+    """A stride larger than the window leaves voxels no window covers (predicted background)."""
+    config = raw(DEMO)
+    patch = config["datasets"]["la"]["eval"].get("patch", config["datasets"]["la"]["train"]["patch"])
+    config["datasets"]["la"]["eval"]["stride"] = [patch[0] + 1, *patch[1:]]
+    with pytest.raises(ConfigError, match=r"datasets\.la\.eval\.stride .* exceeds the window"):
+        validate_config(config, "demo.yaml")
+    config["datasets"]["la"]["eval"]["stride"] = [1, 1]  # a 2D stride for a 3D window
+    with pytest.raises(ConfigError, match=r"datasets\.la\.eval\.stride \[1, 1\]: expected 3"):
+        validate_config(config, "demo.yaml")
+    config["datasets"]["la"]["eval"]["stride"] = list(patch)  # no overlap: fine
+    validate_config(config, "demo.yaml")

@@ -370,3 +370,21 @@ def test_a_planted_checkpoint_is_refused_without_running_its_code(tmp_path, name
     assert folder.last_checkpoint_step() is None
     folder.unfinished_message()
     assert not marker.exists()
+
+
+def test_out_into_a_non_empty_folder_that_is_not_a_run_is_refused(la_project, capsys):
+    """A user's folder with a metrics.json and a tensorboard/ of their own: training there
+    would remove them; it is refused without --force and nothing is touched."""
+    folder = Path("mine")
+    (folder / "tensorboard").mkdir(parents=True)
+    (folder / METRICS_JSON).write_text('{"mine": true}')
+    (folder / "tensorboard" / "events").write_text("x")
+    assert train_cli(la_project, folder) == 1
+    err = capsys.readouterr().err
+    assert "mine is not empty and holds no run (metrics.json, tensorboard)" in err
+    assert "--force" in err
+    assert (folder / METRICS_JSON).read_text() == '{"mine": true}'
+    assert (folder / "tensorboard" / "events").exists()
+    # an empty folder (as Snakemake may create) trains
+    Path("empty").mkdir()
+    assert train_cli(la_project, Path("empty")) == 0

@@ -121,6 +121,14 @@ class Trainer:
                 self.folder.finished_meta()  # restores run.json if a kill left it out
                 raise RunExistsError(f"{self.folder.file(FINAL)} exists: this run is finished "
                                      "(pass --force to train it again from scratch)")
+            foreign = self.folder.foreign_entries()
+            if foreign and not self.force:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                                  if len(foreign) > 5 else "")
+                raise RunExistsError(
+                    f"{self.folder.path} is not empty and holds no run ({shown}): training here "
+                    "would replace what a run owns there. Use an empty or new --out folder, or "
+                    "pass --force to train here anyway")
             resuming = self.folder.file(LAST).exists() and not self.force
             if resuming:
                 self._check_resumable(self.folder.load_checkpoint(LAST, mmap=True))
