@@ -9,6 +9,7 @@ non-zero on any failure, with one line naming what was wrong (`--debug` shows th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -140,7 +141,10 @@ def cmd_splits(args) -> None:
     index = load_index(layout.processed(args.dataset))
     split = make_splits(index, ratios, args.seed, val_cases=dcfg["val_cases"])
     out = Path(args.out) if args.out else layout.splits(args.dataset, args.seed)
-    write_json(out, split)
+    # Same split, same file (and mtime): a config edit that does not change the split does not
+    # make every run that reads it look out of date to Snakemake.
+    if not (out.is_file() and json.loads(out.read_text()) == json.loads(json.dumps(split))):
+        write_json(out, split)
     counts = ", ".join(f"{r}: {e['n']}" for r, e in split["labeled"].items())
     print(f"{args.dataset} seed {args.seed}: labeled {split['unit']}s per ratio {counts} -> {out}")
 

@@ -1,6 +1,7 @@
 """Snakemake parses, validates and lints the workflow; the paper grid dry-runs."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -361,3 +362,49 @@ def test_the_paper_grid_is_planned_where_torch_cannot_be_imported(configfile, tm
 
     assert job_counts(out.stdout)["train"] > 0
     assert job_counts(out.stdout) == job_counts(with_torch.stdout)
+
+
+def test_editing_a_config_key_reruns_the_rules_that_read_it(tmp_path):
+    """Every config key a rule reads is part of what decides whether it reruns: a finished
+    one-run grid, then in-place edits of keys read by synth, splits, evaluate and aggregate."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config.update(seeds=[0], methods=["supervised"], ratios=[0.05], full_supervision=False,
+                  run_datasets=["crag"], noise_floor={"methods": []})
+    config["datasets"]["crag"]["train"].update(iterations=2, val_every=2, checkpoint_every=2)
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump(config))
+    common = ["--configfile", str(first), "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
+              "--directory", str(tmp_path)]
+    out = snakemake(*common)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    def planned(changed):  # the user edits the config file in place
+        first.write_text(yaml.safe_dump(changed))
+        out = snakemake("-n", "--quiet", "rules", *common)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return set(re.findall(r"^(\w+)\s+\d+$", out.stdout.split("Job stats:")[-1],
+                              re.MULTILINE)) - {"total", "all"} if "Job stats" in out.stdout \
+            else set()
+
+    def edited(path, value):
+        changed = yaml.safe_load(yaml.safe_dump(config))
+        node = changed
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        return changed
+
+    assert planned(config) == set()
+    assert planned(edited(["datasets", "crag", "train", "log_every"], 1)) == set()
+    assert planned(edited(["stats", "smallest_effect"], {"dice": 0.05})) == {"aggregate",
+                                                                               "report"}
+    assert planned(edited(["datasets", "crag", "eval", "largest_component"], True)) == {
+        "evaluate", "aggregate", "report"}
+    assert {"splits", "train", "evaluate"} <= planned(
+        edited(["datasets", "crag", "val_cases"], config["datasets"]["crag"]["val_cases"] + 1))
+    synth = dict(config["datasets"]["crag"]["synth"])
+    synth["n_test"] = synth.get("n_test", 4) + 1
+    assert {"synth_crag_zip", "ingest_crag", "preprocess", "train"} <= planned(
+        edited(["datasets", "crag", "synth"], synth))

@@ -24,7 +24,7 @@ declarations_only()
 from agcl.config import SCHEMA_PATH, Layout, config_rules, expected_runs  # noqa: E402
 from agcl.config_checks import check_config  # noqa: E402
 from agcl.data.specs import get_spec  # noqa: E402
-from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON  # noqa: E402
+from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON, settings_hash  # noqa: E402
 
 CONFIG_SOURCES = [str(f) for f in workflow.configfiles]
 if workflow.config_settings.config:
@@ -120,6 +120,36 @@ def recipe_hash(wildcards):
     """Hash of the run's resolved training settings (recipe, hparams, net, stages): a train
     param, so editing a recipe reruns exactly the runs it changes (Snakemake's params trigger)."""
     return _recipe_hash(wildcards.dataset, wildcards.method)
+
+
+# The config keys each job reads, hashed into a param, so that editing a key in place reruns
+# exactly the jobs that read it (Snakemake's params trigger). The training recipe has its own
+# hash (recipe_hash).
+def dataset_settings(*keys):
+    """A param function: hash of the named keys of the job's dataset block."""
+
+    def settings(wildcards):
+        block = config["datasets"][getattr(wildcards, "dataset", "crag")]
+        return settings_hash({key: block.get(key) for key in keys})
+
+    return settings
+
+
+def split_settings(wildcards):
+    """What `agcl splits` reads: the dataset's val_cases and the grid's labeled fractions."""
+    return settings_hash({"val_cases": config["datasets"][wildcards.dataset]["val_cases"],
+                          "ratios": sorted(config["ratios"]),
+                          "full_supervision": config["full_supervision"]})
+
+
+# `agcl aggregate` reads the grid (which runs, which roles) and the statistics' settings;
+# `agcl report` reads the whole resolved config (it also prints it).
+AGGREGATE_SETTINGS = settings_hash(
+    {key: config.get(key) for key in ("seeds", "methods", "ratios", "full_supervision", "roles",
+                                      "stats", "noise_floor", "variants")}
+    | {"skip_methods": {d: c.get("skip_methods", []) for d, c in config["datasets"].items()}}
+)
+REPORT_SETTINGS = settings_hash(config)
 
 
 def crag_source(wildcards):

@@ -31,6 +31,7 @@ rule synth:
     params:
         agcl=AGCL,
         config=CONFIGFILE,
+        settings=dataset_settings("synth"),
     log:
         LOGS / "synth" / "{dataset}.log",
     conda:
@@ -46,6 +47,7 @@ rule synth_crag_zip:
         agcl=AGCL,
         config=CONFIGFILE,
         out=lambda wc, output: Path(output[0]).parent,
+        settings=dataset_settings("synth"),
     log:
         LOGS / "synth" / "crag.log",
     conda:
@@ -79,6 +81,7 @@ rule preprocess:
         agcl=AGCL,
         config=CONFIGFILE,
         out=lambda wc, output: Path(output[0]).parent,
+        settings=dataset_settings("scale"),
     log:
         LOGS / "preprocess" / "{dataset}.log",
     conda:
@@ -96,6 +99,7 @@ rule splits:
     params:
         agcl=AGCL,
         config=CONFIGFILE,
+        settings=split_settings,
     log:
         LOGS / "splits" / "{dataset}_seed{seed}.log",
     conda:

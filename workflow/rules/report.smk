@@ -18,6 +18,7 @@ rule aggregate:
         agcl=AGCL,
         config=CONFIGFILE,
         out=LAYOUT.results / "summary",
+        settings=AGGREGATE_SETTINGS,
     log:
         LOGS / "aggregate.log",
     conda:
@@ -34,6 +35,7 @@ rule report:
     params:
         agcl=AGCL,
         config=CONFIGFILE,
+        settings=REPORT_SETTINGS,
     log:
         LOGS / "report.log",
     conda:

@@ -11,7 +11,8 @@ rule train:
         out=lambda wc: run_dir(wc),
         settings=recipe_hash,
     threads: 1
-    # Appended to (>>): a retried or resumed run keeps the log of its earlier attempts.
+    # Snakemake removes a job's log before each attempt, so this holds the latest attempt only;
+    # a resumed run's train_log.csv keeps the rows of its earlier attempts.
     log:
         LOGS / "train" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.log",
     benchmark:
