@@ -86,9 +86,14 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def run_identity(dataset: str, method: str, ratio: float, seed: int,
-                 settings: dict[str, Any]) -> dict[str, Any]:
-    return {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": int(seed),
-            "settings_hash": settings_hash(settings)}
+                 settings: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Who a run is: dataset, method, ratio, seed, the hash of its training settings and, where
+    given, `data_hash`: the hash of the data it trains on (its split and the processed index)."""
+    identity = {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": int(seed),
+                "settings_hash": settings_hash(settings)}
+    if data is not None:
+        identity["data_hash"] = settings_hash(data)
+    return identity
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -105,6 +110,12 @@ def identity_differences(saved: dict, expected: dict, saved_settings: dict | Non
     """Readable differences between a checkpoint's identity and the one a command expects."""
     diffs = [f"{key} is {saved.get(key)!r} in the checkpoint but {expected[key]!r} here"
              for key in IDENTITY_KEYS if saved.get(key) != expected[key]]
+    # data_hash: older checkpoints have none (nothing to compare)
+    if "data_hash" in saved and "data_hash" in expected and \
+            saved["data_hash"] != expected["data_hash"]:
+        diffs.append("the data differ (another split or processed data than the checkpoint "
+                     f"trained on: data_hash {saved['data_hash']} there, {expected['data_hash']} "
+                     "here)")
     if saved.get("settings_hash") != expected["settings_hash"]:
         old, new = _flatten(saved_settings or {}), _flatten(expected_settings or {})
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

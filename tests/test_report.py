@@ -54,10 +54,14 @@ def fake_metrics(method: str, ratio: float, seed: int, empty_policy: str) -> dic
 
 
 def write_evaluated_run(run, metrics: dict, run_id: str = "fixture-run", **meta) -> None:
-    """A run folder as training + evaluation leave it: final model, run.json, metrics.json."""
+    """A run folder as training + evaluation leave it: final model, run.json (its identity read
+    from the grid's path .../<dataset>/<method>/r<ratio>/s<seed>), metrics.json."""
     run.mkdir(parents=True, exist_ok=True)
     (run / FINAL).write_bytes(b"weights")  # aggregation reads only the two JSON files
-    write_json(run / RUN_JSON, {"run_id": run_id, **meta})
+    dataset, method, ratio, seed = run.parts[-4:]
+    identity = {"dataset": dataset, "method": method, "ratio": float(ratio[1:]),
+                "seed": int(seed[1:])}
+    write_json(run / RUN_JSON, {"run_id": run_id, **identity, **meta})
     write_json(run / METRICS_JSON, {**metrics, "run_id": run_id})
 
 
@@ -399,3 +403,39 @@ def test_an_eight_seed_tree_marks_agree_with_bars(tmp_path, monkeypatch):
     assert "95% new patients" in html and 'id="case-floors"' in html
     assert 'id="families-table"' in html and 'id="run-to-run-table"' in html
     assert "RMS per seed" in html and "chaos share" in html and "float noise" not in html
+
+
+def test_aggregate_refuses_a_folder_holding_another_run_or_another_recipe(tmp_path, monkeypatch):
+    """A supervised r0.2 s1 model trained with --out into semi_agcl's r0.05 s0 folder is not
+    counted as semi_agcl; nor is a run trained under settings the config no longer gives."""
+    from agcl.recipe import resolve_recipe
+
+    monkeypatch.chdir(tmp_path)
+    config = fixture_config()
+    config["methods"] = ["supervised", "mean_teacher"]
+    config = validate_config(config)
+    layout = Layout(config)
+    now = resolve_recipe(config, "la", "supervised").settings_hash
+    for method in config["methods"]:
+        for ratio in config["ratios"]:
+            for seed in config["seeds"]:
+                meta = {"identity": {"settings_hash": now if method == "supervised" else None}}
+                if (method, ratio, seed) == ("mean_teacher", 0.05, 0):
+                    meta.update(method="supervised", ratio=0.2, seed=1)  # someone else's run
+                if (method, ratio, seed) == ("supervised", 0.1, 1):
+                    meta["identity"] = {"settings_hash": "0" * 16}  # an older recipe
+                write_evaluated_run(layout.run("la", method, ratio, seed),
+                                    fake_metrics(method, ratio, seed, "metrics_reloaded"),
+                                    train_seconds=60, parameters=1, device="cpu", amp="off",
+                                    **meta)
+    aggregate(config)
+    missing = pd.read_csv(layout.results / "summary" / "missing.csv").set_index(
+        ["method", "ratio", "seed"])["reason"]
+    assert len(missing) == 2
+    assert missing[("mean_teacher", 0.05, 0)].startswith(
+        "this folder holds another run (method 'supervised' (expected 'mean_teacher'), ratio 0.2 "
+        "(expected 0.05), seed 1 (expected 0))")
+    assert "trained under other settings than the config now gives" in \
+        missing[("supervised", 0.1, 1)]
+    runs = pd.read_csv(layout.results / "summary" / "runs.csv")
+    assert len(runs) == 2 * 2 * 2 - 2

@@ -149,6 +149,25 @@ def test_resume_with_other_settings_names_them(la_project, monkeypatch):
     assert meta["resumed_at_steps"] == [2]
 
 
+def test_resume_on_another_split_is_refused(la_project, monkeypatch):
+    """The run identity holds a hash of its split and processed data: a run killed at step 3
+    does not resume on a split made afresh with other val cases."""
+    from agcl.config import Layout
+
+    run = Path("runs/a")
+    with killed_at_step(monkeypatch, 3):
+        trainer(la_project, run).run()
+    config = load_config(la_project)
+    split_path = Layout(config).splits("la", 0)
+    split = json.loads(split_path.read_text())
+    moved = split["test"].pop()  # a case moves from test to val: another split
+    split["val"].append(moved)
+    split_path.write_text(json.dumps(split))
+    with pytest.raises(RunMismatchError, match="the data differ"):
+        trainer(la_project, run).run()
+    assert (run / LAST).exists() and not (run / FINAL).exists()
+
+
 def test_train_seconds_add_up_over_resumed_segments(la_project, monkeypatch):
     run = Path("runs/a")
     with killed_at_step(monkeypatch, 3):

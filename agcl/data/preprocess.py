@@ -10,6 +10,7 @@ file of every item and the facts later stages record with results (resolution, s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -187,8 +188,23 @@ def preprocess(dataset: str, src: str | Path, out: str | Path, scale: float = 1.
     if index["missing"]:
         log.warning("%s: %d listed cases are absent (restricted download?): %s", dataset,
                     len(index["missing"]), ", ".join(index["missing"][:5]))
+    index["content_sha256"] = content_digest(out, index)
     write_json(out / "index.json", index)
     return index
+
+
+def content_digest(out: Path, index: dict) -> str:
+    """sha256 over every file the index points to (each case's file, the slice or data file),
+    names included: the run identity's data hash, so a run never resumes on other data."""
+    names = {item["file"] for item in index["items"].values() if "file" in item}
+    names |= {index[key] for key in ("slices_file", "data_file") if index.get(key)}
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0")
+        with open(out / name, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_index(processed_dir: str | Path) -> dict:

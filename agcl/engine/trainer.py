@@ -93,14 +93,15 @@ class Trainer:
         if self.selection == "best_val" and not split["val"]:
             raise ConfigError(f"datasets.{dataset}.selection is best_val but {self.split_path} has "
                               f"no val cases (set datasets.{dataset}.val_cases > 0)")
-        load_index(self.layout.processed(dataset))  # fails now, naming the file, if missing
         self.device = resolve_device(device or config.get("device", "auto"))
         self.amp_dtype = resolve_amp(self.train_cfg["amp"], self.device)
         self.deterministic = resolve_deterministic(self.train_cfg["deterministic"], self.device)
         self.folder = RunFolder(out if out is not None
                                 else self.layout.run(dataset, method, self.ratio, seed))
         self.out = self.folder.path
-        self.identity = run_identity(dataset, method, self.ratio, seed, self.settings)
+        self.identity = run_identity(dataset, method, self.ratio, seed, self.settings,
+                                     data={"split": split, "index": load_index(
+                                         self.layout.processed(dataset))})
         self._warn_degenerate_bf16_cpu()
 
     def _warn_degenerate_bf16_cpu(self) -> None:

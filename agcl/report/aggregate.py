@@ -11,20 +11,29 @@ while summary, case_means and stats leave them out; run_to_run.csv holds their d
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import pandas as pd
 
-from agcl.config import Layout, comparison_references, expected_runs, noise_twins
+from agcl.config import (
+    ConfigError,
+    Layout,
+    comparison_references,
+    expected_runs,
+    noise_twins,
+)
 from agcl.eval.evaluate import METRICS as METRIC_NAMES
 from agcl.eval.evaluate import aggregated_value
+from agcl.recipe import resolve_recipe
 from agcl.report.noise import run_to_run
 from agcl.report.published import compare_with_published
 from agcl.report.stats import case_means, paired_comparisons
-from agcl.runfolder import METRICS_JSON, RunFolder
+from agcl.runfolder import IDENTITY_KEYS, METRICS_JSON, RunFolder
 from agcl.utils import atomic_path
 
+log = logging.getLogger("agcl.aggregate")
 KEYS = ["dataset", "method", "ratio", "seed"]
 METRICS = list(METRIC_NAMES)
 
@@ -45,16 +54,50 @@ def non_finite_values(summary: dict) -> list[str]:
     return bad
 
 
+def not_this_run(config: dict, key: dict, meta: dict, recipe_hashes: dict) -> str | None:
+    """Why a folder's evaluated run cannot stand for the grid's run `key` under `config`: it
+    holds another dataset / method / ratio / seed (a run trained with --out into this folder) or
+    was trained under other settings than the config now gives; None when it is this run. (An
+    edited eval block reruns evaluation through its params hash; the report lists the policies
+    the runs were evaluated with.)"""
+    recorded = {name: meta.get(name) for name in IDENTITY_KEYS}
+    expected = {**key, "ratio": float(key["ratio"])}
+    wrong = [f"{name} {recorded[name]!r} (expected {expected[name]!r})" for name in IDENTITY_KEYS
+             if recorded[name] is None or (float(recorded[name]) != expected[name]
+                                           if name == "ratio" else recorded[name] != expected[name])]
+    if wrong:
+        return ("this folder holds another run (" + ", ".join(wrong) + "): train this run "
+                "into it with --force, or move that run to its own folder")
+    pair = (key["dataset"], key["method"])
+    if pair not in recipe_hashes:
+        try:
+            recipe_hashes[pair] = resolve_recipe(config, *pair).settings_hash
+        except ConfigError as exc:  # the DAG would not have planned it; nothing to compare
+            log.warning("%s on %s: no recipe to compare the runs with (%s)", pair[1], pair[0],
+                        exc)
+            recipe_hashes[pair] = None
+    saved = (meta.get("identity") or {}).get("settings_hash")
+    if saved is not None and recipe_hashes[pair] is not None and saved != recipe_hashes[pair]:
+        return (f"trained under other settings than the config now gives (settings_hash {saved}, "
+                f"the config's {recipe_hashes[pair]}): retrain it (snakemake reruns it)")
+    return None
+
+
 def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per-case rows, per-run rows, missing or rejected runs with the reason) for the grid."""
     layout = Layout(config, root)
     twins = noise_twins(config)
     case_rows, run_rows, missing = [], [], []
+    recipe_hashes: dict[tuple[str, str], str] = {}
     for dataset, method, ratio, seed in expected_runs(config):
         folder = RunFolder(layout.run(dataset, method, ratio, seed))
         key = {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": seed}
         twin_of = twins.get(method, "")
         summary, meta, reason = folder.evaluated()
+        if summary is not None:
+            mismatch = not_this_run(config, key, meta, recipe_hashes)
+            if mismatch:
+                summary, reason = None, mismatch
         if summary is not None:
             bad = non_finite_values(summary)
             if bad:
