@@ -196,6 +196,17 @@ def method_train_config(dcfg: dict, method: str, base: str | None = None) -> dic
     return {**dcfg["train"], **by_method.get(method, by_method.get(base or method, {}))}
 
 
+def method_eval_config(config: dict, dataset: str, method: str) -> dict:
+    """How `method`'s runs on `dataset` are scored: the dataset's eval block, updated by its
+    eval_by_method entry (the post-processing of the method's own test script, reference
+    protocol); a run-to-run twin or a variant without its own entry takes its method's."""
+    dcfg = config["datasets"][dataset]
+    by_method = dcfg.get("eval_by_method", {})
+    base = noise_twins(config).get(method) or config.get("variants", {}).get(method, {}).get(
+        "method")
+    return {**dcfg["eval"], **by_method.get(method, by_method.get(base or method, {}))}
+
+
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text())

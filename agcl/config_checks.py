@@ -41,9 +41,10 @@ def check_config(config: dict, source: str = "<config>") -> None:
             except HparamError as exc:
                 problems.append(f"variants.{name}.hparams: {exc.args[0]}")
     for dataset, dcfg in config["datasets"].items():
-        problems += [f"datasets.{dataset}.train_by_method.{name}: '{name}' is not a registered "
+        problems += [f"datasets.{dataset}.{block}.{name}: '{name}' is not a registered "
                      f"method (registered: {names})"
-                     for name in dcfg.get("train_by_method", {})
+                     for block in ("train_by_method", "eval_by_method")
+                     for name in dcfg.get(block, {})
                      if name not in methods and name not in variants]
     blocks = [("hparams", config.get("hparams", {}), None)]
     blocks += [(f"datasets.{d}.hparams", dcfg.get("hparams", {}), d)

@@ -258,3 +258,30 @@ def test_an_eval_stride_wider_than_the_window_is_refused():
         validate_config(config, "demo.yaml")
     config["datasets"]["la"]["eval"]["stride"] = list(patch)  # no overlap: fine
     validate_config(config, "demo.yaml")
+
+
+def test_eval_by_method_scores_each_method_as_its_test_script():
+    """reference.yaml: on LA, SS-Net's, DTC's and BCP's test scripts keep the largest connected
+    component (--nms 1 by default), UA-MT's, MC-Net's and SASSNet's do not; a twin and a variant
+    take their method's entry; an unknown name is refused."""
+    from agcl.config import method_eval_config
+    from agcl.config_checks import check_config
+
+    reference = load_config(REPO_ROOT / "config" / "reference.yaml")
+    keeps = {m for m in reference["methods"]
+             if method_eval_config(reference, "la", m)["largest_component"]}
+    assert keeps == {"ss_net", "dtc", "bcp"}
+    assert not any(method_eval_config(reference, "acdc", m)["largest_component"]
+                   for m in reference["methods"])
+    reference["noise_floor"] = {"methods": ["bcp"]}
+    reference["variants"] = {"dtc_b": {"method": "dtc", "hparams": {}}}
+    assert method_eval_config(reference, "la", "bcp_ulp")["largest_component"]
+    assert method_eval_config(reference, "la", "dtc_b")["largest_component"]
+    config = raw(DEMO)
+    config["datasets"]["la"]["eval_by_method"] = {"ss_nte": {"largest_component": True}}
+    with pytest.raises(ConfigError, match=r"datasets\.la\.eval_by_method\.ss_nte: 'ss_nte' is "
+                                          "not a registered method"):
+        check_config(validate_config(config, "demo.yaml"), "demo.yaml")
+    config["datasets"]["la"]["eval_by_method"] = {"ss_net": {"stride": [1, 1, 1]}}
+    with pytest.raises(ConfigError, match="eval_by_method.ss_net"):
+        validate_config(config, "demo.yaml")

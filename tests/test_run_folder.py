@@ -407,3 +407,20 @@ def test_out_into_a_non_empty_folder_that_is_not_a_run_is_refused(la_project, ca
     # an empty folder (as Snakemake may create) trains
     Path("empty").mkdir()
     assert train_cli(la_project, Path("empty")) == 0
+
+
+def test_evaluate_applies_the_methods_own_eval_entry(la_project):
+    """datasets.<d>.eval_by_method reaches agcl evaluate: the run's metrics.json records the
+    largest-component step its method's entry asks for."""
+    import yaml
+
+    run = Path("runs/a")
+    assert train_cli(la_project, run) == 0
+    config = yaml.safe_load(la_project.read_text())
+    config["datasets"]["la"]["eval_by_method"] = {"supervised": {"largest_component": True}}
+    by_method = la_project.parent / "by_method.yaml"
+    by_method.write_text(yaml.safe_dump(config))
+    assert evaluate_cli(by_method, run) == 0
+    assert json.loads((run / METRICS_JSON).read_text())["protocol"]["largest_component"] is True
+    assert evaluate_cli(la_project, run) == 0
+    assert json.loads((run / METRICS_JSON).read_text())["protocol"]["largest_component"] is False

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from agcl.components import largest_component_per_class
-from agcl.config import ConfigError, Layout, dataset_config
+from agcl.config import ConfigError, Layout, method_eval_config
 from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import SPECS, get_spec
@@ -78,10 +78,9 @@ def evaluate_run(config: dict, dataset: str, run_dir: str | Path, *, device: str
                  root: str | Path = ".", save_predictions: bool = False) -> dict:
     folder = RunFolder(run_dir)
     spec = get_spec(dataset)
-    dcfg = dataset_config(config, dataset)
-    eval_cfg = dcfg["eval"]
     layout = Layout(config, root)
     meta = folder.finished_meta()
+    eval_cfg = method_eval_config(config, dataset, meta["method"])
     if meta["dataset"] != dataset:
         raise ConfigError(f"{folder.path} holds a {meta['dataset']} run but it is being evaluated "
                           f"as {dataset}: pass {meta['dataset']} as the dataset")

@@ -21,7 +21,13 @@ PLUGIN_DIRS = export_plugin_dirs(REPO / "baselines")
 from agcl.declarations import declarations_only  # noqa: E402
 
 declarations_only()
-from agcl.config import SCHEMA_PATH, Layout, config_rules, expected_runs  # noqa: E402
+from agcl.config import (  # noqa: E402
+    SCHEMA_PATH,
+    Layout,
+    config_rules,
+    expected_runs,
+    method_eval_config,
+)
 from agcl.config_checks import check_config  # noqa: E402
 from agcl.data.specs import get_spec  # noqa: E402
 from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON, settings_hash  # noqa: E402
@@ -133,6 +139,11 @@ def dataset_settings(*keys):
         return settings_hash({key: block.get(key) for key in keys})
 
     return settings
+
+
+def eval_settings(wildcards):
+    """What `agcl evaluate` reads: the dataset's eval block with the method's eval_by_method."""
+    return settings_hash(method_eval_config(config, wildcards.dataset, wildcards.method))
 
 
 def split_settings(wildcards):

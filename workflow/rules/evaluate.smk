@@ -9,7 +9,7 @@ rule evaluate:
         agcl=AGCL,
         config=CONFIGFILE,
         run=lambda wc: run_dir(wc),
-        settings=dataset_settings("eval"),
+        settings=eval_settings,
     threads: 1
     log:
         LOGS / "evaluate" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.log",
