@@ -1,0 +1,101 @@
+"""Our LA evaluation against a reference's own test script (SS-Net utils/test_3d_patch.py, whose
+sliding window, threshold, --nms largest-component step and medpy metrics DTC's and BCP's test
+scripts share): the same volume and network through their test_single_case / test_all_case
+and through ours give the same prediction and the same Dice, Jaccard, HD95 and ASD.
+
+The reference runs as written; only what it cannot run on here is bridged: `.cuda()` is the
+identity on a CPU machine, numpy 2 has no `np.int` (it meant the builtin int), and nibabel is
+a stub (save_result=False, it writes nothing).
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from agcl.components import largest_component_per_class
+from agcl.eval.metrics import binary_metrics
+from agcl.inference import sliding_window_probabilities
+from tests.reference_code import reference_modules
+
+REPO = "ycwu1997/SS-Net"
+PATCH, STRIDE_XY, STRIDE_Z = (24, 24, 16), 6, 4
+
+
+class PositionDependentNet(torch.nn.Module):
+    """A fixed conv net whose output depends on where a window starts (zero padding at its
+    borders), so the averaging over overlapping windows matters."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, 2, 5, padding=2)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.3)
+            self.conv.weight[1] += 0.4 / 125
+            self.conv.bias.copy_(torch.tensor([0.0, -0.05]))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def volume(seed: int):
+    """An LA-like case: a smooth blob of foreground (and a small detached island) in noise."""
+    rng = np.random.default_rng(seed)
+    shape = (40, 36, 30)
+    grid = np.indices(shape).astype(float)
+    centre = np.array(shape)[:, None, None, None] / 2
+    label = (((grid - centre) ** 2 / np.array([90, 70, 50])[:, None, None, None]).sum(0)
+             < 1).astype(np.uint8)
+    label[3:6, 3:6, 3:6] = 1  # an island: the largest-component step removes it
+    image = ndimage.gaussian_filter(label.astype(float) + rng.normal(0, 0.6, shape), 1.0)
+    return ((image - image.mean()) / image.std()).astype(np.float32), label
+
+
+@pytest.fixture
+def reference_test(monkeypatch):
+    module = reference_modules(REPO, "utils.test_3d_patch", stubs=("tensorboardX", "nibabel"))
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
+    monkeypatch.setattr(np, "int", int, raising=False)
+    return module
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("nms", [0, 1])
+def test_evaluation_equals_the_reference_test_script(reference_test, tmp_path, seed, nms):
+    image, label = volume(seed)
+    net = PositionDependentNet().eval()
+    path = tmp_path / "case.h5"
+    (tmp_path / "predictions").mkdir()
+    with h5py.File(path, "w") as h5:
+        h5["image"], h5["label"] = image, label
+
+    def their_model(x):  # SS-Net's VNet returns (logits, features)
+        return net(x), None
+
+    theirs, _ = reference_test.test_single_case(their_model, image, STRIDE_XY, STRIDE_Z, PATCH,
+                                                num_classes=2)
+    if nms:
+        theirs = reference_test.getLargestCC(theirs)
+    their_metrics = reference_test.test_all_case(
+        their_model, [str(path)], num_classes=2, patch_size=PATCH, stride_xy=STRIDE_XY,
+        stride_z=STRIDE_Z, save_result=False, test_save_path=f"{tmp_path}/predictions/",
+        metric_detail=1, nms=nms)  # it writes its average to <test_save_path>/../performance.txt
+
+    with torch.no_grad():
+        probs = sliding_window_probabilities(net, image[None], list(PATCH),
+                                             [STRIDE_XY, STRIDE_XY, STRIDE_Z], 2,
+                                             torch.device("cpu"))
+    ours = probs.argmax(axis=0).astype(np.uint8)
+    if nms:
+        ours = largest_component_per_class(ours, 2)
+    assert 0 < ours.sum() < ours.size and (ours != label).any()  # a non-trivial prediction
+    np.testing.assert_array_equal(ours.astype(bool), np.asarray(theirs).astype(bool))
+    mine = binary_metrics(ours == 1, label == 1)
+    np.testing.assert_allclose([mine[m] for m in ("dice", "jaccard", "hd95", "asd")],
+                               their_metrics, rtol=1e-12, atol=1e-12)
+    if nms == 0:  # the island and the noise leave several components: the step matters
+        assert ndimage.label(ours)[1] > 1
