@@ -28,6 +28,9 @@ from agcl.runfolder import settings_hash
 # whether CUDA may pick nondeterministic kernels, not the recipe a run trains with; they stay out
 # of the settings hash, so changing them never blocks a resume or reruns a job.
 EXECUTION_KEYS = ("log_every", "checkpoint_every", "tensorboard", "data_placement", "deterministic")
+# Train keys added after runs existed, at the value that reproduces what ran before them: left out
+# of the settings hash at that value, so adding the key neither reruns nor refuses those runs.
+NEUTRAL_DEFAULTS = {"grad_reset": "none"}
 
 
 def positive_iterations(value: Any, where: str = "--iterations") -> int:
@@ -113,7 +116,8 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     eval_patch, eval_stride = eval_window(dcfg["eval"], train_cfg["patch"])
     # Everything that decides the weights a run ends with.
     settings = {
-        "train": {k: v for k, v in sorted(train_cfg.items()) if k not in EXECUTION_KEYS},
+        "train": {k: v for k, v in sorted(train_cfg.items()) if k not in EXECUTION_KEYS
+                  and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])},
         "hparams": dict(sorted(hparams.items())),
         "net": {"name": method_cls.net_name(spec), **dcfg["net"]},
         "selection": dcfg["selection"],

@@ -424,3 +424,83 @@ def test_a_skipped_step_leaves_every_parameter_and_buffer_as_it_was(scale):
     # the next finite step trains on as if the bad batch had never come
     update(method, good, schedule, 2, 3, state)
     assert all(torch.isfinite(v.float()).all() for v in method.state_dict().values())
+
+
+class _SometimesUnused(torch.nn.Module):
+    """A toy method whose `selector` gets a gradient only on step 0 (as SS-Net's selector of a
+    class absent from later batches)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.selector = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+
+    def trainable_parameters(self):
+        return self.parameters()
+
+    def train_step(self, batch, step):
+        loss = self.net(batch.x_labeled).pow(2).mean()
+        if step == 0:
+            loss = loss + self.selector(batch.x_labeled).pow(2).mean()
+        return loss, {}
+
+    def after_optimizer_step(self, step):
+        pass
+
+
+@pytest.mark.parametrize("grad_reset", ["none", "zeros"])
+def test_grad_reset_zeros_is_torch_1x_zero_grad(grad_reset):
+    """Three SGD steps (momentum, weight decay) through the engine against the references' loop
+    (optimizer.zero_grad(); backward; step) under torch 1.x (zero_grad zeroes) and torch 2 (it
+    sets None): grad_reset zeros equals the first, none the second; they differ only for the
+    parameter without a gradient after step 0."""
+    import copy
+
+    from agcl.engine.optimizers import main_optimizer
+    from agcl.engine.state import TrainingState
+    from agcl.engine.update import Updater
+    from agcl.methods.base import Batch
+
+    sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}
+    ours, theirs = _SometimesUnused(), _SometimesUnused()
+    ours.name = "toy"
+    update = Updater(ours, main_optimizer(ours, sgd),
+                     torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                     amp_dtype=None, nonfinite="skip", max_consecutive_skips=3, where="toy",
+                     grad_reset=grad_reset)
+    reference = torch.optim.SGD(theirs.parameters(), **sgd)
+    batch = Batch(torch.randn(4, 2, generator=torch.Generator().manual_seed(1)),
+                  torch.zeros(4, dtype=torch.long), None)
+    state = TrainingState()
+    selector_after_0 = None
+    for step in range(3):
+        update(ours, batch, {"lr": 0.1, "schedule": "constant"}, step, 3, state)
+        reference.zero_grad(set_to_none=grad_reset == "none")  # torch 1.x: zeroed
+        loss, _ = theirs.train_step(batch, step)
+        loss.backward()
+        reference.step()
+        if step == 0:
+            selector_after_0 = copy.deepcopy(ours.selector.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    moved = not torch.equal(ours.selector.weight, selector_after_0["weight"])
+    assert moved == (grad_reset == "zeros")
+    with pytest.raises(ValueError, match="grad_reset"):
+        Updater(ours, update.optimizer, update.scaler, device=torch.device("cpu"), amp_dtype=None,
+                nonfinite="skip", max_consecutive_skips=3, where="toy", grad_reset="zero")
+
+
+def test_grad_reset_reaches_the_recipe_without_moving_old_hashes(tiny_project):
+    """grad_reset: none (the default, what ran before the key existed) leaves a recipe's settings
+    hash as it was; zeros is a new recipe (it reruns, and a resume under the other is refused)."""
+    from agcl.config import load_config
+    from agcl.recipe import resolve_recipe
+
+    config = load_config(tiny_project)
+    default = resolve_recipe(config, "la", "supervised")
+    assert default.train_cfg["grad_reset"] == "none"
+    assert "grad_reset" not in default.settings["train"]
+    config["datasets"]["la"]["train"]["grad_reset"] = "zeros"
+    zeros = resolve_recipe(config, "la", "supervised")
+    assert zeros.train_cfg["grad_reset"] == "zeros"
+    assert zeros.settings_hash != default.settings_hash

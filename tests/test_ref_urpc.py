@@ -438,3 +438,31 @@ def test_consistency_weight_follows_the_scripts_ramp():
             # get_current_consistency_weight(iter_num // 150), iter_num = the 0-based step
             expected = 0.1 * ramps.sigmoid_rampup(step // 150, rampup)
             assert logs["cons_weight"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("script", [SCRIPT_2D, SCRIPT_3D, "train_mean_teacher_2D",
+                                    "train_fully_supervised_2D"])
+def test_poly_lagged_is_the_lr_the_ssl4mis_loop_sets(script):
+    """SSL4MIS sets the next step's lr after each step from the step just taken (its lines read
+    from the script: the lr_ assignment, then iter_num += 1): schedule poly_lagged gives the lr
+    every step of that loop runs at; plain poly runs one step ahead."""
+    from agcl.engine.update import learning_rate
+    from tests.reference_code import reference_source
+
+    text = reference_source(REPO, f"{script}.py")
+    formula = re.search(r"lr_ = (base_lr \* \(1\.0 - iter_num / max_iterations\) \*\* 0\.9)",
+                        text).group(1)
+    assert text.index("lr_ = base_lr") < text.index("iter_num = iter_num + 1")
+    base_lr, max_iterations = 0.01, 50
+    used, lr = [], base_lr  # the optimiser starts at base_lr
+    for iter_num in range(max_iterations):
+        used.append(lr)  # optimizer.step() runs at the current lr
+        lr = eval(formula, {"base_lr": base_lr, "iter_num": iter_num,
+                            "max_iterations": max_iterations})
+    lagged = [learning_rate({"lr": base_lr, "schedule": "poly_lagged"}, t, max_iterations)
+              for t in range(max_iterations)]
+    assert lagged == pytest.approx(used, rel=1e-15, abs=0)
+    ahead = [learning_rate({"lr": base_lr, "schedule": "poly"}, t, max_iterations)
+             for t in range(max_iterations)]
+    assert ahead[1:-1] == pytest.approx(used[2:], rel=1e-15)  # poly at t is theirs at t + 1
+    assert ahead != pytest.approx(used)

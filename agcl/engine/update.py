@@ -28,6 +28,8 @@ def learning_rate(schedule: dict, step: int, total: int) -> float:
         return base * schedule["gamma"] ** (step // schedule["step_size"])
     if schedule["schedule"] == "poly":
         return base * (1.0 - step / total) ** 0.9
+    if schedule["schedule"] == "poly_lagged":  # SSL4MIS: set after step t-1 from t-1
+        return base * (1.0 - max(step - 1, 0) / total) ** 0.9
     return base
 
 
@@ -120,7 +122,10 @@ class Updater:
 
     def __init__(self, method, optimizer, scaler, *, device: torch.device,
                  amp_dtype: torch.dtype | None, nonfinite: str, max_consecutive_skips: int,
-                 where: str, auxiliary: dict | None = None):
+                 where: str, auxiliary: dict | None = None, grad_reset: str = "none"):
+        if grad_reset not in ("none", "zeros"):
+            raise ValueError(f"grad_reset: expected none or zeros, got {grad_reset!r}")
+        self.set_to_none = grad_reset == "none"
         self.method = method
         self.optimizer = optimizer
         self.auxiliary = auxiliary or {}
@@ -167,7 +172,7 @@ class Updater:
                             enabled=self.amp_dtype is not None):
             loss, logs = compute(*args)
         loss_value = loss.detach()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
         buffers = float_buffers(self.method)
         finite = torch.isfinite(loss_value) & buffers_finite(buffers)
