@@ -285,3 +285,53 @@ def test_eval_by_method_scores_each_method_as_its_test_script():
     config["datasets"]["la"]["eval_by_method"] = {"ss_net": {"stride": [1, 1, 1]}}
     with pytest.raises(ConfigError, match="eval_by_method.ss_net"):
         validate_config(config, "demo.yaml")
+
+
+# method -> (its LA reference script, its 2D (ACDC) reference script), repository and path
+RAMP_SCRIPTS = {
+    "mean_teacher": (("yulequan/UA-MT", "train_LA_meanteacher_certainty_unlabel.py"),
+                     ("HiLab-git/SSL4MIS", "train_mean_teacher_2D.py")),
+    "ua_mt": (("yulequan/UA-MT", "train_LA_meanteacher_certainty_unlabel.py"),
+              ("HiLab-git/SSL4MIS", "train_uncertainty_aware_mean_teacher_2D.py")),
+    "mc_net": (("ycwu1997/MC-Net", "train_mcnet_3d.py"), ("ycwu1997/MC-Net", "train_mcnet_2d.py")),
+    "ss_net": (("ycwu1997/SS-Net", "train_ss_3d.py"), ("ycwu1997/SS-Net", "train_ss_2d.py")),
+    "dtc": (("HiLab-git/DTC", "train_la_dtc.py"), None),
+    "sassnet": (("kleinzcy/SASSnet", "train_gan_sdfloss.py"), None),
+    "urpc": (("HiLab-git/SSL4MIS", "train_uncertainty_rectified_pyramid_consistency_3D.py"),
+             ("HiLab-git/SSL4MIS", "train_uncertainty_rectified_pyramid_consistency_2D.py")),
+}
+
+
+def reference_ramp_fraction(repo: str, script: str) -> float:
+    """consistency_rampup x 150 / max_iterations, from the script's argparse defaults and its
+    get_current_consistency_weight(iter_num // 150) line."""
+    import re
+
+    from tests.reference_code import reference_source
+
+    text = reference_source(repo, script)
+
+    def default(name):
+        return float(re.search(rf"'--{name}'.*?default=\s*([0-9.]+)", text, re.DOTALL).group(1))
+
+    assert "get_current_consistency_weight(iter_num//150)" in text.replace(" ", "")
+    iterations = default("max_iterations") if "'--max_iterations'" in text \
+        else default("max_iteration")
+    return default("consistency_rampup") * 150 / iterations
+
+
+@pytest.mark.parametrize("method", sorted(RAMP_SCRIPTS))
+def test_unified_ramps_span_the_share_of_the_run_their_reference_does(method):
+    """config.yaml's one rule for consistency ramps: each spans the same fraction of the run as
+    in the method's reference script (LA: its 3D script; ACDC and CRAG: its 2D script)."""
+    from agcl.recipe import resolve_recipe
+
+    paper = load_config(PAPER)
+    for dataset, dcfg in paper["datasets"].items():
+        if method in dcfg.get("skip_methods", []):
+            continue
+        script = RAMP_SCRIPTS[method][0 if dataset == "la" else 1]
+        hparams = resolve_recipe(paper, dataset, method).hparams
+        ours = (hparams["consistency_rampup"] * hparams["rampup_epoch_iterations"]
+                / dcfg["train"]["iterations"])
+        assert ours == pytest.approx(reference_ramp_fraction(*script)), (dataset, script)
