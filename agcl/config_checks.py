@@ -62,6 +62,14 @@ def check_config(config: dict, source: str = "<config>") -> None:
                 problems.append(f"{where}.{name}: {exc.args[0]}")
     for dataset, dcfg in config["datasets"].items():
         spec = get_spec(dataset)
+        patches = [("train.patch", dcfg["train"]["patch"])]
+        patches += [(f"train_by_method.{m}.patch", o["patch"])
+                    for m, o in dcfg.get("train_by_method", {}).items() if "patch" in o]
+        if "patch" in dcfg.get("eval", {}):
+            patches.append(("eval.patch", dcfg["eval"]["patch"]))
+        problems += [f"datasets.{dataset}.{where} {patch}: {dataset} trains and predicts on "
+                     f"{spec.spatial_dims}D patches, expected {spec.spatial_dims} values"
+                     for where, patch in patches if len(patch) != spec.spatial_dims]
         skipped = dcfg.get("skip_methods", [])
         # A skip of a method the grid does not run is harmless (an overlay may narrow methods);
         # a name that is no method at all is a typo.

@@ -48,6 +48,28 @@ def test_preprocess_rejects_a_non_finite_volume_naming_the_file(tmp_path, value)
         preprocess("la", src, tmp_path / "processed")
 
 
+def test_preprocess_rejects_a_case_in_two_lists_and_an_empty_volume(tmp_path):
+    from agcl.data.preprocess import PreprocessError
+
+    src = synth_la(tmp_path / "la", n_train=2, n_test=1, size_xy=(32, 32), size_z=16)
+    train = (src / "train.list").read_text().split()
+    test_list = src / "test.list"
+    original = test_list.read_text()
+    test_list.write_text(original + train[0] + "\n")  # a training case scored too
+    with pytest.raises(PreprocessError, match=rf"1 case\(s\) in both train\.list and test\.list "
+                                              rf"\(e\.g\. {train[0]}\)"):
+        preprocess("la", src, tmp_path / "processed")
+    test_list.write_text(original)
+    path = src / "2018LA_Seg_Training Set" / train[1] / "mri_norm2.h5"
+    with h5py.File(path, "r+") as h5:
+        for key in ("image", "label"):
+            del h5[key]
+            h5[key] = np.zeros((32, 32, 0), dtype=np.float32 if key == "image" else np.uint8)
+    with pytest.raises(PreprocessError, match=rf"{train[1]}/mri_norm2\.h5: field 'image' has "
+                                              r"shape \[32, 32, 0\]: an empty axis"):
+        preprocess("la", src, tmp_path / "processed")
+
+
 def test_evaluation_refuses_a_non_finite_test_volume(tiny_project):
     layout = prepare(tiny_project, "la")
     config = load_config(tiny_project)
@@ -190,3 +212,12 @@ def test_snakemake_stops_at_start_on_an_unregistered_method(tmp_path):
                          check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "'mean_teachr' is not a registered method" in out.stdout + out.stderr
+
+
+def test_a_patch_of_the_wrong_dimension_is_a_config_error():
+    """A 2D patch for LA (3D) used to fail inside torch; now the key is named."""
+    config = validate_config(load_config(REPO / "config" / "demo.yaml"))
+    config["datasets"]["la"]["train"]["patch"] = [32, 32]
+    with pytest.raises(ConfigError, match=r"datasets\.la\.train\.patch \[32, 32\]: la trains and "
+                                          r"predicts on 3D patches, expected 3 values"):
+        check_config(config, "demo.yaml")

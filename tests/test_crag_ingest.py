@@ -188,3 +188,21 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     with pytest.raises(CragIngestError, match="not empty and has no ingest.json"):
         ingest_crag(tmp_path / "raw", dest, expected_train=3, expected_test=2)
     assert tree(dest) == {"notes.txt"}
+
+
+def test_a_zip_with_a_member_twice_is_refused(tmp_path):
+    """Two members of one name: which is the image is ambiguous (zipfile would silently read the
+    last); the ingest refuses, naming the member, and writes nothing."""
+    import warnings
+
+    make_crag(tmp_path / "raw")
+    archive = zip_folder(tmp_path / "raw", tmp_path / "CRAG.zip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        with zipfile.ZipFile(archive, "a") as appended:
+            appended.writestr("CRAG/train/Images/train_1.png", b"another image")
+    dest = tmp_path / "out" / "crag"
+    with pytest.raises(CragIngestError, match=r"more than once \(e\.g\. "
+                                              r"CRAG/train/Images/train_1\.png\)"):
+        ingest_crag(archive, dest, expected_train=3, expected_test=2)
+    assert not dest.exists()

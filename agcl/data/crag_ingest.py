@@ -65,6 +65,17 @@ class _Source:
             )
             self._zip_names = {info.filename.replace("\\", "/"): info.filename
                                for info in self._zip.infolist()}
+            seen, twice = set(), []
+            for name in self.files:
+                if name in seen:
+                    twice.append(name)
+                seen.add(name)
+            if twice:
+                self.close()
+                raise CragIngestError(
+                    f"{src}: the zip holds {len(twice)} member name(s) more than once (e.g. "
+                    f"{twice[0]}): which copy is the image is ambiguous; repack it with each "
+                    "file once")
         elif src.exists():
             raise CragIngestError(f"CRAG source {src} is neither a folder nor a readable .zip")
         else:

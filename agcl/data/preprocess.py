@@ -40,8 +40,27 @@ def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(Path(path).resolve(), Path(start).resolve())
 
 
+def _check_disjoint(src: Path, lists: dict[str, list[str]]) -> None:
+    """A case in two of the lists (train and test, say) would be trained on and scored."""
+    names = list(lists)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            both = sorted(set(lists[first]) & set(lists[second]))
+            if both:
+                raise PreprocessError(
+                    f"{src}: {len(both)} case(s) in both {first}.list and {second}.list (e.g. "
+                    f"{both[0]}): a case is trained on or scored, never both; fix the lists")
+
+
+def _check_not_empty(path: Path, image: np.ndarray) -> None:
+    if 0 in image.shape:
+        raise PreprocessError(f"{path}: field 'image' has shape {list(image.shape)}: an empty "
+                              "axis (0 slices?); expected a volume with every axis > 0")
+
+
 def preprocess_la(src: Path, out: Path) -> dict:
     train, test = (formats.read_list(src / f"{s}.list") for s in ("train", "test"))
+    _check_disjoint(src, {"train": train, "test": test})
     items, missing = {}, []
     for case in train + test:
         path = formats.la_case_path(src, case)
@@ -49,6 +68,7 @@ def preprocess_la(src: Path, out: Path) -> dict:
             missing.append(case)
             continue
         image, _ = formats.read_h5_volume(path, label_values={0, 1})
+        _check_not_empty(path, image)
         items[case] = {"file": _rel(path, out), "shape": list(image.shape)}
     if not items:
         raise PreprocessError(f"{src}: none of the {len(train + test)} LA cases of the lists is present")
@@ -65,6 +85,7 @@ def preprocess_la(src: Path, out: Path) -> dict:
 
 def preprocess_acdc(src: Path, out: Path) -> dict:
     lists = {s: formats.read_list(src / f"{s}.list") for s in ("train", "val", "test")}
+    _check_disjoint(src, lists)
     slice_names = formats.read_list(src / "train_slices.list")
     frame_files = formats.acdc_frame_files(src)
     items, missing = {}, []
@@ -88,6 +109,7 @@ def preprocess_acdc(src: Path, out: Path) -> dict:
                 continue
             if frame not in volumes:
                 volumes[frame] = formats.read_h5_volume(frame_files[frame], label_values={0, 1, 2, 3})
+                _check_not_empty(frame_files[frame], volumes[frame][0])
             image, label = volumes[frame]
             if not 1 <= number <= image.shape[0]:
                 raise PreprocessError(
@@ -105,6 +127,7 @@ def preprocess_acdc(src: Path, out: Path) -> dict:
     for frame, item in items.items():
         if "shape" not in item:
             image, _ = formats.read_h5_volume(frame_files[frame], label_values={0, 1, 2, 3})
+            _check_not_empty(frame_files[frame], image)
             item["shape"] = list(image.shape)
     return {
         "dataset": "acdc",
