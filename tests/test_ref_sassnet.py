@@ -144,9 +144,11 @@ def test_the_net_loss_and_its_gradients_equal_the_reference(iter_num):
 
 def test_two_whole_iterations_equal_the_reference_loop():
     method, net, discriminator, losses, util, ramps = method_and_reference()
-    # train:124-125, the reference's two optimisers
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0001)
-    d_opt = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    # train:124-125, the reference's two optimisers, their constants read from its text
+    script = script_optimisers()
+    optimizer = torch.optim.SGD(net.parameters(), lr=script["base_lr"],
+                                momentum=script["momentum"], weight_decay=script["weight_decay"])
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=script["d_lr"], betas=script["betas"])
     update = Updater(method, main_optimizer(method, {"lr": 0.01, "momentum": 0.9,
                                                      "weight_decay": 1e-4}),
                      torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
@@ -183,3 +185,65 @@ def test_two_whole_iterations_equal_the_reference_loop():
         for name, value in theirs_state.items():
             torch.testing.assert_close(ours_state[name], value, rtol=1e-4, atol=1e-6, msg=name)
     assert method.student.training  # back in train mode for the next step
+
+
+def script_optimisers() -> dict:
+    """The constants of the reference's two optimisers, read from train_gan_sdfloss.py's text
+    (train:36-37 argparse defaults, train:124-125 the optimisers)."""
+    import re
+
+    from tests.reference_code import reference_source
+
+    text = reference_source(REPO, "train_gan_sdfloss.py")
+
+    def default(name):
+        return float(re.search(rf"'--{name}', type=float,\s*default=([0-9.e-]+)", text).group(1))
+
+    adam = re.search(r"Dopt = optim\.Adam\(D\.parameters\(\), lr=args\.D_lr, "
+                     r"betas=\(([0-9.]+),\s*([0-9.]+)\)\)", text)
+    sgd = re.search(r"optimizer = optim\.SGD\(model\.parameters\(\), lr=base_lr, "
+                    r"momentum=([0-9.]+), weight_decay=([0-9.e-]+)\)", text)
+    return {"d_lr": default("D_lr"), "betas": (float(adam.group(1)), float(adam.group(2))),
+            "base_lr": default("base_lr"), "momentum": float(sgd.group(1)),
+            "weight_decay": float(sgd.group(2))}
+
+
+def test_the_optimiser_constants_are_the_scripts():
+    """Every optimiser constant SASSNet trains with equals the script's text, so a changed beta
+    (0.99 -> 0.999: invisible in two Adam steps at float32 tolerances) fails here."""
+    from agcl.config import load_config
+    from tests.conftest import REPO_ROOT
+
+    script = script_optimisers()
+    method = method_and_reference()[0]
+    (update,) = method.auxiliary_updates()
+    assert (update.optimizer, update.lr, update.betas) == ("adam", script["d_lr"],
+                                                           script["betas"])
+    reference = load_config(REPO_ROOT / "config" / "reference.yaml")
+    train = {**reference["datasets"]["la"]["train"],
+             **reference["datasets"]["la"]["train_by_method"]["sassnet"]}
+    assert (train["lr"], train["momentum"], train["weight_decay"]) == (
+        script["base_lr"], script["momentum"], script["weight_decay"])
+
+
+def test_many_adam_steps_of_the_discriminator_equal_the_reference_optimiser():
+    """Ten Adam steps of the discriminator through the engine's auxiliary update against
+    torch.optim.Adam with the script's constants, float64 on varying gradients: beta2 shows
+    from the second step on (its bias correction), so 0.999 for 0.99 fails at these tolerances."""
+    from agcl.engine.optimizers import auxiliary_optimizers
+
+    script = script_optimisers()
+    method = method_and_reference()[0].double()
+    params = list(method.discriminator.parameters())
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    reference = torch.optim.Adam(copies, lr=script["d_lr"], betas=script["betas"])
+    (_, ours) = auxiliary_optimizers(method)["discriminator"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        for p, q in zip(params, copies):
+            g = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        reference.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
