@@ -166,3 +166,33 @@ def test_a_training_set_on_the_gpu_gives_the_host_batches():
         for h, g in zip(host.next_batch(), gpu.next_batch()):
             assert g.device.type == "cuda"
             torch.testing.assert_close(g.cpu(), h, rtol=0, atol=0)
+
+
+def test_ss_nets_random_generator_is_rot_flip_half_rotate_quarter_nothing_quarter():
+    """SS-Net's RandomGenerator (its dataloaders/dataset.py, the branch structure read from the
+    text): rot90 + flip if random() > 0.5, elif random() > 0.5 a rotation, else nothing."""
+    import re
+
+    from tests.reference_code import reference_source
+
+    text = reference_source("ycwu1997/SS-Net", "dataloaders/dataset.py")
+    body = text[text.index("class RandomGenerator"):]
+    assert re.search(r"if random\.random\(\) > 0\.5:\s*image, label = random_rot_flip\(image, "
+                     r"label\)\s*elif random\.random\(\) > 0\.5:\s*image, label = "
+                     r"random_rotate\(image, label\)\s*x, y = image\.shape", body)
+    # a pixel far from the centre: a rotation by more than about a degree moves it
+    sampler = PatchSampler(one_pixel_set(48), [48, 48], 1, 0, seed=0,
+                           augmentation="rot_flip_rotate_or_none")
+    allowed = rot_flip_positions(48)
+    untouched = rotated = 0
+    n = 2000
+    for _ in range(n):
+        image = sampler.next_batch()[0].numpy()[0, 0]
+        found = [tuple(int(i) for i in p) for p in np.argwhere(image > 0.5)]
+        if found == [(2, 5)]:
+            untouched += 1  # nothing (1/4), or an angle near 0 that keeps the pixel
+        elif len(found) != 1 or found[0] not in allowed:
+            rotated += 1
+    # expected: untouched 1/4 + ~0.02 (angles near 0), rotated 1/4 - that; SSL4MIS's would give
+    # ~0.03 and ~0.43
+    assert 0.23 < untouched / n < 0.31 and 0.18 < rotated / n < 0.26

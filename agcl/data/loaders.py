@@ -177,7 +177,7 @@ def load_cases(processed_dir: str | Path, case_ids: list[str]) -> list[Case]:
     return _CASE_READERS[_spec_of(processed_dir, index).layout](processed_dir, index, case_ids)
 
 
-AUGMENTATIONS = ("rot_flip", "rot_flip_or_rotate")
+AUGMENTATIONS = ("rot_flip", "rot_flip_or_rotate", "rot_flip_rotate_or_none")
 # The sampler's two streams; each draws from the random stream "<name>_batches".
 STREAMS = ("labeled", "unlabeled")
 # SSL4MIS RandomGenerator: np.random.randint(-20, 20) degrees, i.e. -20..19.
@@ -195,8 +195,9 @@ class PatchSampler:
     """Two-stream batches of random patches, augmented per sample as the references do.
 
     `augmentation`: rot_flip = random rot90 (in the first two spatial axes) + flip; or
-    rot_flip_or_rotate = SSL4MIS's RandomGenerator: with probability 1/2 that, otherwise a
-    rotation by a random integer angle in [-20, 20) degrees (nearest neighbour for image and
+    rot_flip_rotate_or_none = SS-Net's RandomGenerator: rot_flip with probability 1/2, a
+    rotation with 1/4, nothing with 1/4; rot_flip_or_rotate = SSL4MIS's RandomGenerator: with
+    probability 1/2 that, otherwise a rotation by a random integer angle in [-20, 20) degrees (nearest neighbour for image and
     label alike, no reshape, zeros outside: scipy.ndimage.rotate's result, see
     rotation_source_index). Upstream rotates the slice at its native size and then resizes it;
     ACDC slices here are resized once when loaded, then augmented.
@@ -258,14 +259,23 @@ class PatchSampler:
             self._rotations[angle] = index.clamp(min=0), index >= 0
         return self._rotations[angle]
 
+    def _rotate(self, rng: np.random.Generator, image: torch.Tensor, label: torch.Tensor | None):
+        index, inside = self._rotation(int(rng.integers(*ROTATION_DEGREES)))
+        # the first two spatial axes rotate; a third (3D patches) goes along unchanged
+        inside = inside.view(*inside.shape, *[1] * (image.dim() - 3))
+        image = torch.where(inside, image.flatten(1, 2)[:, index], 0)
+        if label is not None:
+            label = torch.where(inside, label.flatten(0, 1)[index], 0)
+        return image, label
+
     def _augment(self, rng: np.random.Generator, image: torch.Tensor, label: torch.Tensor | None):
         if self.augmentation == "rot_flip_or_rotate" and rng.random() >= 0.5:
-            index, inside = self._rotation(int(rng.integers(*ROTATION_DEGREES)))
-            # the first two spatial axes rotate; a third (3D patches) goes along unchanged
-            inside = inside.view(*inside.shape, *[1] * (image.dim() - 3))
-            image = torch.where(inside, image.flatten(1, 2)[:, index], 0)
-            if label is not None:
-                label = torch.where(inside, label.flatten(0, 1)[index], 0)
+            return self._rotate(rng, image, label)
+        # SS-Net's RandomGenerator: rot_flip if random() > 0.5, elif random() > 0.5 a rotation,
+        # else nothing (1/2, 1/4, 1/4)
+        if self.augmentation == "rot_flip_rotate_or_none" and rng.random() >= 0.5:
+            if rng.random() >= 0.5:
+                return self._rotate(rng, image, label)
             return image, label
         k = int(rng.integers(0, 4)) if self.can_rotate else 0
         axis = int(rng.integers(0, 2))
