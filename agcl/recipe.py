@@ -31,6 +31,7 @@ EXECUTION_KEYS = ("log_every", "checkpoint_every", "tensorboard", "data_placemen
 # Train keys added after runs existed, at the value that reproduces what ran before them: left out
 # of the settings hash at that value, so adding the key neither reruns nor refuses those runs.
 NEUTRAL_DEFAULTS = {"grad_reset": "none"}
+NEUTRAL_HPARAM_DEFAULTS = {"consistency_start": 0}  # mean_teacher: no silent start
 
 
 def positive_iterations(value: Any, where: str = "--iterations") -> int:
@@ -118,7 +119,8 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     settings = {
         "train": {k: v for k, v in sorted(train_cfg.items()) if k not in EXECUTION_KEYS
                   and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])},
-        "hparams": dict(sorted(hparams.items())),
+        "hparams": {k: v for k, v in sorted(hparams.items())
+                    if not (k in NEUTRAL_HPARAM_DEFAULTS and v == NEUTRAL_HPARAM_DEFAULTS[k])},
         "net": {"name": method_cls.net_name(spec), **dcfg["net"]},
         "selection": dcfg["selection"],
         "validation_window": {"patch": eval_patch, "stride": eval_stride},

@@ -8,10 +8,19 @@ The mechanism and its hyperparameters live in agcl.methods.teacher, which UA-MT 
 
 from __future__ import annotations
 
-from agcl.methods import register_method
+from agcl.methods import HParam, register_method
 from agcl.methods.teacher import MeanTeacherBase
 
 
 @register_method("mean_teacher")
 class MeanTeacher(MeanTeacherBase):
     """Mean Teacher with a warm-up EMA teacher and a softmax-MSE consistency."""
+
+    hyperparameters = {
+        **MeanTeacherBase.hyperparameters,
+        # SSL4MIS's 2D script sets the consistency to 0.0 while iter_num < 1000
+        # (train_mean_teacher_2D.py:170-174); UA-MT's LA script has no such start. 0 (no silent
+        # start) in the unified protocol; config/reference.yaml sets 1000 on ACDC.
+        "consistency_start": HParam(0, "steps before the consistency term counts (SSL4MIS 2D: "
+                                    "1000)", low=0),
+    }

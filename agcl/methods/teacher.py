@@ -26,7 +26,10 @@ def teacher_noise(x: torch.Tensor, std: float, clip: float,
 
 
 def consistency_weight(hparams: dict, step: int) -> float:
-    """c * exp(-5 (1 - t/L)^2) with t = step // 150: the references ramp on 150-iteration 'epochs'."""
+    """c * exp(-5 (1 - t/L)^2) with t = step // 150: the references ramp on 150-iteration 'epochs';
+    0 before `consistency_start` where a method declares it (SSL4MIS's 2D Mean Teacher)."""
+    if step < hparams.get("consistency_start", 0):
+        return 0.0
     return hparams["consistency"] * epoch_rampup(step, hparams["rampup_epoch_iterations"],
                                                  hparams["consistency_rampup"])
 
