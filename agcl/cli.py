@@ -9,6 +9,7 @@ non-zero on any failure, with one line naming what was wrong (`--debug` shows th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import re
@@ -373,9 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def error_message(exc: BaseException) -> str:
-    """One line for users: a KeyError's text without the quotes str() puts around it."""
+    """One line for users: a KeyError's text without the quotes str() puts around it; a full
+    disk named as such, with the file and what to do (every file is written to a temporary and
+    renamed, and aggregate's tables all together, so nothing is left half-written)."""
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return (f"the disk is full{where} ({exc.strerror}): free some space and run the same "
+                "command again (no file was left half-written)")
     return str(exc) or type(exc).__name__
 
 

@@ -177,3 +177,46 @@ def test_train_prints_its_stage_plan_and_smoke_steps_shorten_every_stage(tmp_pat
     assert code == 1 and "run `agcl splits` first" in out.err  # no data yet: refused, but ...
     assert out.out.startswith("bcp on acdc r0.1 s0: pretrain 3 (smoke_steps 3 (caps every "
                               "stage)) + main 3 (smoke_steps 3 (caps every stage)) = 6 steps")
+
+
+def test_a_full_disk_is_named_and_aggregate_replaces_all_tables_or_none(tmp_path, monkeypatch,
+                                                                         capsys):
+    """ENOSPC while aggregate writes its fourth table: the command says the disk is full and
+    which file, and the earlier tables are not replaced (all or none)."""
+    import errno
+
+    import pandas as pd
+
+    from agcl.cli import main
+    from agcl.config import Layout
+    from tests.test_report import fake_metrics, fixture_config, write_evaluated_run
+
+    monkeypatch.chdir(tmp_path)
+    config = fixture_config()
+    for method in config["methods"]:
+        for ratio in config["ratios"]:
+            for seed in config["seeds"]:
+                write_evaluated_run(Layout(config).run("la", method, ratio, seed),
+                                    fake_metrics(method, ratio, seed, "metrics_reloaded"),
+                                    train_seconds=1, parameters=1, device="cpu", amp="off")
+    (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(config))
+    assert main(["aggregate", "--config", "c.yaml"]) == 0
+    summary = Layout(config).results / "summary"
+    before = {p.name: p.read_bytes() for p in summary.glob("*.csv")}
+    written = []
+    real = pd.DataFrame.to_csv
+
+    def to_csv(self, path, *args, **kwargs):
+        written.append(path)
+        if len(written) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    config["seeds"] = [0]  # a run that would change every table
+    (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(config))
+    assert main(["aggregate", "--config", "c.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full while writing" in err and "free some space" in err
+    assert {p.name: p.read_bytes() for p in summary.glob("*.csv")} == before
+    assert not list(summary.glob(".*.tmp"))

@@ -252,3 +252,17 @@ def test_local_file_with_wrong_hash_is_replaced(shared_mirror, tmp_path, caplog)
         dl.download("la", dest, base_url=str(shared_mirror), cases=[], progress=False)
     assert sha256(dest / "train.list") == dl.load_manifest("la")["train.list"]
     assert "la: 2 fetched, 0 already present" in caplog.text
+
+
+def test_a_killed_downloads_temporary_is_removed_on_the_next_run(shared_mirror, tmp_path):
+    """pooch writes to tmpXXXXXXXX beside the file; a kill leaves it there. The next download
+    removes such leftovers in the folders it fills, and nothing else."""
+    dest = tmp_path / "LA"
+    dest.mkdir()
+    leftover = dest / "tmpk3_9zq0a"
+    leftover.write_bytes(b"half a file")
+    mine = dest / "tmp_notes.txt"
+    mine.write_text("the user's")
+    dl.download("la", dest, base_url=str(shared_mirror), cases=[], progress=False)
+    assert not leftover.exists() and mine.read_text() == "the user's"
+    assert sha256(dest / "train.list") == dl.load_manifest("la")["train.list"]

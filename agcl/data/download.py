@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import urllib.parse
 import urllib.request
@@ -37,6 +38,9 @@ _ACDC_VOLUMES_PREFIX = "HiLab-git/WSL4MIS/main/data/ACDC"
 _ACDC_LISTS = frozenset({"train.list", "val.list", "test.list", "train_slices.list"})
 _HTTP_TIMEOUT_S = 60
 _CHUNK_BYTES = 1 << 20
+
+
+_POOCH_TEMPORARY = re.compile(r"tmp[a-z0-9_]{8}")
 
 
 def _la_case_names(relpath: str) -> tuple[str, ...]:
@@ -301,6 +305,14 @@ def download(
         for path in reversed(missing):
             path.mkdir(exist_ok=True)
             created_dirs.append(path)
+
+    # A killed download leaves pooch's temporary (tempfile's "tmp" + 8 characters) beside the
+    # file it was writing; the next run removes those, and only those, in the folders it fills.
+    for folder in sorted({(dest / relpath).parent for relpath in selected}):
+        for stale in folder.glob("tmp????????"):
+            if stale.is_file() and _POOCH_TEMPORARY.fullmatch(stale.name):
+                stale.unlink()
+                LOGGER.info("removed %s, left by an interrupted download", stale)
 
     def fetch_one(relpath: str) -> bool:
         local = dest / relpath

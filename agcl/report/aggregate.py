@@ -11,6 +11,7 @@ while summary, case_means and stats leave them out; run_to_run.csv holds their d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -153,11 +154,6 @@ def summarise(runs: pd.DataFrame, n_expected_seeds: int | None = None) -> pd.Dat
     return out.reset_index()
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 def methods_only(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows of ordinary methods: noise-floor twins (runs.csv / per_case.csv `noise_twin_of`,
     empty here and read back as NaN from the CSV) are not methods and stay out of the tables,
@@ -190,6 +186,9 @@ def aggregate(config: dict, out_dir: str | Path | None = None, root: str | Path 
               else pd.DataFrame(),
               "run_to_run": run_to_run(cases, noise_twins(config)),
               "published": compare_with_published(summary)}
-    for name, frame in tables.items():
-        _write_csv(frame, out_dir / f"{name}.csv")
+    # All tables or none: each is written to a temporary first and renamed only once every one
+    # is written (a full disk leaves the previous set whole, not some tables new).
+    with contextlib.ExitStack() as stack:
+        for name, frame in tables.items():
+            frame.to_csv(stack.enter_context(atomic_path(out_dir / f"{name}.csv")), index=False)
     return {"out_dir": out_dir, "n_runs": len(runs), "n_missing": len(missing)}
