@@ -206,3 +206,18 @@ def test_a_zip_with_a_member_twice_is_refused(tmp_path):
                                               r"CRAG/train/Images/train_1\.png\)"):
         ingest_crag(archive, dest, expected_train=3, expected_test=2)
     assert not dest.exists()
+
+
+def test_an_image_far_larger_than_crags_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A huge PNG (here past a lowered cap; a real one of 144 megapixels stayed under Pillow's
+    limit and took 4.4 GB to preprocess) is refused from its header, named, before decoding."""
+    from agcl.data import crag_ingest
+
+    make_crag(tmp_path / "raw")
+    monkeypatch.setattr(crag_ingest, "MAX_IMAGE_PIXELS", H * W - 1)
+    with pytest.raises(CragIngestError, match=rf"is {W} x {H} = .* megapixels; expected at "
+                                              "most"):
+        ingest_crag(tmp_path / "raw", tmp_path / "out" / "crag", expected_train=3,
+                    expected_test=2)
+    monkeypatch.setattr(crag_ingest, "MAX_IMAGE_PIXELS", H * W)
+    ingest_crag(tmp_path / "raw", tmp_path / "out" / "crag", expected_train=3, expected_test=2)

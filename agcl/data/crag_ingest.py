@@ -37,6 +37,10 @@ _JUNK_PREFIXES = ("__MACOSX/",)
 # the cap stops a malformed or hostile zip (a small archive declaring a huge member) from being
 # read into memory. Checked on the declared sizes before anything is read, and again while reading.
 MAX_MEMBER_BYTES = 64 * 2**20
+# CRAG's images are about 1512 x 1516 (2.3 megapixels); 25 megapixels leaves room for any
+# rescan while refusing a file that would take gigabytes to preprocess (Pillow's own bomb limit
+# is 89 megapixels, 179 before it refuses).
+MAX_IMAGE_PIXELS = 25_000_000
 _CHUNK = 2**20
 
 
@@ -228,10 +232,18 @@ def _pair_split(source: _Source, root: str, split: str, folder: str, expected: i
 def _open_png(data: bytes, label: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size  # from the header, before decoding
+        if width * height > MAX_IMAGE_PIXELS:
+            raise CragIngestError(
+                f"CRAG: {label} is {width} x {height} = {width * height / 1e6:.0f} megapixels; "
+                f"expected at most {MAX_IMAGE_PIXELS / 1e6:.0f} (CRAG's images are about 1512 x "
+                "1516): not a CRAG image")
         image.load()  # decode fully so a truncated file fails here, not in preprocessing
     except UnidentifiedImageError:
         raise CragIngestError(f"CRAG: {label} is not an image Pillow can read (expected a PNG "
                               "file)") from None
+    except CragIngestError:
+        raise
     except Exception as error:  # Pillow raises many types for broken files
         raise CragIngestError(f"CRAG: cannot read PNG {label}: {error}") from error
     if image.format != "PNG":
