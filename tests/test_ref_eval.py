@@ -1,7 +1,8 @@
-"""Our LA evaluation against a reference's own test script (SS-Net utils/test_3d_patch.py, whose
-sliding window, threshold, --nms largest-component step and medpy metrics DTC's and BCP's test
-scripts share): the same volume and network through their test_single_case / test_all_case
-and through ours give the same prediction and the same Dice, Jaccard, HD95 and ASD.
+"""Our LA evaluation against the references' own test scripts: SS-Net utils/test_3d_patch.py
+(softmax over two channels; the protocol BCP's LA test shares) and DTC code/test_util.py (one
+sigmoid channel, the protocol SASSNet's test shares): the same volume and network through their
+test_single_case / test_all_case and through ours give the same prediction and the same Dice,
+Jaccard, HD95 and ASD, with and without their --nms largest-component step.
 
 The reference runs as written; only what it cannot run on here is bridged: `.cuda()` is the
 identity on a CPU machine, numpy 2 has no `np.int` (it meant the builtin int), and nibabel is
@@ -22,6 +23,7 @@ from agcl.inference import sliding_window_probabilities
 from tests.reference_code import reference_modules
 
 REPO = "ycwu1997/SS-Net"
+DTC = "HiLab-git/DTC"
 PATCH, STRIDE_XY, STRIDE_Z = (24, 24, 16), 6, 4
 
 
@@ -99,3 +101,47 @@ def test_evaluation_equals_the_reference_test_script(reference_test, tmp_path, s
                                their_metrics, rtol=1e-12, atol=1e-12)
     if nms == 0:  # the island and the noise leave several components: the step matters
         assert ndimage.label(ours)[1] > 1
+
+
+class SdfHeadNet(PositionDependentNet):
+    """DTC's interface: (tanh distance map, one foreground logit); our side sees [0, z]."""
+
+    def reference(self, x):
+        z = self.conv(x)[:, 1:] - self.conv(x)[:, :1]
+        return torch.tanh(z), z
+
+    def forward(self, x):  # ours: two-class logits whose softmax is sigmoid(z)
+        _, z = self.reference(x)
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+@pytest.mark.parametrize("nms", [0, 1])
+def test_evaluation_equals_dtcs_sigmoid_test_script(monkeypatch, tmp_path, nms):
+    module = reference_modules(DTC, "test_util", stubs=("tensorboardX", "nibabel"))
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
+    monkeypatch.setattr(np, "int", int, raising=False)
+    image, label = volume(2)
+    net = SdfHeadNet().eval()
+    path = tmp_path / "case.h5"
+    with h5py.File(path, "w") as h5:
+        h5["image"], h5["label"] = image, label
+    theirs, _ = module.test_single_case(net.reference, image, STRIDE_XY, STRIDE_Z, PATCH,
+                                        num_classes=1)
+    if nms:
+        theirs = module.getLargestCC(theirs)
+    their_metrics = module.test_all_case(net.reference, [str(path)], num_classes=1,
+                                         patch_size=PATCH, stride_xy=STRIDE_XY,
+                                         stride_z=STRIDE_Z, save_result=False,
+                                         metric_detail=1, nms=nms)
+    with torch.no_grad():
+        probs = sliding_window_probabilities(net, image[None], list(PATCH),
+                                             [STRIDE_XY, STRIDE_XY, STRIDE_Z], 2,
+                                             torch.device("cpu"))
+    ours = probs.argmax(axis=0).astype(np.uint8)
+    if nms:
+        ours = largest_component_per_class(ours, 2)
+    assert 0 < ours.sum() < ours.size and (ours != label).any()
+    np.testing.assert_array_equal(ours.astype(bool), np.asarray(theirs).astype(bool))
+    mine = binary_metrics(ours == 1, label == 1)
+    np.testing.assert_allclose([mine[m] for m in ("dice", "jaccard", "hd95", "asd")],
+                               their_metrics, rtol=1e-12, atol=1e-12)
