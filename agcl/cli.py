@@ -180,9 +180,9 @@ def cmd_train(args) -> None:
     config, overrides = _load_checked_config(args.config), parse_overrides(args.set)
     # What the run will do, before anything is loaded (the recipe is config arithmetic).
     recipe = resolve_recipe(config, args.dataset, args.method, overrides=overrides,
-                            iterations=args.iterations)
+                            iterations=args.iterations, ratio=args.labels)
     plan = stage_plan(config, args.dataset, args.method, recipe, overrides=overrides,
-                      iterations=args.iterations)
+                      iterations=args.iterations, ratio=args.labels)
     print(f"{args.method} on {args.dataset} r{args.labels:g} s{args.seed}: {describe_plan(plan)}",
           flush=True)
     trainer = Trainer(config, args.dataset, args.method, args.labels, args.seed, args.out,

@@ -49,6 +49,9 @@ def check_config(config: dict, source: str = "<config>") -> None:
     blocks = [("hparams", config.get("hparams", {}), None)]
     blocks += [(f"datasets.{d}.hparams", dcfg.get("hparams", {}), d)
                for d, dcfg in config["datasets"].items()]
+    blocks += [(f"datasets.{d}.hparams_by_ratio.{ratio}", block, d)
+               for d, dcfg in config["datasets"].items()
+               for ratio, block in dcfg.get("hparams_by_ratio", {}).items()]
     for where, block, dataset in blocks:
         for name, values in block.items():
             if name not in methods:

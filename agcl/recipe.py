@@ -72,7 +72,7 @@ class Recipe:
 
 def resolve_recipe(config: dict, dataset: str, method: str, *,
                    overrides: dict[str, Any] | None = None,
-                   iterations: int | None = None) -> Recipe:
+                   iterations: int | None = None, ratio: float | str | None = None) -> Recipe:
     """The recipe of `method` on `dataset` under `config` (plus CLI overrides), checked.
 
     A noise-floor twin (`<method>_ulp`) is its method's recipe plus the one-ulp perturbation of
@@ -80,7 +80,8 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     """
     twin_of = noise_twins(config).get(method)
     if twin_of is not None:
-        base = resolve_recipe(config, dataset, twin_of, overrides=overrides, iterations=iterations)
+        base = resolve_recipe(config, dataset, twin_of, overrides=overrides, iterations=iterations,
+                              ratio=ratio)
         return dataclasses.replace(base, settings={**base.settings, "init_perturbation": "ulp"},
                                    init_perturbation="ulp", noise_floor_of=twin_of)
     spec = get_spec(dataset)
@@ -99,7 +100,7 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     train_cfg = {**recipe, **_pop_train_overrides(recipe, overrides)}
     if iterations is not None:
         train_cfg["iterations"] = positive_iterations(iterations)
-    layers = hparam_layers(config, dataset, method, base_name, variant_hparams, overrides)
+    layers = hparam_layers(config, dataset, method, base_name, variant_hparams, overrides, ratio)
     hparams = method_cls.hparams_for(dataset, *(layer for _, layer in layers))
     augmentation = (default_augmentation(spec.spatial_dims)
                     if train_cfg["augmentation"] == "auto" else train_cfg["augmentation"])
@@ -131,20 +132,33 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
                   settings)
 
 
+def ratio_key(block: dict, ratio: float | str | None) -> str | None:
+    """The key of `block` (datasets.<d>.hparams_by_ratio) that names `ratio`, or None."""
+    if ratio is None:
+        return None
+    return next((key for key in block if abs(float(key) - float(ratio)) < 1e-9), None)
+
+
 def hparam_layers(config: dict, dataset: str, method: str, base: str, variant_hparams: dict,
-                  overrides: dict[str, Any]) -> list[tuple[str, dict]]:
+                  overrides: dict[str, Any], ratio: float | str | None = None
+                  ) -> list[tuple[str, dict]]:
     """(where, values) of each layer laid over a method's declared defaults, lowest precedence
-    first: the config's hparams, the dataset's, a variant's own, then `--set`."""
+    first: the config's hparams, the dataset's, the dataset's for this labeled fraction (where
+    a ratio is given), a variant's own, then `--set`."""
     dcfg = dataset_config(config, dataset)
+    by_ratio = dcfg.get("hparams_by_ratio", {})
+    key = ratio_key(by_ratio, ratio)
     return [(f"hparams.{base}", config.get("hparams", {}).get(base, {})),
             (f"datasets.{dataset}.hparams.{base}", dcfg.get("hparams", {}).get(base, {})),
+            (f"datasets.{dataset}.hparams_by_ratio.{key}.{base}",
+             by_ratio.get(key, {}).get(base, {}) if key is not None else {}),
             (f"variants.{method}.hparams", variant_hparams),
             ("--set", overrides)]
 
 
 def stage_plan(config: dict, dataset: str, method: str, recipe: Recipe, *,
-               overrides: dict[str, Any] | None = None, iterations: int | None = None
-               ) -> list[tuple[str, int, str]]:
+               overrides: dict[str, Any] | None = None, iterations: int | None = None,
+               ratio: float | str | None = None) -> list[tuple[str, int, str]]:
     """(stage, steps, where the number comes from) of each stage of a resolved recipe, so a run
     can say what it will do before it does it. A stage before the main one takes its length from
     the method's hyperparameter `<stage>_iterations` (BCP's pre-training: pretrain_iterations)."""
@@ -153,7 +167,8 @@ def stage_plan(config: dict, dataset: str, method: str, recipe: Recipe, *,
     dcfg = dataset_config(config, dataset)
     base = recipe.method_cls.name
     variant_hparams = dict(config.get("variants", {}).get(name, {}).get("hparams", {}))
-    layers = hparam_layers(config, dataset, name, base, variant_hparams, dict(overrides or {}))
+    layers = hparam_layers(config, dataset, name, base, variant_hparams, dict(overrides or {}),
+                           ratio)
     smoke = config.get("smoke_steps")
     plan = []
     for index, stage in enumerate(recipe.stages):

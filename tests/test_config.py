@@ -335,3 +335,32 @@ def test_unified_ramps_span_the_share_of_the_run_their_reference_does(method):
         ours = (hparams["consistency_rampup"] * hparams["rampup_epoch_iterations"]
                 / dcfg["train"]["iterations"])
         assert ours == pytest.approx(reference_ramp_fraction(*script)), (dataset, script)
+
+
+def test_sassnets_consistency_per_label_count_is_its_readmes():
+    """reference.yaml trains SASSNet on LA with the consistency its README gives each label
+    count (read from the README): 0.015 for 8 labels (10 %); 5 % keeps the argparse 0.01."""
+    import re
+
+    from agcl.recipe import resolve_recipe
+    from tests.reference_code import REFERENCE_SNAPSHOTS, snapshot
+
+    archive = snapshot("kleinzcy/SASSnet")
+    if archive is None:
+        pytest.skip(f"no SASSnet snapshot under {REFERENCE_SNAPSHOTS}")
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        readme = tar.extractfile("README.md").read().decode()
+    by_labels = {int(n): float(c) for n, c in
+                 re.findall(r"--label (\d+) --consistency ([0-9.]+)", readme)}
+    assert by_labels == {16: 0.01, 8: 0.015}
+    reference = load_config(REPO_ROOT / "config" / "reference.yaml")
+    # LA: 80 training scans, so 10 % is 8 labels
+    assert resolve_recipe(reference, "la", "sassnet", ratio=0.1).hparams["consistency"] == \
+        by_labels[8]
+    assert resolve_recipe(reference, "la", "sassnet", ratio=0.05).hparams["consistency"] == 0.01
+    config = raw(DEMO)
+    config["datasets"]["la"]["hparams_by_ratio"] = {"0.1x": {}}
+    with pytest.raises(ConfigError, match="hparams_by_ratio"):
+        validate_config(config, "demo.yaml")

@@ -424,3 +424,23 @@ def test_evaluate_applies_the_methods_own_eval_entry(la_project):
     assert json.loads((run / METRICS_JSON).read_text())["protocol"]["largest_component"] is True
     assert evaluate_cli(la_project, run) == 0
     assert json.loads((run / METRICS_JSON).read_text())["protocol"]["largest_component"] is False
+
+
+def test_hyperparameters_by_labeled_fraction_reach_the_run(la_project):
+    """datasets.<d>.hparams_by_ratio: one labeled fraction's runs train with their own value,
+    the others with the dataset's; the settings hash (the DAG's rerun trigger) follows."""
+    import yaml
+
+    config = yaml.safe_load(la_project.read_text())
+    config["datasets"]["la"]["hparams_by_ratio"] = {"0.1": {"supervised": {"dice_form": "linear"}}}
+    path = la_project.parent / "by_ratio.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path)
+    at_10 = Trainer(loaded, "la", "supervised", 0.1, 0, Path("runs/r10"), progress=False)
+    at_20 = Trainer(loaded, "la", "supervised", 0.2, 0, Path("runs/r20"), progress=False)
+    assert (at_10.hparams["dice_form"], at_20.hparams["dice_form"]) == ("linear", "squared")
+    assert at_10.identity["settings_hash"] != at_20.identity["settings_hash"]
+    config["datasets"]["la"]["hparams_by_ratio"] = {"0.1": {"supervised": {"dice_from": "x"}}}
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"datasets\.la\.hparams_by_ratio\.0\.1\.supervised"):
+        Trainer(load_config(path), "la", "supervised", 0.1, 0, Path("runs/bad"), progress=False)

@@ -65,7 +65,7 @@ class Trainer:
         self.spec = get_spec(dataset)
         self.dcfg = dataset_config(config, dataset)
         recipe = resolve_recipe(config, dataset, method, overrides=overrides,
-                                iterations=iterations)
+                                iterations=iterations, ratio=ratio)
         self.method_name = method  # a registered method, or a variant of one (config variants)
         self.method_cls = recipe.method_cls
         self.train_cfg = recipe.train_cfg

@@ -69,10 +69,11 @@ def not_this_run(config: dict, key: dict, meta: dict, recipe_hashes: dict) -> st
     if wrong:
         return ("this folder holds another run (" + ", ".join(wrong) + "): train this run "
                 "into it with --force, or move that run to its own folder")
-    pair = (key["dataset"], key["method"])
+    pair = (key["dataset"], key["method"], key["ratio"])
     if pair not in recipe_hashes:
         try:
-            recipe_hashes[pair] = resolve_recipe(config, *pair).settings_hash
+            recipe_hashes[pair] = resolve_recipe(config, pair[0], pair[1],
+                                                 ratio=pair[2]).settings_hash
         except ConfigError as exc:  # the DAG would not have planned it; nothing to compare
             log.warning("%s on %s: no recipe to compare the runs with (%s)", pair[1], pair[0],
                         exc)
@@ -89,7 +90,7 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
     layout = Layout(config, root)
     twins = noise_twins(config)
     case_rows, run_rows, missing = [], [], []
-    recipe_hashes: dict[tuple[str, str], str] = {}
+    recipe_hashes: dict[tuple[str, str, float], str] = {}
     for dataset, method, ratio, seed in expected_runs(config):
         folder = RunFolder(layout.run(dataset, method, ratio, seed))
         key = {"dataset": dataset, "method": method, "ratio": float(ratio), "seed": seed}

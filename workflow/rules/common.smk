@@ -109,23 +109,23 @@ def all_metrics(dataset=None, method=None):
 
 
 @functools.cache
-def _recipe_hash(dataset, method):
+def _recipe_hash(dataset, method, ratio):
     from agcl.recipe import resolve_recipe
 
-    return resolve_recipe(config, dataset, method).settings_hash
+    return resolve_recipe(config, dataset, method, ratio=ratio).settings_hash
 
 
 # Every recipe of the grid resolved now (config arithmetic, no data): one that cannot train as
 # its method means it (e.g. semi_agcl's patch geometry on a small crop) fails the DAG build with
 # the method's message, not its job hours in (a noise twin resolves its method's recipe).
-for _dataset, _method in sorted({run[:2] for run in RUNS}):
-    _recipe_hash(_dataset, _method)
+for _dataset, _method, _ratio in sorted({run[:3] for run in RUNS}):
+    _recipe_hash(_dataset, _method, _ratio)
 
 
 def recipe_hash(wildcards):
     """Hash of the run's resolved training settings (recipe, hparams, net, stages): a train
     param, so editing a recipe reruns exactly the runs it changes (Snakemake's params trigger)."""
-    return _recipe_hash(wildcards.dataset, wildcards.method)
+    return _recipe_hash(wildcards.dataset, wildcards.method, wildcards.ratio)
 
 
 # The config keys each job reads, hashed into a param, so that editing a key in place reruns
