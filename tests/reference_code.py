@@ -162,3 +162,70 @@ def reference_modules(repo: str, *names: str, stubs: tuple[str, ...] = ("tensorb
 def reference_source(repo: str, path: str) -> str:
     """The text of ``code/<path>`` at the pinned commit (for tests that check a line's value)."""
     return (code_tree(repo) / path).read_text()
+
+
+def import_script(monkeypatch, repo: str, script: str, *modules: str,
+                  stubs: tuple[str, ...] = ("tensorboardX",)):
+    """A reference training script imported as a module (argparse at its defaults, so its own
+    `args` and helper functions), with the other modules it needs, and `.cuda()` made the
+    identity on this CPU machine. Returns the script module, then `modules` in order."""
+    import torch
+
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])
+    loaded = reference_modules(repo, script, *modules, stubs=stubs)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
+    return loaded
+
+
+def script_lines(repo: str, script: str, first: str, last: str, after: str | None = None) -> str:
+    """The script's lines from the one starting with `first` to the end of the one holding
+    `last` (searched after `after` where given: e.g. inside one function), dedented to run with
+    exec() on the same tensors as ours."""
+    import textwrap
+
+    text = reference_source(repo, f"{script}.py")
+    offset = text.index(after) if after else 0
+    start = text.index(first, offset)
+    start = text.rindex("\n", 0, start) + 1  # from the beginning of that line
+    end = text.index(last, start) + len(last)
+    return textwrap.dedent(text[start:end])
+
+
+def assert_close_by_name(ours: dict, theirs: dict, what: str, relative: float = 1e-5,
+                         floor: float = 1e-6) -> None:
+    """Every tensor of `ours` equal to `theirs` of the same name, to `relative` of the tensor's
+    own largest value (float32 sums in another order), with an absolute `floor` for tensors
+    whose true value is 0 (a bias before BatchNorm: rounding noise only)."""
+    import torch
+
+    for name, value in ours.items():
+        expected = theirs[name]
+        scale = float(expected.abs().max()) if expected.is_floating_point() else 0.0
+        torch.testing.assert_close(value, expected, rtol=relative,
+                                   atol=max(relative * scale, floor) if scale else floor,
+                                   msg=lambda m, name=name: f"{what} {name}: {m}")
+
+
+def assert_same_update(method, loss, rename, student_ref, teacher_ref=None, *, lr: float,
+                       step: int) -> None:
+    """After the reference's own loop ran its SGD step (momentum 0.9, weight decay 1e-4, as
+    every script here builds it), ours runs the same update from `loss`: every student gradient,
+    then the student's weights and BatchNorm statistics, and after our EMA hook the teacher's,
+    equal to the reference nets' (`rename`: their state names -> ours)."""
+    import torch
+
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=lr, momentum=0.9,
+                                weight_decay=0.0001)
+    optimizer.zero_grad()
+    loss.backward()
+    assert_close_by_name(
+        {name: p.grad for name, p in method.student.named_parameters()},
+        rename({name: p.grad for name, p in student_ref.named_parameters()
+                if p.grad is not None}), "grad")
+    optimizer.step()
+    method.after_optimizer_step(step)
+    pairs = [(method.student, student_ref, "student")]
+    if teacher_ref is not None:
+        pairs.append((method.teacher, teacher_ref, "teacher"))
+    for ours, theirs, what in pairs:
+        assert_close_by_name(ours.state_dict(), rename(theirs.state_dict()), what)

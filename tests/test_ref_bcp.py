@@ -16,8 +16,6 @@ width 2, batch 8 (4 labeled).
 
 from __future__ import annotations
 
-import sys
-import textwrap
 import types
 
 import numpy as np
@@ -27,7 +25,12 @@ import torch
 from agcl.data.specs import SPECS
 from agcl.methods import Batch
 from agcl.methods.registry import get_method
-from tests.reference_code import reference_modules, reference_source
+from tests.reference_code import (
+    assert_same_update,
+    import_script,
+    reference_source,
+    script_lines,
+)
 from tests.test_ref_ss_net import reference_key
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,19 +44,12 @@ CLOSE = {"rtol": 1e-5, "atol": 1e-7}
 
 @pytest.fixture
 def script(monkeypatch):
-    monkeypatch.setattr(sys, "argv", [f"{SCRIPT}.py"])
-    module, vnet = reference_modules(REPO, SCRIPT, "networks.VNet", stubs=STUBS)
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
-    return module, vnet
+    return import_script(monkeypatch, REPO, SCRIPT, "networks.VNet", stubs=STUBS)
 
 
 def loop_body() -> str:
-    text = reference_source(REPO, f"{SCRIPT}.py")
-    body = text[text.index("def self_train("):]
-    start = body.index("            volume_batch, label_batch = sampled_batch['image']")
-    end_line = "update_ema_variables(model, ema_model, 0.99)"
-    end = body.index(end_line) + len(end_line)
-    return textwrap.dedent(body[start:end])
+    return script_lines(REPO, SCRIPT, "volume_batch, label_batch = sampled_batch['image']",
+                        "update_ema_variables(model, ema_model, 0.99)", after="def self_train(")
 
 
 class Corners:
@@ -133,23 +129,8 @@ def test_one_self_training_step_equals_the_scripts_loop(script, monkeypatch, ite
     plab = namespace["plab_a"]
     assert 0 < float(plab.float().mean()) < 1  # the pseudo-labels hold both classes
 
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=args.base_lr, momentum=0.9,
-                          weight_decay=0.0001)
-    opt.zero_grad()
-    loss.backward()
-    theirs = mapped({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-                    names)
-    for name, p in method.student.named_parameters():
-        scale = float(theirs[name].abs().max())
-        torch.testing.assert_close(p.grad, theirs[name], rtol=1e-5, atol=max(1e-5 * scale, 1e-6),
-                                   msg=lambda m, name=name: f"{name}: {m}")
-    opt.step()
-    method.after_optimizer_step(iter_num)
-    for ours, ref in ((method.student, model), (method.teacher, ema_model)):
-        expected = mapped(ref.state_dict(), names)
-        for name, value in ours.state_dict().items():
-            torch.testing.assert_close(value, expected[name], **CLOSE,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_update(method, loss, lambda state: mapped(state, names), model, ema_model,
+                       lr=args.base_lr, step=iter_num)
 
 
 def test_the_hyperparameters_are_the_scripts(script):

@@ -16,8 +16,6 @@ at iterations 0, 149 (the ramp's epoch turns at the increment) and 3000.
 from __future__ import annotations
 
 import re
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -26,7 +24,12 @@ from agcl.data.specs import SPECS
 from agcl.methods import Batch
 from agcl.methods.registry import get_method
 from agcl.nets.vnet_sdf import _REFERENCE_MODULES
-from tests.reference_code import reference_modules, reference_source
+from tests.reference_code import (
+    assert_same_update,
+    import_script,
+    reference_source,
+    script_lines,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,17 +57,12 @@ def ours_named(state: dict) -> dict:
 
 @pytest.fixture
 def script(monkeypatch):
-    monkeypatch.setattr(sys, "argv", [f"{SCRIPT}.py"])
-    module, vnet = reference_modules(REPO, SCRIPT, "networks.VNet", stubs=STUBS)
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
-    return module, vnet
+    return import_script(monkeypatch, REPO, SCRIPT, "networks.VNet", stubs=STUBS)
 
 
 def loop_body() -> str:
-    text = reference_source(REPO, f"{SCRIPT}.py")
-    start = text.index("            volume_batch, label_batch = sampled_batch['image']")
-    end = text.index("            optimizer.step()", start) + len("            optimizer.step()")
-    return textwrap.dedent(text[start:end])
+    return script_lines(REPO, SCRIPT, "volume_batch, label_batch = sampled_batch['image']",
+                        "optimizer.step()")
 
 
 @pytest.mark.parametrize("iter_num", [0, 149, 3000])
@@ -102,22 +100,7 @@ def test_one_step_equals_the_scripts_loop(script, iter_num):
     assert logs["cons_weight"] == pytest.approx(namespace["consistency_weight"], rel=1e-15)
     assert logs["cons_weight"] > 0 and float(logs["loss_mc"]) > 0
 
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=args.base_lr, momentum=0.9,
-                          weight_decay=0.0001)
-    opt.zero_grad()
-    loss.backward()
-    theirs = ours_named({n: p.grad for n, p in model.named_parameters()})
-    for name, p in method.student.named_parameters():
-        # float32 sums in another order: differences at 1e-5 of the tensor's own scale, and
-        # 1e-6 for the biases before BatchNorm, whose true gradient is 0 (rounding noise only)
-        scale = float(theirs[name].abs().max())
-        torch.testing.assert_close(p.grad, theirs[name], rtol=1e-5, atol=max(1e-5 * scale, 1e-6),
-                                   msg=lambda m, name=name: f"{name}: {m}")
-    opt.step()
-    expected = ours_named(model.state_dict())
-    for name, value in method.student.state_dict().items():
-        torch.testing.assert_close(value, expected[name], **CLOSE,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_update(method, loss, ours_named, model, lr=args.base_lr, step=iter_num)
 
 
 def test_the_hyperparameters_are_the_scripts(script):

@@ -17,7 +17,6 @@ SSL4MIS's full-width U-Net on 64x64 slices.
 from __future__ import annotations
 
 import sys
-import textwrap
 import types
 
 import pytest
@@ -27,7 +26,12 @@ from torch.nn.modules.loss import CrossEntropyLoss
 from agcl.data.specs import SPECS
 from agcl.methods import Batch
 from agcl.methods.registry import get_method
-from tests.reference_code import reference_modules, reference_source
+from tests.reference_code import (
+    assert_same_update,
+    import_script,
+    reference_source,
+    script_lines,
+)
 from tests.test_ref_ss_net import reference_key
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,18 +56,12 @@ def script(monkeypatch):
     factory = types.ModuleType("networks.net_factory")
     factory.net_factory = None  # the loop gets its nets from the test
     monkeypatch.setitem(sys.modules, "networks.net_factory", factory)
-    monkeypatch.setattr(sys, "argv", [f"{SCRIPT}.py"])
-    module, unet = reference_modules(REPO, SCRIPT, "networks.unet", stubs=STUBS)
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
-    return module, unet
+    return import_script(monkeypatch, REPO, SCRIPT, "networks.unet", stubs=STUBS)
 
 
 def loop_body() -> str:
-    text = reference_source(REPO, f"{SCRIPT}.py")
-    start = text.index("            volume_batch, label_batch = sampled_batch['image']")
-    end_line = "update_ema_variables(model, ema_model, args.ema_decay, iter_num)"
-    end = text.index(end_line) + len(end_line)
-    return textwrap.dedent(text[start:end])
+    return script_lines(REPO, SCRIPT, "volume_batch, label_batch = sampled_batch['image']",
+                        "update_ema_variables(model, ema_model, args.ema_decay, iter_num)")
 
 
 @pytest.mark.parametrize("iter_num", [500, 1000, 3000])
@@ -114,19 +112,8 @@ def test_one_step_equals_the_scripts_loop(script, monkeypatch, iter_num):
         torch.testing.assert_close(logs["loss_cons"], namespace["consistency_loss"], **CLOSE)
         assert weight > 0
 
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=args.base_lr, momentum=0.9,
-                          weight_decay=0.0001)
-    opt.zero_grad()
-    loss.backward()
-    theirs_grads = ours_named({n: p.grad for n, p in model.named_parameters()})
-    for name, p in method.student.named_parameters():
-        torch.testing.assert_close(p.grad, theirs_grads[name], **CLOSE, msg=name)
-    opt.step()
-    method.after_optimizer_step(iter_num)
-    for ours, theirs in ((method.student, model), (method.teacher, ema_model)):
-        expected = ours_named(theirs.state_dict())
-        for name, value in ours.state_dict().items():
-            torch.testing.assert_close(value, expected[name], **CLOSE, msg=name)
+    assert_same_update(method, loss, ours_named, model, ema_model, lr=args.base_lr,
+                       step=iter_num)
 
 
 def test_the_hyperparameters_are_the_scripts(script):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -28,7 +27,12 @@ from agcl.methods import Batch
 from agcl.methods.ema import ema_update
 from agcl.methods.registry import get_method, method_module
 from agcl.nets.vnet_sdf import _REFERENCE_MODULES
-from tests.reference_code import reference_modules, reference_source
+from tests.reference_code import (
+    assert_same_update,
+    import_script,
+    reference_source,
+    script_lines,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,19 +56,13 @@ def ours_named(state: dict) -> dict:
 
 @pytest.fixture
 def script(monkeypatch):
-    monkeypatch.setattr(sys, "argv", [f"{SCRIPT}.py"])  # its argparse: the defaults
-    module, vnet = reference_modules(REPO, SCRIPT, "networks.vnet", stubs=STUBS)
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
-    return module, vnet
+    return import_script(monkeypatch, REPO, SCRIPT, "networks.vnet", stubs=STUBS)
 
 
 def loop_body() -> str:
     """The script's loop body from reading the batch to the EMA update (script:141-181)."""
-    text = reference_source(REPO, f"{SCRIPT}.py")
-    start = text.index("            volume_batch, label_batch = sampled_batch['image']")
-    end_line = "update_ema_variables(model, ema_model, args.ema_decay, iter_num)"
-    end = text.index(end_line) + len(end_line)
-    return textwrap.dedent(text[start:end])
+    return script_lines(REPO, SCRIPT, "volume_batch, label_batch = sampled_batch['image']",
+                        "update_ema_variables(model, ema_model, args.ema_decay, iter_num)")
 
 
 class Noise:
@@ -146,19 +144,8 @@ def test_one_step_equals_the_scripts_loop(script, monkeypatch, method_name, iter
     assert 0.05 < float(logs["mask_fraction"]) < 0.95, float(logs["mask_fraction"])
 
     # the engine's SGD (the unified SGD constants are the script's) and the EMA update
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=args.base_lr, momentum=0.9,
-                          weight_decay=0.0001)
-    opt.zero_grad()
-    loss.backward()
-    theirs_grads = ours_named({n: p.grad for n, p in model.named_parameters()})
-    for name, p in method.student.named_parameters():
-        torch.testing.assert_close(p.grad, theirs_grads[name], **CLOSE, msg=name)
-    opt.step()
-    method.after_optimizer_step(iter_num)
-    for ours, theirs in ((method.student, model), (method.teacher, ema_model)):
-        expected = ours_named(theirs.state_dict())
-        for name, value in ours.state_dict().items():
-            torch.testing.assert_close(value, expected[name], **CLOSE, msg=name)
+    assert_same_update(method, loss, ours_named, model, ema_model, lr=args.base_lr,
+                       step=iter_num)
 
 
 def test_the_hyperparameters_are_the_scripts(script):
