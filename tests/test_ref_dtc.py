@@ -1,14 +1,13 @@
 """DTC (baselines/dtc.py) against HiLab-git/DTC's own code.
 
-The reference's step (train_la_dtc.py:172-195) is assembled here from its own modules: its
-networks.vnet_sdf.VNet, utils.losses.dice_loss, utils.util.compute_sdf and utils.ramps, with the
-script's literals and argparse defaults read from its source (importing the script would parse
-pytest's argv and set CUDA_VISIBLE_DEVICES). Our method's student is loaded with the reference's
-weights; one step at several iterations must give the same loss terms, the same gradient of every
-parameter and, after the same SGD update, the same weights. The net and compute_sdf have their
-own equality tests (tests/test_ref_sdf.py).
+The script is imported as a module (argparse at its defaults: its own args, compute_sdf, losses
+and ramp) and its loop lines (train_la_dtc.py:169-195, from reading the batch to the optimiser
+step) are executed on the same tensors as our method's train_step; its literals and argparse
+defaults are also read from its source. Our method's student is loaded with the reference's
+weights; one step at several iterations must give exactly the same loss terms, the same gradient
+of every parameter and, after the same SGD update, the same weights. The net and compute_sdf have
+their own equality tests (tests/test_ref_sdf.py).
 """
-
 from __future__ import annotations
 
 import ast
@@ -23,7 +22,8 @@ from agcl.engine.update import learning_rate
 from agcl.methods import Batch
 from agcl.methods.registry import get_method, method_module
 from agcl.nets.vnet_sdf import from_reference_state_dict
-from tests.reference_code import reference_modules, reference_source
+from tests.reference_code import import_script, reference_source
+from tests.reference_code import script_lines as script_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,28 +85,10 @@ def test_step_schedule_equals_the_scripts():
     assert ours[2499] == 0.01 and ours[2500] == pytest.approx(0.001)
 
 
-def reference_step(model, losses, util, ramps, volume_batch, label_batch, labeled_bs, iter_num,
-                   args):
-    """train_la_dtc.py:172-191 with the reference's own functions; returns (loss, terms)."""
-    outputs_tanh, outputs = model(volume_batch)
-    outputs_soft = torch.sigmoid(outputs)
-    with torch.no_grad():
-        gt_dis = util.compute_sdf(label_batch[:].cpu().numpy(), outputs[:labeled_bs, 0, ...].shape)
-        gt_dis = torch.from_numpy(gt_dis).float()
-    loss_sdf = torch.nn.MSELoss()(outputs_tanh[:labeled_bs, 0, ...], gt_dis)
-    loss_seg = torch.nn.BCEWithLogitsLoss()(outputs[:labeled_bs, 0, ...],
-                                            label_batch[:labeled_bs].float())
-    loss_seg_dice = losses.dice_loss(outputs_soft[:labeled_bs, 0, :, :, :],
-                                     label_batch[:labeled_bs] == 1)
-    dis_to_mask = torch.sigmoid(-1500 * outputs_tanh)
-    consistency_loss = torch.mean((dis_to_mask - outputs_soft) ** 2)
-    supervised_loss = loss_seg_dice + args["beta"] * loss_sdf
-    consistency_weight = args["consistency"] * ramps.sigmoid_rampup(iter_num // 150,
-                                                                    args["consistency_rampup"])
-    loss = supervised_loss + consistency_weight * consistency_loss
-    return loss, {"loss_sdf": loss_sdf, "loss_bce": loss_seg, "loss_dice": loss_seg_dice,
-                  "loss_cons": consistency_loss, "loss_sup": supervised_loss,
-                  "cons_weight": consistency_weight}
+def loop_body() -> str:
+    """train_la_dtc.py:169-195, from reading the batch to the optimiser step, as it runs."""
+    return script_text(REPO, SCRIPT.removesuffix(".py"),
+                        "volume_batch, label_batch = sampled_batch['image']", "optimizer.step()")
 
 
 def labels(n: int) -> torch.Tensor:
@@ -119,16 +101,22 @@ def labels(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("step", [0, 149, 150, 3000, 5999])
-def test_one_training_step_equals_the_reference(step):
+def test_one_training_step_equals_the_reference(step, monkeypatch):
+    """The script imported as a module (its args, get_current_consistency_weight, compute_sdf,
+    losses) and its loop lines executed against our train_step and the engine's SGD, exactly:
+    loss, every logged term, every gradient, weights and BatchNorm statistics after the step."""
     pytest.importorskip("skimage")  # the reference's compute_sdf imports it
-    vnet_sdf, losses, util, ramps = reference_modules(
-        REPO, "networks.vnet_sdf", "utils.losses", "utils.util", "utils.ramps")
-    args = script_defaults()
+    module, vnet_sdf = import_script(monkeypatch, REPO, SCRIPT.removesuffix(".py"),
+                                     "networks.vnet_sdf",
+                                     stubs=("tensorboardX", "torchvision",
+                                            "torchvision.transforms", "torchvision.utils"))
+    args = module.args
     torch.manual_seed(0)
     model = vnet_sdf.VNet(n_channels=1, n_classes=2 - 1, n_filters=N_FILTERS,
                           normalization="batchnorm", has_dropout=True)
     cls = get_method("dtc")
-    method = cls(SPECS["la"], cls.hparams_for("la"), {"n_filters": N_FILTERS}, 6000)
+    method = cls(SPECS["la"], cls.hparams_for("la"), {"n_filters": N_FILTERS},
+                 args.max_iterations)
     method.student.load_state_dict(from_reference_state_dict(model.state_dict()))
     model.train()
     method.train()
@@ -137,33 +125,35 @@ def test_one_training_step_equals_the_reference(step):
     volume_batch = torch.randn(4, 1, *PATCH, generator=gen)
     label_batch = labels(4)  # the reference's loader labels the unlabeled half too: unused
     batch = Batch(volume_batch[:2], label_batch[:2], volume_batch[2:])
-
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9,
+                                weight_decay=0.0001)  # train_la_dtc.py:144-145
+    namespace = {**vars(module), "model": model, "optimizer": optimizer, "iter_num": step,
+                 "ce_loss": torch.nn.BCEWithLogitsLoss(), "mse_loss": torch.nn.MSELoss(),
+                 "sampled_batch": {"image": volume_batch, "label": label_batch}}
     torch.manual_seed(11)  # the same dropout masks in both
-    ref_loss, ref_terms = reference_step(model, losses, util, ramps, volume_batch, label_batch,
-                                         2, step, args)
+    exec(loop_body(), namespace)  # noqa: S102 (the reference's own loop lines, pinned snapshot)
     torch.manual_seed(11)
     loss, logs = method.train_step(batch, step)
 
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
-    for name, value in ref_terms.items():
-        torch.testing.assert_close(torch.as_tensor(logs[name]), torch.as_tensor(value),
-                                   rtol=0, atol=0, msg=name)
-    assert set(logs) == set(ref_terms)
-    assert ref_terms["loss_cons"] > 0 and ref_terms["loss_sdf"] > 0
+    theirs = {"loss_sdf": "loss_sdf", "loss_bce": "loss_seg", "loss_dice": "loss_seg_dice",
+              "loss_cons": "consistency_loss", "loss_sup": "supervised_loss",
+              "cons_weight": "consistency_weight"}
+    torch.testing.assert_close(loss, namespace["loss"], rtol=0, atol=0)
+    for ours, name in theirs.items():
+        torch.testing.assert_close(torch.as_tensor(logs[ours]),
+                                   torch.as_tensor(namespace[name]), rtol=0, atol=0, msg=ours)
+    assert set(logs) == set(theirs)
+    assert namespace["consistency_loss"] > 0 and namespace["loss_sdf"] > 0
 
-    # The same gradient of every parameter, then the same SGD update (train_la_dtc.py:144-145).
-    ref_opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.01, momentum=0.9,
+    # The same gradient of every parameter, then the same SGD update.
+    opt = torch.optim.SGD(method.trainable_parameters(), lr=args.base_lr, momentum=0.9,
                           weight_decay=1e-4)
-    ref_opt.zero_grad()
-    ref_loss.backward()
     opt.zero_grad()
     loss.backward()
     ref_grads = from_reference_state_dict({n: p.grad for n, p in model.named_parameters()})
     for name, p in method.student.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=0, msg=name)
-    ref_opt.step()
     opt.step()
     after = from_reference_state_dict(model.state_dict())  # weights and BatchNorm statistics
     for name, value in method.student.state_dict().items():
