@@ -6,10 +6,11 @@ train:N; networks/discriminator.py; networks/vnet_sdf.py; utils/{losses,util,ram
   fixed AvgPool3d((7, 7, 5)) is defined.
 - The net's loss (train:156-176): Dice + beta * MSE(tanh, SDF) + w(t) * CE(D(unlabeled maps), 1),
   assembled from the reference's own functions and nets, values and every gradient.
-- Whole iterations (train:150-202): the reference's loop body (SGD step of the net, then the
-  discriminator's Adam step on the updated net's eval-mode maps) against the engine's Updater
-  with our method, two iterations from the same weights, same dropout masks: same net and
-  discriminator weights after.
+- Whole iterations (train:150-202): the script imported as a module and its own loop body (SGD
+  step of the net, then the discriminator's Adam step on the updated net's eval-mode maps), read
+  from its text and executed, against the engine's Updater with our method, two iterations from
+  the same weights, same dropout masks: same losses, same net and discriminator weights after.
+- The optimiser constants, read from the script's text; ten Adam steps of the discriminator.
 """
 
 from __future__ import annotations
@@ -142,8 +143,18 @@ def test_the_net_loss_and_its_gradients_equal_the_reference(iter_num):
     assert all(p.grad is None for p in method.discriminator.parameters())
 
 
-def test_two_whole_iterations_equal_the_reference_loop():
-    method, net, discriminator, losses, util, ramps = method_and_reference()
+def test_two_whole_iterations_equal_the_reference_loop(monkeypatch):
+    """The script imported as a module (its args, compute_sdf, losses, consistency ramp) and its
+    loop body (train:150-202, from reading the batch to the discriminator's Adam step) executed
+    twice, against two iterations of the engine's Updater with our method."""
+    from tests.reference_code import import_script, script_lines
+
+    method, net, discriminator, *_ = method_and_reference()
+    module = import_script(monkeypatch, REPO, "train_gan_sdfloss",
+                           stubs=("tensorboardX", "torchvision", "torchvision.transforms",
+                                  "torchvision.utils"))
+    body = script_lines(REPO, "train_gan_sdfloss",
+                        "volume_batch, label_batch = sampled_batch['image']", "Dopt.step()")
     # train:124-125, the reference's two optimisers, their constants read from its text
     script = script_optimisers()
     optimizer = torch.optim.SGD(net.parameters(), lr=script["base_lr"],
@@ -158,27 +169,19 @@ def test_two_whole_iterations_equal_the_reference_loop():
     schedule = {"lr": 0.01, "schedule": "step", "step_size": 2500, "gamma": 0.1}
     for iter_num in range(2):
         batch, volume, label = make_batch(10 + iter_num)
+        namespace = {**vars(module), "model": net, "D": discriminator, "optimizer": optimizer,
+                     "Dopt": d_opt, "iter_num": iter_num, "ce_loss": torch.nn.BCEWithLogitsLoss(),
+                     "mse_loss": torch.nn.MSELoss(),
+                     "sampled_batch": {"image": volume, "label": label}}
         torch.manual_seed(100 + iter_num)
-        loss = reference_net_loss(net, discriminator, losses, util, ramps, volume, label,
-                                  iter_num)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        net.eval()  # train:185-200
-        discriminator.train()
-        with torch.no_grad():
-            outputs_tanh, _ = net(volume)
-        d_loss = F.cross_entropy(discriminator(outputs_tanh, volume), torch.tensor([1, 1, 0, 0]))
-        d_opt.zero_grad()
-        d_loss.backward()
-        d_opt.step()
+        exec(body, namespace)  # noqa: S102 (the reference's own loop lines, pinned snapshot)
 
         torch.manual_seed(100 + iter_num)  # the same dropout masks, drawn in the same order
         _, ours, logs, skipped = update(method, batch, schedule, iter_num, 6000, state)
         assert not skipped
-        torch.testing.assert_close(ours, loss.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(logs["loss_discriminator"], d_loss.detach(), rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(ours, namespace["loss"].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logs["loss_discriminator"], namespace["D_loss"].detach(),
+                                   rtol=1e-5, atol=1e-6)
     for ours_state, theirs_state in ((method.student.state_dict(), vnet_state(net.state_dict())),
                                      (method.discriminator.state_dict(),
                                       discriminator_state(discriminator.state_dict()))):
