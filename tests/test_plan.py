@@ -134,7 +134,7 @@ def test_plan_prints_jobs_hours_and_disk(tiny_project, capsys):
 
 def test_statistics_plan_families_prior_and_measured_spread(tiny_project):
     from agcl.config import Layout
-    from agcl.plan import comparison_families, statistics_plan
+    from agcl.report.power import comparison_families, statistics_plan
 
     config = load_config(tiny_project)
     config.update(methods=["supervised", "mean_teacher", "bcp", "semi_agcl"],

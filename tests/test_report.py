@@ -271,7 +271,7 @@ def test_run_to_run_twins_and_semi_agcl_curves(tmp_path, monkeypatch):
 
 
 def test_stats_view_one_row_per_comparison_and_metric_with_shared_notes():
-    from agcl.report.render import stats_view
+    from agcl.report.stats_view import stats_view
 
     def rec(reference, method, metric, diff, note, low=np.nan, high=np.nan, p=np.nan):
         return {"dataset": "la", "ratio": 0.05, "reference": reference, "method": method,

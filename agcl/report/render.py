@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from agcl.config import Layout, default_roles, expected_runs, noise_twins, roles_of
+from agcl.config import Layout, expected_runs, noise_twins, roles_of
 from agcl.report import figures
 from agcl.report.aggregate import methods_only
 from agcl.report.forest import forest_plot
-from agcl.report.intervals import seeds_needed, smallest_attainable_p_holm
+from agcl.report.format import lower_bound, method_rank, num
 from agcl.report.published import (
     dice_jaccard_consistency,
     load_published,
     load_published_compute,
 )
-from agcl.report.stats import mark
+from agcl.report.stats_view import case_floors, family_rows, run_to_run_rows, stats_view
 from agcl.runfolder import LOG_CSV
 from agcl.utils import code_version, write_text
 
@@ -48,33 +47,15 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def _num(value, digits: int = 2) -> str:
-    return "–" if pd.isna(value) else f"{value:.{digits}f}"
-
-
 def _mean_std(mean, std) -> str:
     if pd.isna(mean):
         return "–"
-    return _num(mean) if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+    return num(mean) if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
 # Higher is better for the overlap metrics, lower for the distances.
 BETTER = {"dice": max, "jaccard": max, "hd95": min, "asd": min}
 PRIMARY_SOURCE = "Semi-AGCL paper"  # the paper this kit replicates: its value sits beside ours
-
-
-def _lower_bound(roles: dict | None) -> str | None:
-    """The lower bound of a grid's roles (agcl.config.roles_of); None: the default roles'."""
-    return (roles if roles is not None else default_roles())["lower_bound"]
-
-
-def _method_rank(methods: list[str] | None, roles: dict | None = None):
-    """Sort key for method names: the lower bound first (as the paper puts its supervised
-    baseline), then the config's order, then any other (published-only) method by name."""
-    lower = _lower_bound(roles)
-    order = {m: i for i, m in enumerate(dict.fromkeys([*([lower] if lower else []),
-                                                       *(methods or [])]))}
-    return lambda method: (order.get(method, len(order)), method)
 
 
 def _source_order(sources) -> list[str]:
@@ -120,7 +101,7 @@ def main_tables(published: pd.DataFrame, ratios: list[float],
             shown_theirs = with_theirs[0] if with_theirs else None
             marks = [number[shown_theirs["source"]]] if shown_theirs is not None else []
             for other in with_theirs[1:]:  # further sources: their values in a footnote
-                values = " / ".join(_num(other[f"{m}_published"]) for m in METRIC_TITLES)
+                values = " / ".join(num(other[f"{m}_published"]) for m in METRIC_TITLES)
                 notes.append(f"{method} {100 * ratio:g}% in {other['source']}: {values} "
                              f"({' / '.join(METRIC_TITLES.values())})")
                 marks.append(len(notes))
@@ -138,12 +119,12 @@ def main_tables(published: pd.DataFrame, ratios: list[float],
                 theirs = shown_theirs[f"{m}_published"] if shown_theirs is not None else math.nan
                 cells.append({"ours": _mean_std(ours, first[f"{m}_ours_std"] if with_ours
                                                 else math.nan),
-                              "ours_value": ours, "theirs": _num(theirs), "theirs_value": theirs})
+                              "ours_value": ours, "theirs": num(theirs), "theirs_value": theirs})
             row = {"method": method, "labels": f"{100 * ratio:g}%", "cells": cells,
                    "marks": marks, "flagged": bool(flags)}
             (ours_rows if with_ours else published_rows).append(row)
         # the config's method order within each label ratio (the lower bound first, as the paper)
-        rank = _method_rank(methods, roles)
+        rank = method_rank(methods, roles)
         ours_rows.sort(key=lambda r: (float(r["labels"][:-1]), *rank(r["method"])))
         _mark_best(ours_rows, "ours")
         _mark_best(ours_rows + published_rows, "theirs")
@@ -164,8 +145,8 @@ def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]
     if not ours.empty:
         keys |= set(map(tuple, ours[["dataset", "method"]].drop_duplicates().values))
     keys |= set(map(tuple, published[["dataset", "method"]].values))
-    rank = _method_rank(methods, roles)
-    lower = _lower_bound(roles)
+    rank = method_rank(methods, roles)
+    lower = lower_bound(roles)
     for dataset, method in sorted(keys, key=lambda k: (k[0], *rank(k[1]))):
         mine = ours[(ours["dataset"] == dataset) & (ours["method"] == method)] if len(ours) else ours
         base = ours[(ours["dataset"] == dataset) & (ours["method"] == lower)] \
@@ -180,15 +161,15 @@ def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]
         rows.append({
             "dataset": dataset, "method": method,
             "runs": len(mine),
-            "params": _num(mine["parameters"].iloc[0] / 1e6) if len(mine) else "–",
+            "params": num(mine["parameters"].iloc[0] / 1e6) if len(mine) else "–",
             "minutes": _mean_std(minutes, mine["train_seconds"].std() / 60 if len(mine) else math.nan),
-            "ratio": _num(minutes / base_minutes),
+            "ratio": num(minutes / base_minutes),
             "device": ", ".join(sorted(mine["device"].dropna().astype(str).unique()))
             if len(mine) else "",
             "precision": precision_text(mine) if len(mine) else "",
-            "paper_params": _num(paper["parameters_m"]) if paper is not None else "–",
-            "paper_minutes": _num(paper["train_minutes"], 1) if paper is not None else "–",
-            "paper_ratio": _num(paper["train_minutes"] / paper_base) if paper is not None else "–",
+            "paper_params": num(paper["parameters_m"]) if paper is not None else "–",
+            "paper_minutes": num(paper["train_minutes"], 1) if paper is not None else "–",
+            "paper_ratio": num(paper["train_minutes"] / paper_base) if paper is not None else "–",
             "paper_source": f"{paper['source']}" if paper is not None else "",
         })
     return rows
@@ -214,167 +195,6 @@ def precision_by_dataset(runs: pd.DataFrame, datasets: list[str]) -> dict[str, s
         return {}
     return {d: precision_text(runs[runs["dataset"] == d]) for d in datasets
             if (runs["dataset"] == d).any()}
-
-
-def _signed(value, scale: float = 1.0, digits: int = 2) -> str:
-    return "–" if pd.isna(value) else f"{scale * value:+.{digits}f}".replace("-", "−")
-
-
-def _p_text(p) -> str:
-    return "–" if pd.isna(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
-
-
-SEED_COUNT_NOTE = re.compile(r"\d+ seed\(s\) < \d+: |no new-patients interval")
-STATS_METRICS = {"dice": ("DSC (points)", 100.0), "hd95": ("HD95", 1.0)}
-INTERVAL_TEXT = {"sign-flip inversion (exact)": "sign-flip",
-                 "sign-flip inversion (Monte Carlo)": "sign-flip (MC)",
-                 "t over per-seed means (assumes normal per-seed means)": "t"}
-
-
-def _interval_text(low, high, scale: float) -> str:
-    return "–" if pd.isna(low) or pd.isna(high) else \
-        f"[{_signed(low, scale)}, {_signed(high, scale)}]"
-
-
-def stats_view(stats: pd.DataFrame, datasets: list[str], methods: list[str] | None = None,
-               roles: dict | None = None) -> dict:
-    """The statistics table: one row per comparison and metric (Dice in percentage points):
-    mean difference, the primary interval on this test set with its procedure, Holm's p, the
-    new-patients interval, seeds won, delta, the median per-case difference and the verdict;
-    notes every row shares written once (`shared_notes`), a row's own notes beside it. Of a pair
-    compared both ways only the first in method order is shown."""
-    view = {"rows": [], "shared_notes": [], "footnotes": []}
-    if stats.empty:
-        return view
-    shown = stats[stats["metric"].isin(STATS_METRICS)]
-    rank = _method_rank(methods, roles)
-    where = {d: i for i, d in enumerate(datasets)}
-    order = {m: i for i, m in enumerate(STATS_METRICS)}
-    records = sorted(shown.to_dict("records"), key=lambda r: (
-        where.get(r["dataset"], len(where)), r["ratio"], *rank(r["reference"]),
-        *rank(r["method"]), order[r["metric"]]))
-    rows, row_notes, seen = [], [], {}
-    for rec in records:
-        pair = (rec["dataset"], rec["ratio"], frozenset((rec["reference"], rec["method"])))
-        first = seen.setdefault(pair, (rec["reference"], rec["method"]))
-        if first != (rec["reference"], rec["method"]):
-            continue  # b − a is a − b negated (mirrored intervals, same p): shown once
-        title, scale = STATS_METRICS[rec["metric"]]
-        state = mark(rec["p_holm"], rec["ci_low"], rec["ci_high"])
-        rows.append({
-            "dataset": rec["dataset"], "labels": f"{100 * rec['ratio']:g}%",
-            "comparison": f"{rec['method']} − {rec['reference']}", "metric": title,
-            "seeds": int(rec["n_seeds"]), "diff": _signed(rec["mean_diff"], scale),
-            "ci": _interval_text(rec["ci_low"], rec["ci_high"], scale),
-            "procedure": INTERVAL_TEXT.get(rec.get("interval"), "")
-            if isinstance(rec.get("interval"), str) else "",
-            "p": _p_text(rec["p_holm"]), "mark": state,
-            "new": _interval_text(rec.get("np_low"), rec.get("np_high"), scale),
-            "won": rec.get("seeds_won") if isinstance(rec.get("seeds_won"), str) else "–",
-            "delta": _num(rec.get("delta")),
-            "median_case": _signed(rec.get("median_case_diff"), scale)
-            if rec["metric"] == "hd95" else "",
-            "verdict": rec.get("verdict") if isinstance(rec.get("verdict"), str) else "",
-        })
-        row_notes.append([n for n in (rec["note"].split("; ") if isinstance(rec["note"], str)
-                                      else []) if n])
-    by_count = [n for notes in row_notes for n in notes if SEED_COUNT_NOTE.match(n)]
-    shared = set.intersection(*(set(n) for n in row_notes)) if row_notes else set()
-    footnotes: list[str] = []  # a row's own notes, numbered under the table (one line a row)
-    for row, notes in zip(rows, row_notes):
-        row["note"] = "; ".join(n for n in notes if n not in shared
-                                and not SEED_COUNT_NOTE.match(n))
-        if row["note"] and row["note"] not in footnotes:
-            footnotes.append(row["note"])
-        row["mark_note"] = footnotes.index(row["note"]) + 1 if row["note"] else None
-    view["footnotes"] = footnotes
-    view["shared_notes"] = list(dict.fromkeys(
-        [*(n for n in row_notes[0] if n in shared and not SEED_COUNT_NOTE.match(n)),
-         *sorted(set(by_count), key=by_count.index)])) if row_notes else []
-    for i, row in enumerate(rows):  # the dataset and label cells span their block
-        block = (row["dataset"], row["labels"])
-        first = i == 0 or (rows[i - 1]["dataset"], rows[i - 1]["labels"]) != block
-        row["span"] = sum(1 for r in rows[i:] if (r["dataset"], r["labels"]) == block) if first else 0
-    view["rows"] = rows
-    return view
-
-
-def family_rows(stats: pd.DataFrame, datasets: list[str]) -> list[dict]:
-    """Per comparison family (dataset x labels x reference x metric): tests in it, seeds, the
-    smallest p_holm any of its rows could reach, the per-seed sd (median over its rows), the
-    smallest effect worth detecting and the seeds needed for 80 % power to detect it at that sd
-    under Holm."""
-    if stats.empty or "family_size" not in stats:
-        return []
-    where = {d: i for i, d in enumerate(datasets)}
-    rows = []
-    shown = stats[stats["metric"].isin(STATS_METRICS)]
-    for (dataset, ratio, reference, metric), g in sorted(
-            shown.groupby(["dataset", "ratio", "reference", "metric"], sort=False),
-            key=lambda item: (where.get(item[0][0], len(where)), *item[0][1:])):
-        _, scale = STATS_METRICS[metric]
-        size = int(g["family_size"].max()) if g["family_size"].notna().any() else 0
-        seeds = int(g["n_seeds"].max())
-        sd = float(g["seed_sd"].median()) if g["seed_sd"].notna().any() else math.nan
-        effect = float(g["smallest_effect"].iloc[0]) if g["smallest_effect"].notna().any() \
-            else math.nan
-        floor = smallest_attainable_p_holm(seeds, size)
-        needed = seeds_needed(effect / sd, max(size, 1)) if sd > 0 and effect > 0 else math.nan
-        rows.append({
-            "dataset": dataset, "labels": f"{100 * ratio:g}%", "reference": reference,
-            "metric": STATS_METRICS[metric][0], "tests": size, "seeds": seeds,
-            "min_p": "–" if pd.isna(floor) else ("no floor (t)" if floor == 0
-                                                 else _p_text(floor)),
-            "can_conclude": not pd.isna(floor) and floor < 0.05,
-            "seed_sd": _num(sd * scale), "effect": _num(effect * scale),
-            "needed": "–" if pd.isna(needed) else ("> 10000" if math.isinf(needed)
-                                                   else str(int(needed))),
-        })
-    return rows
-
-
-def case_floors(stats: pd.DataFrame, datasets: list[str]) -> list[dict]:
-    """Per dataset, the half-width no number of seeds removes from a new-patients interval of a
-    Dice difference: 1.96 sd_case / sqrt(C), median over the comparisons."""
-    if stats.empty or "case_floor" not in stats:
-        return []
-    dice = stats[(stats["metric"] == "dice") & stats["case_floor"].notna()]
-    out = []
-    for dataset in datasets:
-        part = dice[dice["dataset"] == dataset]
-        if len(part):
-            out.append({"dataset": dataset, "cases": int(part["n_cases"].median()),
-                        "sd_case": _num(100 * part["sd_case"].median()),
-                        "floor": _num(100 * part["case_floor"].median())})
-    return out
-
-
-def run_to_run_rows(spread: pd.DataFrame, datasets: list[str]) -> list[dict]:
-    """The run-to-run table (run_to_run.csv): per dataset x labels x twin pair and metric, the
-    RMS of the per-seed twin − method differences (the per-seed scale of the forest plot's grey
-    dots), its standard error on the scale of a mean over the seeds, and the share of the
-    method's seed-to-seed variance that this chaos explains."""
-    if spread.empty:
-        return []
-    where = {d: i for i, d in enumerate(datasets)}
-    rows = []
-    groups = spread.groupby(["dataset", "ratio", "twin", "method"], sort=False)
-    for (dataset, ratio, twin, method), g in sorted(
-            groups, key=lambda item: (where.get(item[0][0], len(where)), *item[0][1:])):
-        by_metric = g.set_index("metric")
-        cells = []
-        for metric, (_, scale) in STATS_METRICS.items():
-            rec = by_metric.loc[metric] if metric in by_metric.index else None
-            cells.append({
-                "rms": "–" if rec is None else _num(scale * rec["rms_diff"]),
-                "se": "–" if rec is None else _num(scale * rec["se_of_mean"]),
-                "share": "–" if rec is None or pd.isna(rec["chaos_share"])
-                else f"{100 * rec['chaos_share']:.0f}%"})
-        notes = [n for n in g["note"] if isinstance(n, str) and n]
-        rows.append({"dataset": dataset, "labels": f"{100 * ratio:g}%",
-                     "pair": f"{twin} − {method}", "seeds": int(g["n_seeds"].max()),
-                     "cells": cells, "note": "; ".join(dict.fromkeys(notes))})
-    return rows
 
 
 def training_logs(config: dict, layout: Layout) -> pd.DataFrame:
@@ -445,7 +265,7 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
     if "la" in tables_shown and bcp_la.empty:
         tables_shown["la"]["notes"].append(BCP_LA_NOTE)
     logs = training_logs(config, layout)
-    rank = _method_rank(methods, grid)
+    rank = method_rank(methods, grid)
     twins = noise_twins(config)
     html = env.get_template("index.html.j2").render(
         name=config["name"],
