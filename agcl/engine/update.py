@@ -33,44 +33,52 @@ def learning_rate(schedule: dict, step: int, total: int) -> float:
     return base
 
 
-def gradients_finite(named_params) -> torch.Tensor:
-    """A 0-d bool tensor on the device: is every gradient finite? One fused norm over all of
-    them is finite iff they are, barring an overflow of the squares (first_nonfinite_gradient
-    then clears it)."""
-    grads = [p.grad for _, p in named_params if p.grad is not None]
-    if not grads:
+def all_finite(tensors) -> torch.Tensor:
+    """A 0-d bool tensor on the device: is every tensor finite? One fused norm over all of them
+    is finite iff they are, barring an overflow of the squares (first_nonfinite then clears it)."""
+    tensors = list(tensors)
+    if not tensors:
         return torch.tensor(True)
-    return torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, foreach=True))
+
+
+def first_nonfinite(named_tensors) -> str | None:
+    """Name of the first tensor holding NaN/Inf, checked exactly."""
+    named_tensors = list(named_tensors)
+    if not named_tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named_tensors])
+    if bool(finite.all()):
+        return None
+    return named_tensors[int((~finite).nonzero()[0])][0]
+
+
+def _named_grads(named_params):
+    return [(name, p.grad) for name, p in named_params if p.grad is not None]
+
+
+def gradients_finite(named_params) -> torch.Tensor:
+    """all_finite over the gradients of (name, parameter) pairs that have one."""
+    return all_finite(g for _, g in _named_grads(named_params))
 
 
 def first_nonfinite_gradient(named_params) -> str | None:
     """Name of the first parameter whose gradient holds NaN/Inf, checked exactly."""
-    grads = [(name, p.grad) for name, p in named_params if p.grad is not None]
-    if not grads:
-        return None
-    finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
-    if bool(finite.all()):
-        return None
-    return grads[int((~finite).nonzero()[0])][0]
+    return first_nonfinite(_named_grads(named_params))
 
 
-def float_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
+def buffer_slots(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, str]]:
+    """(owner, name, qualified name) of every buffer of `module` and its children, found once:
+    a step reads the tensor through its owner, so a buffer the forward replaced (a queue
+    rebuilt with torch.cat) is still the one checked and restored."""
+    return [(owner, name, f"{prefix}.{name}" if prefix else name)
+            for prefix, owner in module.named_modules() for name in owner._buffers]
 
 
-def buffers_finite(named_buffers) -> torch.Tensor:
-    """A 0-d bool tensor: is every floating buffer finite (one fused norm, as for gradients)?"""
-    values = [b for _, b in named_buffers]
-    if not values:
-        return torch.tensor(True)
-    return torch.isfinite(torch.nn.utils.get_total_norm(values, foreach=True))
-
-
-def first_nonfinite_buffer(named_buffers) -> str | None:
-    for name, buffer in named_buffers:
-        if not bool(torch.isfinite(buffer).all()):
-            return name
-    return None
+def float_buffers(slots) -> list[tuple[str, torch.Tensor]]:
+    return [(qualified, owner._buffers[name]) for owner, name, qualified in slots
+            if owner._buffers.get(name) is not None
+            and owner._buffers[name].is_floating_point()]
 
 
 def non_finite_problem(loss: torch.Tensor, logs: dict, trainable, buffers=()) -> str | None:
@@ -81,20 +89,19 @@ def non_finite_problem(loss: torch.Tensor, logs: dict, trainable, buffers=()) ->
     bad = first_nonfinite_gradient(trainable)
     if bad is not None:
         return f"the gradient of {bad} is not finite (the loss is {float(loss):.4g})"
-    bad = first_nonfinite_buffer(buffers)
+    bad = first_nonfinite(buffers)
     if bad is not None:
         return (f"the buffer {bad} is not finite after the forward (e.g. BatchNorm statistics "
                 f"of an overflowing batch; the loss is {float(loss):.4g})")
     return None
 
 
-def snapshot_buffers(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
-    """A copy of every buffer of `module` and its children (BatchNorm statistics, queues,
-    memories), kept with its owner and name so that a buffer the forward replaced is restored
-    too."""
-    return [(owner, name, buffer.detach().clone())
-            for owner in module.modules() for name, buffer in owner._buffers.items()
-            if buffer is not None]
+def snapshot_buffers(slots) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """A copy of every buffer (BatchNorm statistics, queues, memories) of `slots`
+    (buffer_slots), kept with its owner and name so that a buffer the forward replaced is
+    restored too."""
+    return [(owner, name, owner._buffers[name].detach().clone()) for owner, name, _ in slots
+            if owner._buffers.get(name) is not None]
 
 
 def restore_buffers(saved) -> None:
@@ -127,6 +134,7 @@ class Updater:
             raise ValueError(f"grad_reset: expected none or zeros, got {grad_reset!r}")
         self.set_to_none = grad_reset == "none"
         self.method = method
+        self.buffer_slots = buffer_slots(method)
         self.optimizer = optimizer
         self.auxiliary = auxiliary or {}
         self.scaler = scaler
@@ -167,15 +175,15 @@ class Updater:
     def _update(self, compute, args, optimizer, named_params):
         """Autocast `compute(*args)` -> (loss, logs), backward, finite check, and the step of
         `optimizer` unless something is not finite; (loss, logs, problem or None)."""
-        saved = snapshot_buffers(self.method) if self.nonfinite == "skip" else None
+        saved = snapshot_buffers(self.buffer_slots) if self.nonfinite == "skip" else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, logs = compute(*args)
         loss_value = loss.detach()
         optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
-        buffers = float_buffers(self.method)
-        finite = torch.isfinite(loss_value) & buffers_finite(buffers)
+        buffers = float_buffers(self.buffer_slots)
+        finite = torch.isfinite(loss_value) & all_finite(b for _, b in buffers)
         if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN grads itself
             finite = finite & gradients_finite(named_params)
         problem = None if bool(finite) else non_finite_problem(loss_value, logs, named_params,
