@@ -159,16 +159,26 @@ def train_override_problems(override: dict, base: dict, where: str) -> list[str]
     return problems or _batch_problems({**base, **override}, where)
 
 
+def train_patches(dcfg: dict) -> list[tuple[str, list[int]]]:
+    """(key, patch) of every training patch of a dataset block: train.patch and each
+    train_by_method entry's own."""
+    return [("train.patch", dcfg["train"]["patch"])] + [
+        (f"train_by_method.{m}.patch", o["patch"])
+        for m, o in dcfg.get("train_by_method", {}).items() if "patch" in o]
+
+
+def eval_patch(dcfg: dict) -> list[tuple[str, list[int]]]:
+    """[("eval.patch", patch)] where the dataset sets its own window, else []."""
+    return [("eval.patch", dcfg["eval"]["patch"])] if "patch" in dcfg.get("eval", {}) else []
+
+
 def _eval_window_problems(dcfg: dict, where: str) -> list[str]:
     """eval.stride must not exceed the window (eval.patch, else each recipe's train.patch) on any
     axis: the voxels between two windows would never be predicted (background)."""
     stride = dcfg.get("eval", {}).get("stride")
     if stride is None:
         return []
-    patches = ([("eval.patch", dcfg["eval"]["patch"])] if "patch" in dcfg.get("eval", {}) else
-               [("train.patch", dcfg["train"]["patch"])]
-               + [(f"train_by_method.{m}.patch", o["patch"])
-                  for m, o in dcfg.get("train_by_method", {}).items() if "patch" in o])
+    patches = eval_patch(dcfg) or train_patches(dcfg)
     problems = []
     for name, patch in patches:
         if len(stride) != len(patch):

@@ -5,7 +5,7 @@ option exists on the net each configured method builds."""
 
 from __future__ import annotations
 
-from agcl.config import ConfigError
+from agcl.config import ConfigError, eval_patch, train_patches
 from agcl.data.specs import get_spec
 from agcl.methods.hparams import HparamError
 from agcl.methods.registry import registered, use_config
@@ -65,14 +65,10 @@ def check_config(config: dict, source: str = "<config>") -> None:
                 problems.append(f"{where}.{name}: {exc.args[0]}")
     for dataset, dcfg in config["datasets"].items():
         spec = get_spec(dataset)
-        patches = [("train.patch", dcfg["train"]["patch"])]
-        patches += [(f"train_by_method.{m}.patch", o["patch"])
-                    for m, o in dcfg.get("train_by_method", {}).items() if "patch" in o]
-        if "patch" in dcfg.get("eval", {}):
-            patches.append(("eval.patch", dcfg["eval"]["patch"]))
         problems += [f"datasets.{dataset}.{where} {patch}: {dataset} trains and predicts on "
                      f"{spec.spatial_dims}D patches, expected {spec.spatial_dims} values"
-                     for where, patch in patches if len(patch) != spec.spatial_dims]
+                     for where, patch in train_patches(dcfg) + eval_patch(dcfg)
+                     if len(patch) != spec.spatial_dims]
         skipped = dcfg.get("skip_methods", [])
         # A skip of a method the grid does not run is harmless (an overlay may narrow methods);
         # a name that is no method at all is a typo.
