@@ -232,8 +232,6 @@ def compare_pair(reference: pd.DataFrame, other: pd.DataFrame, metric: str = "di
     diff, notes = difference_matrix(reference, other)
     if diff.shape[1] == 0:
         diff = diff.iloc[:0]  # no complete case: no seed either
-    if diff.size == 0 and "no paired runs" not in notes:
-        notes.append("no paired runs")
     numbers = matrix_statistics(diff.to_numpy(), metric)
     notes += [n for n in numbers.pop("notes") if n not in notes]
     kept = (diff.index, diff.columns)

@@ -131,11 +131,12 @@ def recipe_hash(wildcards):
 # The config keys each job reads, hashed into a param, so that editing a key in place reruns
 # exactly the jobs that read it (Snakemake's params trigger). The training recipe has its own
 # hash (recipe_hash).
-def dataset_settings(*keys):
-    """A param function: hash of the named keys of the job's dataset block."""
+def dataset_settings(*keys, dataset=None):
+    """A param function: hash of the named keys of the job's dataset block (`dataset`: for a
+    rule without a dataset wildcard)."""
 
     def settings(wildcards):
-        block = config["datasets"][getattr(wildcards, "dataset", "crag")]
+        block = config["datasets"][dataset or wildcards.dataset]
         return settings_hash({key: block.get(key) for key in keys})
 
     return settings

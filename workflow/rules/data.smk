@@ -47,7 +47,7 @@ rule synth_crag_zip:
         agcl=AGCL,
         config=CONFIGFILE,
         out=lambda wc, output: Path(output[0]).parent,
-        settings=dataset_settings("synth"),
+        settings=dataset_settings("synth", dataset="crag"),
     log:
         LOGS / "synth" / "crag.log",
     conda:
