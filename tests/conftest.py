@@ -138,3 +138,18 @@ def pytest_sessionfinish(session, exitstatus):
               f"{REFERENCE_SNAPSHOTS} exists (each must run):\n  "
               + "\n  ".join(_REFERENCE_SKIPS[:20]))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (its folder on sys.path, as when run), so
+    that a test calls its main() and helpers."""
+    import importlib.util
+    import sys
+
+    folder = str(REPO_ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

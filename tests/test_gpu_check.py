@@ -3,24 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
-from tests.conftest import REPO_ROOT
-
-
-def load_script():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("gpu_check",
-                                                  REPO_ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_the_gpu_check_runs_on_cpu_and_writes_its_report(tmp_path, capsys):
-    script = load_script()
+    script = load_benchmark("gpu_check")
     code = script.main(["--device", "cpu", "--quick", "--methods", "supervised", "semi_agcl",
                         "--warmup", "1", "--steps", "2", "--resume-steps", "4",
                         "--out", str(tmp_path)])

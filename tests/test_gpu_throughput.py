@@ -3,26 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 
 from agcl.config import load_config
 from agcl.plan import gpu_hours, read_throughput
-from tests.conftest import REPO_ROOT
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_throughput",
-                                                  REPO_ROOT / "benchmarks" / "gpu_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import REPO_ROOT, load_benchmark
 
 
 def test_quick_run_writes_rows_that_plan_reads(tmp_path, capsys):
-    script = load_script()
+    script = load_benchmark("gpu_throughput")
     out = tmp_path / "throughput.csv"
     args = ["--device", "cpu", "--quick", "--warmup", "1", "--steps", "2", "--datasets", "acdc",
             "--methods", "supervised", "bcp", "--out", str(out), "--workdir", str(tmp_path / "w")]

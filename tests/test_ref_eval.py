@@ -57,6 +57,24 @@ def volume(seed: int):
     return ((image - image.mean()) / image.std()).astype(np.float32), label
 
 
+def assert_our_evaluation_is(net, image, label, nms, theirs, their_metrics) -> np.ndarray:
+    """Our evaluation of the volume (sliding window, argmax, the largest component where `nms`,
+    metrics in voxels): the reference's prediction voxel for voxel, and its four metrics."""
+    with torch.no_grad():
+        probs = sliding_window_probabilities(net, image[None], list(PATCH),
+                                             [STRIDE_XY, STRIDE_XY, STRIDE_Z], 2,
+                                             torch.device("cpu"))
+    ours = probs.argmax(axis=0).astype(np.uint8)
+    if nms:
+        ours = largest_component_per_class(ours, 2)
+    assert 0 < ours.sum() < ours.size and (ours != label).any()  # a non-trivial prediction
+    np.testing.assert_array_equal(ours.astype(bool), np.asarray(theirs).astype(bool))
+    mine = binary_metrics(ours == 1, label == 1)
+    np.testing.assert_allclose([mine[m] for m in ("dice", "jaccard", "hd95", "asd")],
+                               their_metrics, rtol=1e-12, atol=1e-12)
+    return ours
+
+
 @pytest.fixture
 def reference_test(monkeypatch):
     module = reference_modules(REPO, "utils.test_3d_patch", stubs=("tensorboardX", "nibabel"))
@@ -87,18 +105,7 @@ def test_evaluation_equals_the_reference_test_script(reference_test, tmp_path, s
         stride_z=STRIDE_Z, save_result=False, test_save_path=f"{tmp_path}/predictions/",
         metric_detail=1, nms=nms)  # it writes its average to <test_save_path>/../performance.txt
 
-    with torch.no_grad():
-        probs = sliding_window_probabilities(net, image[None], list(PATCH),
-                                             [STRIDE_XY, STRIDE_XY, STRIDE_Z], 2,
-                                             torch.device("cpu"))
-    ours = probs.argmax(axis=0).astype(np.uint8)
-    if nms:
-        ours = largest_component_per_class(ours, 2)
-    assert 0 < ours.sum() < ours.size and (ours != label).any()  # a non-trivial prediction
-    np.testing.assert_array_equal(ours.astype(bool), np.asarray(theirs).astype(bool))
-    mine = binary_metrics(ours == 1, label == 1)
-    np.testing.assert_allclose([mine[m] for m in ("dice", "jaccard", "hd95", "asd")],
-                               their_metrics, rtol=1e-12, atol=1e-12)
+    ours = assert_our_evaluation_is(net, image, label, nms, theirs, their_metrics)
     if nms == 0:  # the island and the noise leave several components: the step matters
         assert ndimage.label(ours)[1] > 1
 
@@ -107,7 +114,8 @@ class SdfHeadNet(PositionDependentNet):
     """DTC's interface: (tanh distance map, one foreground logit); our side sees [0, z]."""
 
     def reference(self, x):
-        z = self.conv(x)[:, 1:] - self.conv(x)[:, :1]
+        logits = self.conv(x)
+        z = logits[:, 1:] - logits[:, :1]
         return torch.tanh(z), z
 
     def forward(self, x):  # ours: two-class logits whose softmax is sigmoid(z)
@@ -133,15 +141,4 @@ def test_evaluation_equals_dtcs_sigmoid_test_script(monkeypatch, tmp_path, nms):
                                          patch_size=PATCH, stride_xy=STRIDE_XY,
                                          stride_z=STRIDE_Z, save_result=False,
                                          metric_detail=1, nms=nms)
-    with torch.no_grad():
-        probs = sliding_window_probabilities(net, image[None], list(PATCH),
-                                             [STRIDE_XY, STRIDE_XY, STRIDE_Z], 2,
-                                             torch.device("cpu"))
-    ours = probs.argmax(axis=0).astype(np.uint8)
-    if nms:
-        ours = largest_component_per_class(ours, 2)
-    assert 0 < ours.sum() < ours.size and (ours != label).any()
-    np.testing.assert_array_equal(ours.astype(bool), np.asarray(theirs).astype(bool))
-    mine = binary_metrics(ours == 1, label == 1)
-    np.testing.assert_allclose([mine[m] for m in ("dice", "jaccard", "hd95", "asd")],
-                               their_metrics, rtol=1e-12, atol=1e-12)
+    assert_our_evaluation_is(net, image, label, nms, theirs, their_metrics)
