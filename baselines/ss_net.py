@@ -46,14 +46,20 @@ Where ours differs from upstream, and why:
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from agcl.data.specs import DatasetSpec
-from agcl.methods import Batch, HParam, Method, register_method, require_unlabeled
+from agcl.methods import (
+    Batch,
+    HParam,
+    Method,
+    TrainedNetwork,
+    register_method,
+    require_unlabeled,
+)
 from agcl.methods.dice import dice_batch_squared
 from agcl.methods.ramps import epoch_rampup
 from agcl.nets.ssnet import SSNetHeads
@@ -219,8 +225,8 @@ class SSNet(Method):
                                                    hparams["feat_dim"]))
         self.register_buffer("memory_count", torch.zeros(spec.num_classes, dtype=torch.long))
 
-    def trainable_parameters(self):
-        return itertools.chain(self.student.parameters(), self.heads.parameters())
+    def trained_networks(self) -> list[TrainedNetwork]:
+        return [TrainedNetwork("student", self.student), TrainedNetwork("heads", self.heads)]
 
     @torch.no_grad()
     def update_memory(self, features: torch.Tensor, labels: torch.Tensor) -> None:

@@ -299,6 +299,11 @@ class _TwoOptimisers(torch.nn.Module):
         self.aux_nan = aux_nan
         self.order = []
 
+    def trained_networks(self):
+        from agcl.methods.base import TrainedNetwork
+
+        return [TrainedNetwork("main", self.main)]
+
     def trainable_parameters(self):
         return self.main.parameters()
 
@@ -381,6 +386,11 @@ class _BatchNormToy(torch.nn.Module):
                                        torch.nn.Linear(4, 1))
         self.register_buffer("queue", torch.zeros(3))
 
+    def trained_networks(self):
+        from agcl.methods.base import TrainedNetwork
+
+        return [TrainedNetwork("net", self.net)]
+
     def trainable_parameters(self):
         return self.net.parameters()
 
@@ -434,6 +444,11 @@ class _SometimesUnused(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.net, self.selector = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+
+    def trained_networks(self):
+        from agcl.methods.base import TrainedNetwork
+
+        return [TrainedNetwork("net", self.net), TrainedNetwork("selector", self.selector)]
 
     def trainable_parameters(self):
         return self.parameters()

@@ -1,7 +1,7 @@
 """A non-editable install of the package works on its own: `python -m agcl aggregate` and
 `report` load a config (the schema is package data) and write the summary tables and the page
-from another working directory, with only the installed copy importable (no checkout, no
-baselines/ plugin files)."""
+from another working directory, with only the installed copy importable (no checkout), and
+every shipped method (baselines/, installed as agcl_baselines) is registered there."""
 
 from __future__ import annotations
 
@@ -35,8 +35,6 @@ def installed_copy(tmp_path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--no-build-isolation", "--no-index", "--target", str(target), str(src)],
                    check=True, capture_output=True, text=True, timeout=600)
-    # the method plugins are not part of what aggregate and report need
-    shutil.rmtree(target / "baselines", ignore_errors=True)
     return target
 
 
@@ -79,3 +77,35 @@ def test_a_non_editable_install_aggregates_and_reports_outside_the_checkout(tmp_
     (work / "bad.yaml").write_text(yaml.safe_dump(bad))
     out = run_installed(target, work, "-m", "agcl", "aggregate", "--config", "bad.yaml")
     assert out.returncode == 1 and "invalid value at 'seeds'" in out.stderr
+
+
+def test_the_package_list_names_every_folder_of_the_package():
+    import tomllib
+
+    from setuptools import find_packages
+
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(p for p in listed if p.startswith("agcl.") or p == "agcl") == sorted(
+        find_packages(str(REPO), include=["agcl*"]))
+    assert "agcl_baselines" in listed
+
+
+@pytest.mark.slow
+def test_every_shipped_method_is_registered_outside_the_checkout(tmp_path):
+    target = installed_copy(tmp_path)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    out = run_installed(target, work, "-m", "agcl", "methods")
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    shipped = {p.stem for p in (REPO / "baselines").glob("*.py") if not p.name.startswith("_")}
+    assert shipped | {"semi_agcl"} <= listed
+    # a user's own plugin folder in the working directory adds to them
+    (work / "baselines").mkdir()
+    (work / "baselines" / "mine.py").write_text(
+        "from agcl.methods import Method, register_method\n\n\n"
+        "@register_method('mine')\nclass Mine(Method):\n    pass\n")
+    out = run_installed(target, work, "-m", "agcl", "methods")
+    assert out.returncode == 0, out.stderr
+    assert {"mine", "supervised"} <= {line.split()[0] for line in out.stdout.splitlines()
+                                      if line.strip()}

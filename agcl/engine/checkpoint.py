@@ -120,6 +120,8 @@ def run_metadata(trainer, parts, state) -> dict:
         # extra decoders, projection heads)
         "parameters": sum(p.numel() for p in method.inference_net().parameters()),
         "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
+        "trained_networks": {n.name: sum(p.numel() for p in n.module.parameters())
+                             for n in method.trained_networks()},
         # parameters of the method's own optimisers (SASSNet's discriminator), not evaluated
         "auxiliary_parameters": {name: sum(p.numel() for p in update.parameters)
                                  for name, (update, _) in parts.auxiliary.items()},

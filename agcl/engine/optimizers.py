@@ -1,5 +1,6 @@
-"""The optimisers the engine builds for a method: SGD over its trainable parameters (every
-reference's), and one per auxiliary update the method declares (methods.base.AuxiliaryUpdate)."""
+"""The optimisers the engine builds for a method: SGD over the networks it trains (every
+reference's; methods.base.TrainedNetwork), and one per auxiliary update the method declares
+(methods.base.AuxiliaryUpdate)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,35 @@ from agcl.methods.base import AuxiliaryUpdate
 AUXILIARY_OPTIMIZERS = ("adam", "sgd")
 
 
+def main_param_groups(method, train_cfg: dict) -> list[dict]:
+    """One group for the networks on the train block's settings (in declaration order), then one
+    per network with settings of its own. Each group keeps its `lr_scale`: the Updater sets its
+    lr to the stage's scheduled lr times it."""
+    shared, own, owner = [], [], {}
+    for network in method.trained_networks():
+        params = list(network.module.parameters())
+        if not params:
+            raise ValueError(f"{method.name}: trained network {network.name!r} has no parameters")
+        for p in params:
+            if id(p) in owner:
+                raise ValueError(f"{method.name}: a parameter of trained network "
+                                 f"{network.name!r} also belongs to {owner[id(p)]!r} (declare "
+                                 "each parameter in one network)")
+            owner[id(p)] = network.name
+        if network.own_settings:
+            own.append({"params": params, "network": network.name, "lr_scale": network.lr_scale,
+                        "lr": train_cfg["lr"] * network.lr_scale,
+                        "momentum": (train_cfg["momentum"] if network.momentum is None
+                                     else network.momentum),
+                        "weight_decay": (train_cfg["weight_decay"] if network.weight_decay is None
+                                         else network.weight_decay)})
+        else:
+            shared.extend(params)
+    return ([{"params": shared}] if shared else []) + own
+
+
 def main_optimizer(method, train_cfg: dict) -> torch.optim.Optimizer:
-    return torch.optim.SGD(method.trainable_parameters(), lr=train_cfg["lr"],
+    return torch.optim.SGD(main_param_groups(method, train_cfg), lr=train_cfg["lr"],
                            momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"])
 
 

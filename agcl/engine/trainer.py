@@ -168,7 +168,8 @@ class Trainer:
                          max_consecutive_skips=self.train_cfg["max_consecutive_skips"],
                          where=f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} "
                                f"s{self.seed}", auxiliary=parts.auxiliary,
-                         grad_reset=self.train_cfg["grad_reset"])
+                         grad_reset=self.train_cfg["grad_reset"],
+                         last_stage=len(self.stages) - 1)
         logs = RunLog(self.out / LOG_CSV, with_val=bool(parts.val_cases),
                       log_every=self.train_cfg["log_every"],
                       tensorboard_dir=self.out if self.train_cfg["tensorboard"] else None,

@@ -21,6 +21,31 @@ class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss or gradient and the policy says stop."""
 
 
+class GradientRoutingError(RuntimeError):
+    """A parameter received a gradient that no optimiser applies, or a declared trained network
+    received none: the method's networks are not what the engine trains."""
+
+
+def gradient_routing_problems(method, optimised: set[int], check_unused: bool) -> list[str]:
+    """After a backward: parameters with a gradient that no optimiser owns and (check_unused)
+    trained networks none of whose parameters got a gradient."""
+    problems = [
+        f"parameter {name} received a gradient but no optimiser updates it: declare its network "
+        "in trained_networks() (or compute it under torch.no_grad() / detach it if it must not "
+        "train)"
+        for name, p in method.named_parameters() if p.grad is not None and id(p) not in optimised]
+    if check_unused:
+        names = {id(p): n for n, p in method.named_parameters()}
+        for network in method.trained_networks():
+            params = list(network.module.parameters())
+            if all(p.grad is None for p in params):
+                problems.append(
+                    f"trained network {network.name!r} (e.g. parameter "
+                    f"{names.get(id(params[0]), '?')}) received no gradient from train_step's loss:"
+                    " the loss does not use it, so it would never train")
+    return problems
+
+
 def learning_rate(schedule: dict, step: int, total: int) -> float:
     """The lr of `step` of a stage of `total` steps under its schedule (a Stage's `schedule`)."""
     base = schedule["lr"]
@@ -129,7 +154,8 @@ class Updater:
 
     def __init__(self, method, optimizer, scaler, *, device: torch.device,
                  amp_dtype: torch.dtype | None, nonfinite: str, max_consecutive_skips: int,
-                 where: str, auxiliary: dict | None = None, grad_reset: str = "none"):
+                 where: str, auxiliary: dict | None = None, grad_reset: str = "none",
+                 last_stage: int = 0):
         if grad_reset not in ("none", "zeros"):
             raise ValueError(f"grad_reset: expected none or zeros, got {grad_reset!r}")
         self.set_to_none = grad_reset == "none"
@@ -147,6 +173,10 @@ class Updater:
         self.trainable = [(names.get(id(p), "?"), p) for p in method.trainable_parameters()]
         self.auxiliary_named = {name: [(names.get(id(p), "?"), p) for p in update.parameters]
                                 for name, (update, _) in self.auxiliary.items()}
+        self.optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.optimised |= {id(p) for _, (u, _) in self.auxiliary.items() for p in u.parameters}
+        self.last_stage = last_stage
+        self.routing_checked: set[int] = set()  # stages whose first backward was checked
 
     def __call__(self, method, batch: Batch, schedule: dict, step: int, stage_iterations: int,
                  state) -> tuple[float, torch.Tensor, dict, bool]:
@@ -154,9 +184,13 @@ class Updater:
         (a TrainingState) counts skips."""
         lr = learning_rate(schedule, step, stage_iterations)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        check = None
+        if state.stage not in self.routing_checked:
+            self.routing_checked.add(state.stage)
+            check = lambda: self._check_routing(method, state)  # noqa: E731
         loss_value, logs, problem = self._update(
-            method.train_step, (batch, step), self.optimizer, self.trainable)
+            method.train_step, (batch, step), self.optimizer, self.trainable, check)
         if problem is None:
             method.after_optimizer_step(step)
             state.consecutive_skips = 0
@@ -172,7 +206,14 @@ class Updater:
             self._skip(problem, state)
         return lr, loss_value, logs, problem is not None
 
-    def _update(self, compute, args, optimizer, named_params):
+    def _check_routing(self, method, state) -> None:
+        problems = gradient_routing_problems(method, self.optimised,
+                                             check_unused=state.stage == self.last_stage)
+        if problems:
+            raise GradientRoutingError(f"{self.where}, step {state.step + 1} (first of its "
+                                       f"stage): " + "; ".join(problems))
+
+    def _update(self, compute, args, optimizer, named_params, check=None):
         """Autocast `compute(*args)` -> (loss, logs), backward, finite check, and the step of
         `optimizer` unless something is not finite; (loss, logs, problem or None)."""
         saved = snapshot_buffers(self.buffer_slots) if self.nonfinite == "skip" else None
@@ -182,6 +223,8 @@ class Updater:
         loss_value = loss.detach()
         optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
+        if check is not None:
+            check()
         buffers = float_buffers(self.buffer_slots)
         finite = torch.isfinite(loss_value) & all_finite(b for _, b in buffers)
         if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN grads itself

@@ -23,6 +23,7 @@ follow torch.initial_seed().
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,7 +36,7 @@ from agcl.nets import build
 from agcl.random_streams import streams_for_new_method
 
 __all__ = ["MAIN", "PRETRAIN", "SCHEDULE_KEYS", "AuxiliaryUpdate", "Batch", "HParam",
-           "HparamError", "Method", "Stage", "require_unlabeled"]
+           "HparamError", "Method", "Stage", "TrainedNetwork", "require_unlabeled"]
 
 
 @dataclass
@@ -82,6 +83,27 @@ class AuxiliaryUpdate:
     betas: tuple[float, float] = (0.9, 0.999)  # adam
     momentum: float = 0.0  # sgd
     weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainedNetwork:
+    """A network the main update trains on train_step's loss (the student; CPS's two peers;
+    projection heads). Every parameter of `module` goes to the engine's SGD; a network with its
+    own settings gets a parameter group of its own: its lr is the stage's scheduled lr times
+    `lr_scale` (so it follows the schedule and the stages), and `momentum` / `weight_decay`
+    replace train.momentum / train.weight_decay when set. The engine checks, after the first
+    backward of each stage, that every parameter that received a gradient belongs to an
+    optimiser, and in the last stage that every declared network received one."""
+
+    name: str
+    module: nn.Module
+    lr_scale: float = 1.0
+    momentum: float | None = None
+    weight_decay: float | None = None
+
+    @property
+    def own_settings(self) -> bool:
+        return self.lr_scale != 1.0 or self.momentum is not None or self.weight_decay is not None
 
 
 class Method(nn.Module):
@@ -168,11 +190,20 @@ class Method(nn.Module):
                                   "but no auxiliary_step")
 
     def inference_net(self) -> nn.Module:
-        """The network evaluated at validation and test time (the student, as the references)."""
+        """The network evaluated at validation and test time (the student, as the references).
+        Checkpoint selection (best_val) and the test metrics read this one net."""
         return self.student
 
+    def trained_networks(self) -> list[TrainedNetwork]:
+        """The networks the main update trains, in optimiser order (default: the student). A
+        method with peers (CPS) or heads lists each here; teachers updated by EMA are not
+        listed (they receive no gradient)."""
+        return [TrainedNetwork("student", self.student)]
+
     def trainable_parameters(self):
-        return self.student.parameters()
+        """Every parameter of trained_networks(), in their order (what the main SGD updates)."""
+        return itertools.chain.from_iterable(n.module.parameters()
+                                             for n in self.trained_networks())
 
 
 def require_unlabeled(batch: Batch, method: str) -> torch.Tensor:

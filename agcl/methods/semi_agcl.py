@@ -31,14 +31,12 @@ the main stage).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 
 from agcl.methods import agcl_losses as L
 from agcl.methods.agcl_geometry import geometry_problems
-from agcl.methods.base import MAIN, HParam
+from agcl.methods.base import MAIN, HParam, TrainedNetwork
 from agcl.methods.copy_paste import CopyPasteTeacher, MixedPair
 from agcl.methods.ema import ema_update, make_ema_teacher
 from agcl.methods.ramps import epoch_rampup
@@ -175,8 +173,11 @@ class SemiAGCL(CopyPasteTeacher):
     def agcl_active(self) -> bool:
         return agcl_terms_on(self.hparams)
 
-    def trainable_parameters(self):
-        return itertools.chain(self.student.parameters(), self.head.parameters())
+    def trained_networks(self) -> list[TrainedNetwork]:
+        networks = [TrainedNetwork("student", self.student)]
+        # The projection head is trained only when a contrastive term reads it (an ablation with
+        # the AGCL terms off leaves it out, as it gets no gradient)
+        return networks + [TrainedNetwork("head", self.head)] if self.agcl_active else networks
 
     def start_stage(self, name: str, fresh: bool) -> None:
         super().start_stage(name, fresh)

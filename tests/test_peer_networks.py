@@ -1,0 +1,179 @@
+"""Peer networks are a first-class route: a method declares the networks its loss trains
+(`trained_networks()`, each optionally with its own lr scale / momentum / weight decay under the
+shared schedule), and the engine refuses, at the first backward, a parameter that got a gradient
+but belongs to no optimiser, or a declared network that got none."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from agcl.cli import main
+from agcl.methods import registry
+from tests.test_pipeline import prepare
+
+# Cross pseudo supervision written as a user would from the README's add-a-baseline section:
+# two peer nets, each supervised by the other's hard pseudo-label.
+CPS_PLUGIN = '''
+import torch
+import torch.nn.functional as F
+
+from agcl.methods import Batch, HParam, Method, TrainedNetwork, register_method, require_unlabeled
+from agcl.nets import build
+
+
+@register_method("{name}")
+class PeerPlugin(Method):
+    hyperparameters = {{"cps_weight": HParam(0.1, low=0.0)}}
+
+    def __init__(self, spec, hparams, net_kwargs, total_iterations):
+        super().__init__(spec, hparams, net_kwargs, total_iterations)
+        with self.streams.seeded("peer_init"):
+            self.peer = build(self.net_name(spec), spec.in_channels, spec.num_classes, **net_kwargs)
+
+    def trained_networks(self):
+        return [TrainedNetwork("student", self.student){peer_entry}]
+
+    def train_step(self, batch: Batch, step: int):
+        x_u = require_unlabeled(batch, self.name)
+        x = torch.cat([batch.x_labeled, x_u])
+        a, b = self.student(x), self.peer(x)
+        n = batch.x_labeled.shape[0]
+        sup = F.cross_entropy(a[:n], batch.y_labeled) + F.cross_entropy(b[:n], batch.y_labeled)
+        cps = (F.cross_entropy(a, b.argmax(1).detach()) + F.cross_entropy(b, a.argmax(1).detach()))
+        loss = sup + self.hparams["cps_weight"] * cps
+        return loss, {{"loss_sup": sup.detach(), "loss_cps": cps.detach()}}
+'''
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry.registered()))
+    monkeypatch.setattr(registry, "_LOADED_DIRS", list(registry._LOADED_DIRS))
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    yield folder
+    for name in [m for m in sys.modules if m.startswith(f"{registry.PLUGIN_PACKAGE}.peer")]:
+        del sys.modules[name]
+
+
+def write_plugin(folder, name, peer_entry):
+    (folder / f"{name}.py").write_text(CPS_PLUGIN.format(name=name, peer_entry=peer_entry))
+
+
+def train(project, folder, method, out):
+    config = project.read_text() + f"plugin_dirs: [{folder}]\n"
+    project.write_text(config)
+    return main(["train", "la", "--config", str(project), "--method", method, "--labels", "0.1",
+                 "--seed", "0", "--out", str(out), "--no-progress"])
+
+
+def test_a_peer_network_declared_with_settings_of_its_own_trains(tiny_project, plugin_dir):
+    write_plugin(plugin_dir, "peer_cps", ', TrainedNetwork("peer", self.peer, lr_scale=0.5, '
+                                         'weight_decay=0.0)')
+    prepare(tiny_project, "la")
+    run = tiny_project.parent.parent / "run"
+    assert train(tiny_project, plugin_dir, "peer_cps", run) == 0
+    meta = json.loads((run / "run.json").read_text())
+    # both nets are trained, and the compute table counts them both
+    assert meta["trainable_parameters"] == 2 * meta["parameters"]
+    assert meta["trained_networks"] == {"student": meta["parameters"],
+                                        "peer": meta["parameters"]}
+
+
+def test_the_peer_network_settings_make_their_own_parameter_group():
+    from agcl.engine.optimizers import main_optimizer
+    from agcl.engine.state import TrainingState
+    from agcl.engine.update import Updater
+    from agcl.methods.base import Batch, TrainedNetwork
+
+    class Two(torch.nn.Module):
+        name = "two"
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+
+        def trained_networks(self):
+            return [TrainedNetwork("a", self.a), TrainedNetwork("b", self.b, lr_scale=0.25,
+                                                               momentum=0.0, weight_decay=0.5)]
+
+        def trainable_parameters(self):
+            return [*self.a.parameters(), *self.b.parameters()]
+
+        def train_step(self, batch, step):
+            return (self.a(batch.x_labeled) + self.b(batch.x_labeled)).pow(2).mean(), {}
+
+        def after_optimizer_step(self, step):
+            pass
+
+    method = Two()
+    optimizer = main_optimizer(method, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4})
+    shared, own = optimizer.param_groups
+    assert (shared["momentum"], shared["weight_decay"]) == (0.9, 1e-4)
+    assert (own["network"], own["momentum"], own["weight_decay"]) == ("b", 0.0, 0.5)
+    update = Updater(method, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                     device=torch.device("cpu"), amp_dtype=None, nonfinite="stop",
+                     max_consecutive_skips=3, where="toy")
+    batch = Batch(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), None)
+    update(method, batch, {"lr": 0.08, "schedule": "poly"}, 2, 4, TrainingState())
+    # the shared schedule's lr of this step (poly at 2 of 4), times each network's scale
+    scheduled = 0.08 * (1 - 2 / 4) ** 0.9
+    assert shared["lr"] == pytest.approx(scheduled) and own["lr"] == pytest.approx(0.25 * scheduled)
+
+
+def test_a_peer_network_left_out_fails_at_the_first_step_naming_a_parameter(tiny_project,
+                                                                            plugin_dir, capsys):
+    write_plugin(plugin_dir, "peer_forgot", "")  # the peer computes the loss, no optimiser has it
+    prepare(tiny_project, "la")
+    run = tiny_project.parent.parent / "run"
+    assert train(tiny_project, plugin_dir, "peer_forgot", run) == 1
+    err = capsys.readouterr().err
+    assert "step 1 (first of its stage)" in err
+    assert "parameter peer." in err and "no optimiser updates it" in err
+    assert not (run / "ckpt_final.pt").exists()
+
+
+def test_a_declared_network_the_loss_never_uses_is_refused():
+    from agcl.engine.optimizers import main_optimizer
+    from agcl.engine.state import TrainingState
+    from agcl.engine.update import GradientRoutingError, Updater
+    from agcl.methods.base import Batch, TrainedNetwork
+
+    class Idle(torch.nn.Module):
+        name = "idle"
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+
+        def trained_networks(self):
+            return [TrainedNetwork("a", self.a), TrainedNetwork("unused", self.unused)]
+
+        def trainable_parameters(self):
+            return [*self.a.parameters(), *self.unused.parameters()]
+
+        def train_step(self, batch, step):
+            return self.a(batch.x_labeled).pow(2).mean(), {}
+
+        def after_optimizer_step(self, step):
+            pass
+
+    method = Idle()
+    update = Updater(method, main_optimizer(method, {"lr": 0.1, "momentum": 0.9,
+                                                     "weight_decay": 0.0}),
+                     torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                     amp_dtype=None, nonfinite="stop", max_consecutive_skips=3, where="toy",
+                     last_stage=1)
+    batch = Batch(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), None)
+    state = TrainingState()
+    # a pre-training stage may leave a network out (Semi-AGCL's head before its main stage) ...
+    update(method, batch, {"lr": 0.1, "schedule": "constant"}, 0, 4, state)
+    # ... the last stage may not
+    state.stage = 1
+    with pytest.raises(GradientRoutingError, match="trained network 'unused' .*unused.weight.* "
+                                                   "received no gradient"):
+        update(method, batch, {"lr": 0.1, "schedule": "constant"}, 0, 4, state)
