@@ -81,7 +81,6 @@ def test_a_non_editable_install_aggregates_and_reports_outside_the_checkout(tmp_
 
 def test_the_package_list_names_every_folder_of_the_package():
     import tomllib
-
     from setuptools import find_packages
 
     listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]

@@ -188,7 +188,7 @@ class Updater:
         check = None
         if state.stage not in self.routing_checked:
             self.routing_checked.add(state.stage)
-            check = lambda: self._check_routing(method, state)  # noqa: E731
+            check = lambda: self._check_routing(method, state)
         loss_value, logs, problem = self._update(
             method.train_step, (batch, step), self.optimizer, self.trainable, check)
         if problem is None:
