@@ -65,13 +65,14 @@ def _label_fraction(text: str) -> float:
     return value
 
 
-def _load_checked_config(path: str) -> dict:
-    """The config file, validated by the schema and against the method and net registries."""
+def _load_checked_config(paths: list[str]) -> dict:
+    """The config file(s), layered in order, validated by the schema and against the method and
+    net registries."""
     from agcl.config import load_config
     from agcl.config_checks import check_config
 
-    config = load_config(path)
-    check_config(config, source=path)
+    config = load_config(*paths)
+    check_config(config, source=" + ".join(paths))
     return config
 
 
@@ -109,7 +110,7 @@ def cmd_synth(args) -> None:
     if args.config:
         from agcl.config import dataset_config, load_config
 
-        kwargs = dict(dataset_config(load_config(args.config), args.dataset).get("synth", {}))
+        kwargs = dict(dataset_config(load_config(*args.config), args.dataset).get("synth", {}))
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if args.zip and get_spec(args.dataset).synth_zip:  # ignored where no zip exists
         kwargs["as_zip"] = True
@@ -124,7 +125,7 @@ def cmd_preprocess(args) -> None:
     if args.config:
         from agcl.config import dataset_config, load_config
 
-        scale = dataset_config(load_config(args.config), args.dataset)["scale"]
+        scale = dataset_config(load_config(*args.config), args.dataset)["scale"]
     index = preprocess(args.dataset, args.src, args.out, scale=scale or 1.0)
     print(f"{args.dataset}: {len(index['items'])} items indexed in {args.out}")
 
@@ -135,7 +136,7 @@ def cmd_splits(args) -> None:
     from agcl.data.splits import make_splits
     from agcl.utils import write_json
 
-    config = load_config(args.config)
+    config = load_config(*args.config)
     layout = Layout(config)
     dcfg = dataset_config(config, args.dataset)
     ratios = list(config["ratios"]) + ([1.0] if config["full_supervision"] else [])
@@ -151,12 +152,14 @@ def cmd_splits(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    from agcl.methods.registry import get_method, list_methods
+    from agcl.methods.registry import failed_plugins, get_method, list_methods
 
     for name in list_methods():
         cls = get_method(name)
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"{name:14s} {doc[0] if doc else ''}".rstrip())
+    for why in failed_plugins().values():
+        print(f"not loaded: {why}", file=sys.stderr)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -189,8 +192,12 @@ def cmd_train(args) -> None:
                       iterations=args.iterations, device=args.device, overrides=overrides,
                       force=args.force, progress=not args.no_progress)
     meta = trainer.run()
+    skipped = (f"; {meta['skipped_steps']} of them SKIPPED as non-finite (steps "
+               f"{', '.join(map(str, meta['skipped_step_numbers']))}; run.json)"
+               if meta["skipped_steps"] else "")
     print(f"trained {meta['method']} on {meta['dataset']} r{args.labels:g} s{args.seed}: "
-          f"{meta['iterations']} iterations in {meta['train_seconds']:.1f} s -> {trainer.out}")
+          f"{meta['iterations']} iterations in {meta['train_seconds']:.1f} s{skipped} -> "
+          f"{trainer.out}")
 
 
 def cmd_evaluate(args) -> None:
@@ -216,7 +223,7 @@ def cmd_aggregate(args) -> None:
     from agcl.config import load_config
     from agcl.report.aggregate import aggregate
 
-    tables = aggregate(load_config(args.config), out_dir=args.out)
+    tables = aggregate(load_config(*args.config), out_dir=args.out)
     print(f"aggregated {tables['n_runs']} runs ({tables['n_missing']} missing) -> {tables['out_dir']}")
 
 
@@ -224,7 +231,7 @@ def cmd_report(args) -> None:
     from agcl.config import load_config
     from agcl.report.render import render_report
 
-    path = render_report(load_config(args.config), out=args.out)
+    path = render_report(load_config(*args.config), out=args.out)
     print(f"report written to {path}")
 
 
@@ -234,6 +241,9 @@ def cmd_plan(args) -> None:
 
     print(render(load_config(*args.config), args.config, throughput_path=args.throughput,
                  snakefile=args.snakefile))
+
+
+LAYERED = "config file(s), layered in order as snakemake --configfile does"
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -304,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset(p)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--config", help="take sizes and counts from datasets.<name>.synth")
+    p.add_argument("--config", nargs="+", metavar="FILE",
+                   help="take sizes and counts from datasets.<name>.synth")
     p.add_argument("--zip", action="store_true", help="CRAG: write CRAG.zip like the download")
 
     p = command("preprocess", "dataset folder -> processed arrays and index.json", cmd_preprocess)
@@ -312,11 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="dataset folder (downloaded, ingested, synthetic)")
     p.add_argument("--out", required=True)
     p.add_argument("--scale", type=float, help="CRAG resampling factor (default 1)")
-    p.add_argument("--config", help="take the scale from datasets.<name>.scale")
+    p.add_argument("--config", nargs="+", metavar="FILE",
+                   help="take the scale from datasets.<name>.scale")
 
     p = command("splits", "train/val/test ids and nested labeled subsets for one seed", cmd_splits)
     _dataset(p)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, nargs="+", metavar="FILE", help=LAYERED)
     p.add_argument("--seed", type=_seed, required=True)
     p.add_argument("--out", help="default: <results_dir>/<name>/splits/<dataset>/seed<k>.json")
 
@@ -324,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train one dataset x method x label ratio x seed", cmd_train)
     _dataset(p)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, nargs="+", metavar="FILE", help=LAYERED)
     _run_identity(p, required=True)
     p.add_argument("--out", help="run folder (default: the config's, "
                                  "<results_dir>/<name>/runs/<dataset>/<method>/r<labels>/s<seed>)")
@@ -344,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "test-set metrics of one finished run -> metrics.json", cmd_evaluate)
     _dataset(p)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, nargs="+", metavar="FILE", help=LAYERED)
     p.add_argument("--run", help="run folder; or give --method, --labels and --seed")
     _run_identity(p, required=False)
     p.add_argument("--device", type=_device, metavar="{auto,cpu,cuda,cuda:N}")
@@ -353,17 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write predictions.npz (label maps per test case, for the report)")
 
     p = command("aggregate", "every run's metrics.json -> tidy CSV tables", cmd_aggregate)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, nargs="+", metavar="FILE", help=LAYERED)
     p.add_argument("--out", help="default: <results_dir>/<name>/summary")
 
     p = command("report", "tables + plots -> <reports_dir>/<name>/index.html", cmd_report)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, nargs="+", metavar="FILE", help=LAYERED)
     p.add_argument("--out", help="default: <reports_dir>/<name>/index.html")
 
     p = command("plan", "jobs per rule, projected GPU hours and disk space of a config's grid",
                 cmd_plan)
-    p.add_argument("--config", required=True, nargs="+", metavar="FILE",
-                   help="config file(s), layered in order as snakemake --configfile does")
+    p.add_argument("--config", required=True, nargs="+", metavar="FILE", help=LAYERED)
     p.add_argument("--throughput",
                    help="steps per second measured by benchmarks/gpu_throughput.py (default: "
                         "<results_dir>/<name>/benchmarks/throughput.csv, where it writes)")
@@ -386,21 +397,25 @@ def error_message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _wants_reproducible_cpu(config_path) -> bool:
-    """The config's `reproducible_cpu`, read before anything imports torch (a file that cannot
-    be read says False here; loading it properly reports the error)."""
+def _wants_reproducible_cpu(config_path) -> bool | None:
+    """One config file's `reproducible_cpu` (None: not set there), read before anything imports
+    torch (a file that cannot be read says None here; loading it properly reports the error)."""
     import yaml
 
     try:
         raw = yaml.safe_load(Path(config_path).read_text())
     except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and raw.get("reproducible_cpu") is True
+        return None
+    if not isinstance(raw, dict) or "reproducible_cpu" not in raw:
+        return None
+    return raw["reproducible_cpu"] is True
 
 
 def _pin_numerics_if_asked(args) -> None:
-    config_path = getattr(args, "config", None)
-    if isinstance(config_path, str) and _wants_reproducible_cpu(config_path):
+    paths = getattr(args, "config", None) or []
+    # the last layer that sets it decides, as in the merged config
+    wanted = [w for w in map(_wants_reproducible_cpu, paths) if w is not None]
+    if wanted and wanted[-1]:
         from agcl.numerics import REPRODUCIBLE_THREADS, pin_cpu_numerics
 
         pin_cpu_numerics()

@@ -266,6 +266,13 @@ class Layout:
         self.data = root / config["data_dir"] / name
         self.results = root / config["results_dir"] / name
         self.report = root / config["reports_dir"] / name
+        self.logs = root / "logs" / name  # the workflow's job logs
+
+    def job_log(self, rule: str, dataset: str, method: str, ratio: float | str,
+                seed: int | str) -> Path:
+        """The log of a run's `train` or `evaluate` job (the Snakefile's log: paths)."""
+        tag = ratio if isinstance(ratio, str) else ratio_tag(ratio)
+        return self.logs / rule / dataset / method / f"r{tag}" / f"s{seed}.log"
 
     def raw(self, dataset: str) -> Path:
         return self.data / "raw" / dataset

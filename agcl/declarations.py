@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
+import traceback
 import types
 
 _STAND_IN_ATTR = "__agcl_stand_in__"
@@ -45,9 +46,11 @@ class _StandIn:
         return _StandIn(f"{self._name}()")  # a decorator factory, @torch.no_grad()
 
     def _missing(self) -> TorchMissing:
-        return TorchMissing(f"{self._name} was used, but torch is not installed here: this "
-                            "process only reads declarations (a method file may import torch "
-                            "but compute with it only inside its functions)")
+        return TorchMissing(
+            f"{self._name} was used while planning: `snakemake -n`, the Snakefile and `agcl "
+            "plan` read method and net files with a stand-in for torch (agcl/declarations.py), "
+            "installed or not, so nothing may compute with torch when a file is imported; "
+            f"{_caller()} does. Move that computation inside a function or method")
 
     def __mro_entries__(self, bases):
         return (_base_class(self._name),)
@@ -65,6 +68,15 @@ class _StandIn:
 
     def __repr__(self) -> str:
         return f"<stand-in for {self._name}: torch is not installed>"
+
+
+def _caller() -> str:
+    """'file:line' of the code that used the stand-in (the deepest frame outside this file and
+    the import machinery)."""
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename != __file__ and not frame.filename.startswith("<frozen"):
+            return f"{frame.filename}:{frame.lineno}"
+    return "a file being imported"
 
 
 _BASES: dict[str, type] = {}

@@ -21,6 +21,7 @@ from agcl.config_checks import check_config
 from agcl.data.loaders import default_augmentation
 from agcl.data.specs import get_spec
 from agcl.inference import eval_window
+from agcl.methods.hparams import ReadTrackedHparams
 from agcl.methods.registry import resolve_method
 from agcl.runfolder import settings_hash
 
@@ -101,7 +102,8 @@ def resolve_recipe(config: dict, dataset: str, method: str, *,
     if iterations is not None:
         train_cfg["iterations"] = positive_iterations(iterations)
     layers = hparam_layers(config, dataset, method, base_name, variant_hparams, overrides, ratio)
-    hparams = method_cls.hparams_for(dataset, *(layer for _, layer in layers))
+    # reads are tracked from here (stages, checks, the method): unread ones are reported
+    hparams = ReadTrackedHparams(method_cls.hparams_for(dataset, *(layer for _, layer in layers)))
     augmentation = (default_augmentation(spec.spatial_dims)
                     if train_cfg["augmentation"] == "auto" else train_cfg["augmentation"])
     smoke = config.get("smoke_steps")

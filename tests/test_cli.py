@@ -82,7 +82,7 @@ def test_train_help_shows_its_required_options_as_required(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
-    for option in ("--config CONFIG", "--method METHOD", "--labels LABELS", "--seed SEED"):
+    for option in ("--config FILE [FILE ...]", "--method METHOD", "--labels LABELS", "--seed SEED"):
         assert option in usage and f"[{option}]" not in usage
     assert "[--out OUT]" in usage and "--list-methods" not in usage
 

@@ -145,8 +145,12 @@ def test_reading_declarations_without_torch_refuses_to_compute_with_it(tmp_path)
         "import torch\nfrom torch import nn\n"
         "class Net(nn.Module):\n    @torch.no_grad()\n    def f(self):\n        return 1\n"
         "assert Net().f() == 1\n"
-        "torch.zeros(3)\n")
+        "import plugin_at_import\n")
+    # line 3 of a plugin computes at import time
+    (tmp_path / "plugin_at_import.py").write_text("import torch\n\nTABLE = torch.zeros(3)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)
+                         check=False, cwd=tmp_path)
     assert out.returncode != 0
-    assert "TorchMissing: torch.zeros was used, but torch is not installed here" in out.stderr
+    assert "TorchMissing: torch.zeros was used while planning" in out.stderr
+    assert "a stand-in for torch (agcl/declarations.py), installed or not" in out.stderr
+    assert f"{tmp_path / 'plugin_at_import.py'}:3 does" in out.stderr

@@ -27,6 +27,7 @@ class Plugin(Method):
 def clean_registry(monkeypatch):
     monkeypatch.setattr(registry, "_METHODS", dict(registry.registered()))
     monkeypatch.setattr(registry, "_LOADED_DIRS", list(registry._LOADED_DIRS))
+    monkeypatch.setattr(registry, "_FAILED", dict(registry._FAILED))
     yield
     for name in [m for m in sys.modules if m.startswith(f"{registry.PLUGIN_PACKAGE}.plug")]:
         del sys.modules[name]
@@ -70,5 +71,42 @@ def test_two_plugin_files_of_one_name_are_refused(tmp_path, clean_registry):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "plug_b.py").write_text(PLUGIN.format(name=f"plug_b_{sub}"))
     registry.load_plugins([tmp_path / "one"])
-    with pytest.raises(ValueError, match="two plugin files are named plug_b.py"):
-        registry.load_plugins([tmp_path / "two"])
+    registry.load_plugins([tmp_path / "two"])
+    assert "plug_b_one" in registry.list_methods() and "plug_b_two" not in registry.list_methods()
+    with pytest.raises(KeyError, match="two plugin files are named plug_b.py"):
+        registry.get_method("plug_b_two")
+
+
+def test_a_plugin_that_fails_to_load_is_named_and_blocks_only_itself(tmp_path, clean_registry,
+                                                                     capsys):
+    from agcl.cli import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "plug_ok.py").write_text(PLUGIN.format(name="plug_ok"))
+    (folder / "plug_broken.py").write_text(PLUGIN.format(name="plug_broken")
+                                           + "\nimport not_a_module_anywhere\n")
+    registry.load_plugins([folder])
+    assert {"plug_ok", "supervised"} <= set(registry.list_methods())
+    with pytest.raises(KeyError, match=r"unknown method 'plug_broken' .*plugin files that failed "
+                                       r"to load; .*plug_broken.py:9: ModuleNotFoundError"):
+        registry.get_method("plug_broken")
+    assert main(["methods"]) == 0
+    out = capsys.readouterr()
+    assert "plug_ok" in out.out and "not loaded: " in out.err and "plug_broken.py:9" in out.err
+
+
+@pytest.mark.parametrize("line", ["import agcl_plugins.plug_ok", "from plug_ok import Plugin",
+                                  "from agcl_plugins.plug_ok import Plugin",
+                                  "from . import plug_ok", "import agcl_baselines.bcp"])
+def test_a_plugin_importing_another_plugin_is_refused_at_load_time(tmp_path, clean_registry,
+                                                                   line):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    # "plug_ok" sorts after "plug_a": the import would work by file-name order
+    (folder / "plug_ok.py").write_text(PLUGIN.format(name="plug_ok"))
+    (folder / "plug_a.py").write_text(f"{line}\n" + PLUGIN.format(name="plug_a"))
+    registry.load_plugins([folder])
+    assert "plug_a" not in registry.list_methods() and "plug_ok" in registry.list_methods()
+    why = registry.failed_plugins()[folder / "plug_a.py"]
+    assert "plug_a.py:1: imports" in why and "a plugin imports from agcl only" in why

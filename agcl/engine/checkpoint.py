@@ -97,6 +97,10 @@ def inference_payload(trainer, method, state) -> dict:
     }
 
 
+def unread_hparams(hparams) -> list[str]:
+    return hparams.unread() if hasattr(hparams, "unread") else []
+
+
 def run_metadata(trainer, parts, state) -> dict:
     """run.json: what trained, how, on what, and which weights were kept."""
     method = parts.method
@@ -113,7 +117,9 @@ def run_metadata(trainer, parts, state) -> dict:
         "seed": trainer.seed,
         "iterations": trainer.total,
         "stages": state.stages,
-        "hparams": trainer.hparams,
+        "hparams": dict(trainer.hparams),
+        # declared, but nothing read them in this run: a value set for them changed nothing
+        "unread_hparams": unread_hparams(trainer.hparams),
         "train": trainer.train_cfg,
         "net": {"name": trainer.method_cls.net_name(trainer.spec), **trainer.dcfg["net"]},
         # the evaluated network's, and everything the optimiser updates (e.g. MC-Net+'s

@@ -18,6 +18,7 @@ from agcl.data.loaders import (
     training_set_bytes,
 )
 from agcl.devices import channels_last_format, data_device, seed_everything
+from agcl.engine.method_errors import method_code
 from agcl.engine.optimizers import auxiliary_optimizers, main_optimizer
 from agcl.random_streams import RandomStreams, building
 
@@ -47,7 +48,7 @@ def prepare(trainer) -> PreparedRun:
     val_cases = load_cases(processed, split["val"]) if split["val"] else []
     # The method's named random streams (agcl.random_streams), checkpointed with the run.
     streams = RandomStreams(trainer.seed)
-    with building(streams):
+    with building(streams), method_code(trainer.method_cls, trainer._run_name(), "__init__"):
         method = trainer.method_cls(trainer.spec, trainer.hparams, trainer.dcfg["net"],
                                     trainer.stages[-1].iterations).to(trainer.device)
     if trainer.init_perturbation == "ulp":  # deterministic: draws no random number

@@ -27,6 +27,7 @@ from agcl.data.specs import get_spec
 from agcl.devices import resolve_amp, resolve_deterministic, resolve_device, to_device
 from agcl.engine import checkpoint
 from agcl.engine.logs import RunLog
+from agcl.engine.method_errors import method_code
 from agcl.engine.prepare import PreparedRun, prepare
 from agcl.engine.state import TrainingState
 from agcl.engine.update import Updater
@@ -162,12 +163,12 @@ class Trainer:
             state = TrainingState.from_dict(resume["state"])
             state.resumed_at.append(state.step)
             log.info("resuming %s at step %d", self.out, state.step)
-        method.start_stage(self.stages[state.stage].name, fresh=resume is None)
+        with method_code(method, self._where(state), "start_stage"):
+            method.start_stage(self.stages[state.stage].name, fresh=resume is None)
         update = Updater(method, optimizer, parts.scaler, device=self.device,
                          amp_dtype=self.amp_dtype, nonfinite=self.train_cfg["nonfinite"],
                          max_consecutive_skips=self.train_cfg["max_consecutive_skips"],
-                         where=f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} "
-                               f"s{self.seed}", auxiliary=parts.auxiliary,
+                         where=self._run_name(), auxiliary=parts.auxiliary,
                          grad_reset=self.train_cfg["grad_reset"],
                          last_stage=len(self.stages) - 1)
         logs = RunLog(self.out / LOG_CSV, with_val=bool(parts.val_cases),
@@ -207,6 +208,11 @@ class Trainer:
 
         state.stages.append(self._stage_record(state))
         meta = checkpoint.run_metadata(self, parts, state)
+        if meta["unread_hparams"]:
+            log.warning("%s: hyperparameters declared by %s but never read in this run: %s "
+                        "(a value set for them changes the recipe's hash, not the training)",
+                        self._run_name(), self.method_cls.name,
+                        ", ".join(meta["unread_hparams"]))
         # The rename of ckpt_final.pt is what makes the run finished; it carries the metadata, so
         # run.json (written next) can always be restored from it.
         self.folder.save_checkpoint(FINAL, {**checkpoint.inference_payload(self, method, state),
@@ -215,6 +221,13 @@ class Trainer:
         for name in (LAST, PRETRAIN_BEST):
             (self.out / name).unlink(missing_ok=True)
         return meta
+
+    def _run_name(self) -> str:
+        return f"{self.dataset}/{self.method_cls.name} r{self.ratio_tag} s{self.seed}"
+
+    def _where(self, state: TrainingState) -> str:
+        return (f"{self._run_name()}, stage {self.stages[state.stage].name}, "
+                f"step {state.step + 1}")
 
     def _step(self, method, update: Updater, sampler, stage, step: int,
               state: TrainingState) -> tuple[dict, bool]:
@@ -232,7 +245,7 @@ class Trainer:
         # asynchronously, so with the training set on the GPU this is launch time only).
         data_seconds = time.perf_counter() - tic
         lr, loss, logs, skipped = update(method, batch, stage.schedule, step, stage.iterations,
-                                         state)
+                                         state, stage.name)
         values = {"step": state.step + 1, "stage": stage.name, "stage_step": step + 1, "lr": lr,
                   "loss": loss, **logs, "seconds": time.perf_counter() - tic,
                   "data_seconds": data_seconds}
@@ -282,7 +295,8 @@ class Trainer:
             parts.optimizer.load_state_dict(saved["optimizer"])
             checkpoint.load_auxiliary_states(parts.auxiliary, saved)
         state.best_val, state.best_step = -math.inf, None
-        method.start_stage(self.stages[state.stage].name, fresh=True)
+        with method_code(method, self._where(state), "start_stage"):
+            method.start_stage(self.stages[state.stage].name, fresh=True)
         method.train()
         log.info("%s: stage '%s' starts at step %d", self.out, self.stages[state.stage].name,
                  state.step + 1)

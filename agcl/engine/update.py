@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from agcl.engine.method_errors import method_code
 from agcl.methods.base import Batch
 
 log = logging.getLogger("agcl.train")
@@ -19,6 +20,10 @@ LISTED_SKIPS = 50
 
 class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss or gradient and the policy says stop."""
+
+
+class MethodModeError(RuntimeError):
+    """A trained network was left in eval mode by the method's step."""
 
 
 class GradientRoutingError(RuntimeError):
@@ -176,12 +181,15 @@ class Updater:
         self.optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.optimised |= {id(p) for _, (u, _) in self.auxiliary.items() for p in u.parameters}
         self.last_stage = last_stage
+        self.networks = list(method.trained_networks())
+        self.at = where
         self.routing_checked: set[int] = set()  # stages whose first backward was checked
 
     def __call__(self, method, batch: Batch, schedule: dict, step: int, stage_iterations: int,
-                 state) -> tuple[float, torch.Tensor, dict, bool]:
+                 state, stage_name: str = "main") -> tuple[float, torch.Tensor, dict, bool]:
         """(lr, loss, the method's log terms, skipped) of `step` of the current stage; `state`
         (a TrainingState) counts skips."""
+        self.at = f"{self.where}, stage {stage_name}, step {state.step + 1}"
         lr = learning_rate(schedule, step, stage_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -192,12 +200,13 @@ class Updater:
         loss_value, logs, problem = self._update(
             method.train_step, (batch, step), self.optimizer, self.trainable, check)
         if problem is None:
-            method.after_optimizer_step(step)
+            with method_code(method, self.at, "after_optimizer_step"):
+                method.after_optimizer_step(step)
             state.consecutive_skips = 0
             for name, (_, optimizer) in self.auxiliary.items():
                 aux_loss, aux_logs, aux_problem = self._update(
                     method.auxiliary_step, (name, batch, step), optimizer,
-                    self.auxiliary_named[name])
+                    self.auxiliary_named[name], hook=f"auxiliary_step({name!r})")
                 logs = {**logs, f"loss_{name}": aux_loss, **aux_logs}
                 if aux_problem is not None:  # only this optimiser's step is skipped
                     self._skip(f"auxiliary update {name}: {aux_problem}", state)
@@ -206,25 +215,40 @@ class Updater:
             self._skip(problem, state)
         return lr, loss_value, logs, problem is not None
 
+    def _check_train_mode(self) -> None:
+        """The engine keeps the method in train mode; a trained network's module that a step
+        left in eval mode would train with frozen BatchNorm statistics and no dropout."""
+        for network in self.networks:
+            for name, module in network.module.named_modules():
+                if not module.training:
+                    qualified = f"{network.name}.{name}" if name else network.name
+                    raise MethodModeError(
+                        f"{self.at}: {qualified} ({type(module).__name__}) of trained network "
+                        f"{network.name!r} is in eval mode after the step: a method that "
+                        "switches a trained module to eval (e.g. for a no-grad pass) must switch "
+                        "it back to train() before returning")
+
     def _check_routing(self, method, state) -> None:
         problems = gradient_routing_problems(method, self.optimised,
                                              check_unused=state.stage == self.last_stage)
         if problems:
-            raise GradientRoutingError(f"{self.where}, step {state.step + 1} (first of its "
-                                       f"stage): " + "; ".join(problems))
+            raise GradientRoutingError(f"{self.at} (first of its stage): " + "; ".join(problems))
 
-    def _update(self, compute, args, optimizer, named_params, check=None):
+    def _update(self, compute, args, optimizer, named_params, check=None, hook="train_step"):
         """Autocast `compute(*args)` -> (loss, logs), backward, finite check, and the step of
         `optimizer` unless something is not finite; (loss, logs, problem or None)."""
         saved = snapshot_buffers(self.buffer_slots) if self.nonfinite == "skip" else None
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with (method_code(self.method, self.at, hook),
+              torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                             enabled=self.amp_dtype is not None)):
             loss, logs = compute(*args)
         loss_value = loss.detach()
         optimizer.zero_grad(set_to_none=self.set_to_none)
-        self.scaler.scale(loss).backward()
+        with method_code(self.method, self.at, f"the backward of {hook}'s loss"):
+            self.scaler.scale(loss).backward()
         if check is not None:
             check()
+        self._check_train_mode()
         buffers = float_buffers(self.buffer_slots)
         finite = torch.isfinite(loss_value) & all_finite(b for _, b in buffers)
         if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with inf/NaN grads itself
@@ -240,7 +264,7 @@ class Updater:
         return loss_value, logs, problem
 
     def _skip(self, problem: str, state) -> None:
-        where = f"{self.where}, step {state.step + 1}"
+        where = self.at
         if self.nonfinite == "stop":
             raise NonFiniteError(f"{where}: {problem}; stopping (train.nonfinite: stop)")
         state.skipped += 1

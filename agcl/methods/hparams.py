@@ -96,3 +96,25 @@ def resolve_hparams(method: str, declared: dict[str, HParam], dataset_defaults: 
     if problems:
         raise HparamValueError("; ".join(problems))
     return hparams
+
+
+class ReadTrackedHparams(dict):
+    """A run's resolved hyperparameters that remember which names were read (`[]` or `.get`),
+    so the engine can report, at the end of a run, the declared ones that nothing read: a value
+    set for them changed the recipe's hash but not the training. Copies and `**` unpacking do
+    not count as reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def unread(self) -> list[str]:
+        return sorted(set(self) - self.read)

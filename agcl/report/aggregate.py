@@ -85,6 +85,22 @@ def not_this_run(config: dict, key: dict, meta: dict, recipe_hashes: dict) -> st
     return None
 
 
+def last_error_line(log: Path) -> str | None:
+    """The error a failed `agcl` job printed last (its one-line message, or the last line of a
+    traceback), or None."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("agcl ") and ": error: " in line:
+            return line
+    tail = [line for line in lines if line]
+    if any(line.startswith("Traceback") for line in lines) and tail:
+        return tail[-1]
+    return None
+
+
 def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per-case rows, per-run rows, missing or rejected runs with the reason) for the grid."""
     layout = Layout(config, root)
@@ -107,7 +123,14 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
                 summary, reason = None, (f"non-finite values in metrics.json: {'; '.join(bad[:3])}"
                                          f"{more}; evaluate the run again")
         if summary is None:
-            missing.append({**key, "expected": str(folder.file(METRICS_JSON)), "reason": reason})
+            # the job that did not deliver: training, or the evaluation of a finished model
+            rule = "evaluate" if folder.is_finished() else "train"
+            log_path = layout.job_log(rule, dataset, method, ratio, seed)
+            failure = last_error_line(log_path)
+            if failure:
+                reason = f"{rule} failed: {failure} (log: {log_path})"
+            missing.append({**key, "expected": str(folder.file(METRICS_JSON)), "reason": reason,
+                            "log": str(log_path) if failure else ""})
             continue
         for rec in summary["metric_per_case"]:
             row = {**key, "case": rec["case"], "class": rec["class"], "class_name": rec["class_name"],
@@ -120,6 +143,10 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
         run_rows.append({**key, **summary["foreground_mean"],
                          "train_seconds": meta.get("train_seconds"),
                          "parameters": meta.get("parameters"),
+                         # every network the run trained (peers, heads), not only the evaluated
+                         "trained_parameters": meta.get("trainable_parameters"),
+                         # steps skipped as non-finite (train.nonfinite: skip)
+                         "skipped_steps": meta.get("skipped_steps", 0),
                          "device": meta.get("device"),
                          # autocast dtype of training ("bfloat16", "float16", "off"); older
                          # run.json files have none
@@ -135,10 +162,11 @@ def collect(config: dict, root: str | Path = ".") -> tuple[pd.DataFrame, pd.Data
                                                    "policy_applied", "empty_pred", "empty_gt",
                                                    "noise_twin_of"]),
             pd.DataFrame(run_rows, columns=KEYS + METRICS + [
-                "train_seconds", "parameters", "device", "amp", "selection", "checkpoint_step",
+                "train_seconds", "parameters", "trained_parameters", "skipped_steps", "device",
+                "amp", "selection", "checkpoint_step",
                 "units", "empty_policy", "policy_applied_count", "code_version",
                 "noise_twin_of"]),
-            pd.DataFrame(missing, columns=KEYS + ["expected", "reason"]))
+            pd.DataFrame(missing, columns=KEYS + ["expected", "reason", "log"]))
 
 
 def summarise(runs: pd.DataFrame, n_expected_seeds: int | None = None) -> pd.DataFrame:

@@ -162,6 +162,8 @@ def compute_rows(runs: pd.DataFrame, published: pd.DataFrame, methods: list[str]
             "dataset": dataset, "method": method,
             "runs": len(mine),
             "params": num(mine["parameters"].iloc[0] / 1e6) if len(mine) else "–",
+            "trained_params": num(mine["trained_parameters"].iloc[0] / 1e6)
+            if len(mine) and "trained_parameters" in mine else "–",
             "minutes": _mean_std(minutes, mine["train_seconds"].std() / 60 if len(mine) else math.nan),
             "ratio": num(minutes / base_minutes),
             "device": ", ".join(sorted(mine["device"].dropna().astype(str).unique()))
@@ -291,6 +293,9 @@ def render_report(config: dict, out: str | Path | None = None, root: str | Path 
         lower_bound=grid["lower_bound"],
         method_of_interest=grid["method_of_interest"],
         missing=missing.to_dict("records"),
+        smoke_steps=config.get("smoke_steps"),
+        skipped_runs=(all_runs[all_runs["skipped_steps"] > 0].to_dict("records")
+                      if "skipped_steps" in all_runs else []),
         reference_policy_runs=len(reference_policy_runs),
         inconsistent=inconsistent.to_dict("records"),
         provenance=provenance,

@@ -74,7 +74,7 @@ CONFIGFILE = merged_config_file()
 AGCL = (f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} AGCL_PLUGIN_DIRS='{PLUGIN_DIRS}' "
         "python -m agcl")
 ENV = "../envs/agcl.yaml"
-LOGS = Path("logs") / config["name"]
+LOGS = LAYOUT.logs
 # Snakemake's benchmark: files are outputs of the grid: beside its results, not the scripts.
 BENCHMARKS = LAYOUT.results / "benchmarks"
 

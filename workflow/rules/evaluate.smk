@@ -12,7 +12,7 @@ rule evaluate:
         settings=eval_settings,
     threads: 1
     log:
-        LOGS / "evaluate" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.log",
+        LAYOUT.job_log("evaluate", "{dataset}", "{method}", "{ratio}", "{seed}"),
     conda:
         ENV
     shell:

@@ -14,7 +14,7 @@ rule train:
     # Snakemake removes a job's log before each attempt, so this holds the latest attempt only;
     # a resumed run's train_log.csv keeps the rows of its earlier attempts.
     log:
-        LOGS / "train" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.log",
+        LAYOUT.job_log("train", "{dataset}", "{method}", "{ratio}", "{seed}"),
     benchmark:
         BENCHMARKS / "train" / "{dataset}" / "{method}" / "r{ratio}" / "s{seed}.tsv"
     conda:
