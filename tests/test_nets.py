@@ -92,6 +92,17 @@ def test_forward_interface_shapes(name):
     assert torch.equal(all_logits[0], logits)  # inference uses the first decoder
     if num_decoders > 1:  # decoders are separate modules, so their outputs differ
         assert not torch.allclose(all_logits[0], all_logits[1])
+    # the documented halves: encode -> skips, decode(skips, k) -> (logits, features)
+    with torch.no_grad():
+        skips = net.encode(x)
+        assert [s.shape[0] for s in skips] == [2] * len(skips)
+        logits_d, features_d = net.decode(skips)
+        last = net.decode(skips, len(net.decoders) - 1)[0]
+        perturbed = net.decode([torch.nn.functional.dropout(s, 0.5) for s in skips])[0]
+    assert torch.equal(logits_d, logits) and torch.equal(features_d, features)
+    if len(net.decoders) == num_decoders:  # (URPC: one decoder, four pyramid outputs)
+        assert torch.equal(last, all_logits[-1])
+    assert not torch.equal(perturbed, logits)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -196,3 +196,27 @@ def test_ss_nets_random_generator_is_rot_flip_half_rotate_quarter_nothing_quarte
     # expected: untouched 1/4 + ~0.02 (angles near 0), rotated 1/4 - that; SSL4MIS's would give
     # ~0.03 and ~0.43
     assert 0.23 < untouched / n < 0.31 and 0.18 < rotated / n < 0.26
+
+
+def test_extra_unlabeled_batches_come_from_their_own_stream_and_resume_exactly():
+    data = random_set([(40, 40)] * 6)
+    plain = PatchSampler(data, [24, 24], 2, 3, seed=5, augmentation="rot_flip")
+    extra = PatchSampler(data, [24, 24], 2, 3, seed=5, augmentation="rot_flip", extra_unlabeled=2)
+    assert plain.next_extra_unlabeled() == []
+    for step in range(4):
+        a, b = plain.next_batch(), extra.next_batch()
+        # the main streams are untouched by the extra draws
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), step
+        batches = extra.next_extra_unlabeled()
+        assert len(batches) == 2 and all(x.shape == b[2].shape for x in batches)
+        assert not torch.equal(batches[0], batches[1])
+    saved = extra.state_dict()
+    expected = (extra.next_batch(), extra.next_extra_unlabeled())
+    resumed = PatchSampler(data, [24, 24], 2, 3, seed=5, augmentation="rot_flip",
+                           extra_unlabeled=2)
+    resumed.load_state_dict(saved)
+    got = (resumed.next_batch(), resumed.next_extra_unlabeled())
+    assert all(torch.equal(x, y) for x, y in zip(expected[0], got[0]))
+    assert all(torch.equal(x, y) for x, y in zip(expected[1], got[1]))
+    with pytest.raises(ValueError, match="expected the RNG states of the streams"):
+        plain.load_state_dict(saved)

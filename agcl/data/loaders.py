@@ -180,6 +180,7 @@ def load_cases(processed_dir: str | Path, case_ids: list[str]) -> list[Case]:
 AUGMENTATIONS = ("rot_flip", "rot_flip_or_rotate", "rot_flip_rotate_or_none")
 # The sampler's two streams; each draws from the random stream "<name>_batches".
 STREAMS = ("labeled", "unlabeled")
+EXTRA_STREAM = "unlabeled_extra"
 # SSL4MIS RandomGenerator: np.random.randint(-20, 20) degrees, i.e. -20..19.
 ROTATION_DEGREES = (-20, 20)
 
@@ -213,7 +214,8 @@ class PatchSampler:
     """
 
     def __init__(self, data: TrainingSet, patch: list[int], labeled_batch: int, unlabeled_batch: int,
-                 seed: int, augmentation: str = "rot_flip", device: torch.device | str | None = None):
+                 seed: int, augmentation: str = "rot_flip", device: torch.device | str | None = None,
+                 extra_unlabeled: int = 0):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation: expected one of {', '.join(AUGMENTATIONS)}, "
                              f"got {augmentation!r}")
@@ -227,8 +229,12 @@ class PatchSampler:
         self.labeled_labels = [self._resident(label, 0) for label in data.labeled_labels]
         self.unlabeled_images = ([self._resident(image, 1) for image in data.unlabeled_images]
                                  if self.unlabeled_batch else [])
-        self.rngs = {stream: numpy_stream(seed, f"{stream}_batches") for stream in STREAMS}
-        self.queues: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
+        # extra unlabeled batches (a method's CutMix sources) come from a stream and an epoch
+        # order of their own, so they shift nothing the two main streams draw
+        self.extra_unlabeled = extra_unlabeled if self.unlabeled_batch else 0
+        streams = STREAMS + ((EXTRA_STREAM,) if self.extra_unlabeled else ())
+        self.rngs = {stream: numpy_stream(seed, f"{stream}_batches") for stream in streams}
+        self.queues: dict[str, list[int]] = {stream: [] for stream in streams}
         # rot90 keeps the patch shape only when the two rotated axes have equal length.
         self.can_rotate = self.patch[0] == self.patch[1]
         self._rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -303,14 +309,26 @@ class PatchSampler:
                                      for i in picks])
         return torch.stack(images), torch.stack(labels).long(), unlabeled
 
+    def next_extra_unlabeled(self) -> list[torch.Tensor]:
+        """The extra unlabeled batches of this step (Method.extra_unlabeled_batches of them, each
+        of the unlabeled batch size), drawn and augmented as the unlabeled batch."""
+        rng = self.rngs.get(EXTRA_STREAM)
+        batches = []
+        for _ in range(self.extra_unlabeled):
+            picks = self._take(EXTRA_STREAM, self.unlabeled_batch, len(self.unlabeled_images))
+            batches.append(torch.stack([
+                self._augment(rng, *self._crop(rng, self.unlabeled_images[i], None))[0]
+                for i in picks]))
+        return batches
+
     def state_dict(self) -> dict:
         return {"rngs": {k: rng.bit_generator.state for k, rng in self.rngs.items()},
                 "queues": {k: list(v) for k, v in self.queues.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state.get("rngs", ())) != set(STREAMS):
+        if set(state.get("rngs", ())) != set(self.rngs):
             raise ValueError(f"sampler state: expected the RNG states of the streams "
-                             f"{', '.join(STREAMS)}, got keys {', '.join(map(str, state))} "
+                             f"{', '.join(self.rngs)}, got keys {', '.join(map(str, state))} "
                              "(a checkpoint of an older version?)")
         for stream, rng_state in state["rngs"].items():
             self.rngs[stream].bit_generator.state = rng_state

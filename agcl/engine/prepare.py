@@ -63,7 +63,8 @@ def prepare(trainer) -> PreparedRun:
     return PreparedRun(
         split=split, data=data, val_cases=val_cases, method=method, streams=streams,
         sampler=PatchSampler(data, train_cfg["patch"], labeled_bs, unlabeled_bs, trainer.seed,
-                             trainer.augmentation, device=on_device),
+                             trainer.augmentation, device=on_device,
+                             extra_unlabeled=method.extra_unlabeled_batches),
         optimizer=main_optimizer(method, train_cfg),
         auxiliary=auxiliary_optimizers(method),
         scaler=torch.amp.GradScaler(trainer.device.type,

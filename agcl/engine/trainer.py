@@ -240,7 +240,9 @@ class Trainer:
         x_l, y_l, x_u = sampler.next_batch()
         channels_last = self.train_cfg["channels_last"]
         batch = Batch(to_device(x_l, self.device, channels_last), to_device(y_l, self.device),
-                      to_device(x_u, self.device, channels_last))
+                      to_device(x_u, self.device, channels_last),
+                      [to_device(x, self.device, channels_last)
+                       for x in sampler.next_extra_unlabeled()])
         # Host time to draw, augment and hand over the batch (GPU work and copies run
         # asynchronously, so with the training set on the GPU this is launch time only).
         data_seconds = time.perf_counter() - tic

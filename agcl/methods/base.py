@@ -46,6 +46,9 @@ class Batch:
     x_labeled: torch.Tensor  # (Bl, C, *spatial)
     y_labeled: torch.Tensor  # (Bl, *spatial), int64 class ids
     x_unlabeled: torch.Tensor | None  # (Bu, C, *spatial) or None when nothing is unlabeled
+    # Method.extra_unlabeled_batches more unlabeled batches, each (Bu, C, *spatial), from a
+    # stream of their own (e.g. UniMatch's CutMix source images)
+    x_unlabeled_extra: list[torch.Tensor] = field(default_factory=list)
 
 
 PRETRAIN, MAIN = "pretrain", "main"
@@ -110,6 +113,8 @@ class Method(nn.Module):
     name: ClassVar[str] = "?"  # set by @register_method
     # True: the engine also draws unlabeled images into each batch.
     uses_unlabeled: ClassVar[bool] = True
+    # How many more unlabeled batches each step gets in batch.x_unlabeled_extra.
+    extra_unlabeled_batches: ClassVar[int] = 0
     # Every hyperparameter the method reads, declared once (agcl.methods.hparams.HParam), then
     # the per-dataset defaults where the references differ. Nothing is inherited from Method:
     # a name the method does not read is refused, not accepted and ignored.

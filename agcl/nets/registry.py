@@ -6,6 +6,10 @@ and returns a module with the uniform interface that methods and the engine rely
 - ``forward(x)`` -> logits (B, C, *spatial), same spatial size as ``x``;
 - ``forward_features(x)`` -> (logits, features), features = last decoder map before the output conv;
 - ``forward_all(x)`` -> one logits tensor per decoder (``forward`` uses the first only);
+- ``encode(x)`` -> the encoder's skip features (finest first, bottleneck last) and
+  ``decode(skips, decoder=0)`` -> (logits, features): the two halves of ``forward_features``, for
+  methods that perturb features between them (UniMatch's feature dropout) or share one encoding
+  between decoders; ``decode(encode(x))`` computes exactly what ``forward_features(x)`` does;
 - attributes ``spatial_dims``, ``num_decoders``, ``feature_channels``.
 """
 
@@ -20,7 +24,7 @@ from torch import nn
 # Four 2x downsamplings: every spatial size must divide by 16 so that additive/concat skips align.
 SIZE_MULTIPLE = 16
 _REQUIRED_ATTRS = ("spatial_dims", "num_decoders", "feature_channels", "forward_features",
-                   "forward_all")
+                   "forward_all", "encode", "decode")
 
 Builder = Callable[..., nn.Module]
 _NETS: dict[str, Builder] = {}
@@ -105,6 +109,15 @@ class EncoderDecoder(nn.Module):
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         check_input(x, self.in_channels, self.spatial_dims)
         return self.encoder(x)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The skip features of `x` (input checked), finest first, bottleneck last."""
+        return self._encode(x)
+
+    def decode(self, skips: list[torch.Tensor], decoder: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) of decoder `decoder` from skip features (encode's, or perturbed)."""
+        return self.decoders[decoder](skips)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoders[0](self._encode(x))
