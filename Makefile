@@ -30,7 +30,7 @@ demo-baselines: $(VENV)/.installed
 		--configfile config/demo.yaml config/demo_baselines.yaml
 	@echo "report: reports/demo_baselines/index.html   tables: results/demo_baselines/summary/"
 
-# The tests run under the reproducible CPU switches (agcl/numerics.py), as the demo does.
+# The tests run under the reproducible CPU switches (agcl/runtime/numerics.py), as the demo does.
 REPRODUCIBLE_CPU_ENV = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
 
 test: $(VENV)/.installed

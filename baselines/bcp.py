@@ -21,7 +21,7 @@ ACDC DiceLoss (per class over the batch, squared denominator, smooth 1e-10, 4 cl
 The upstream consistency ramp is computed but never used, so there is none here.
 
 Where ours differs from upstream, and why:
-- The box comes from the run's "box_mask" stream (agcl.random_streams; one box per step, as
+- The box comes from the run's "box_mask" stream (agcl.runtime.random_streams; one box per step, as
   upstream), so Semi-AGCL, built on BCP, draws the very same boxes at the same seed.
 - The pre-trained weights the main stage starts from follow the run's selection policy
   (last, or best on val): upstream LA takes its best checkpoint on the TEST set (BCP #19).

@@ -38,14 +38,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_throughput import benchmark_config, measure, prepare_data
 
+from agcl.common.utils import code_version, write_json
 from agcl.config import load_config
+from agcl.config.recipe import resolve_recipe
 from agcl.engine.trainer import Trainer
 from agcl.eval.evaluate import evaluate_run
 from agcl.methods.registry import list_methods
-from agcl.plan import schedule_seconds
-from agcl.recipe import resolve_recipe
-from agcl.runfolder import FINAL, PREDICTIONS
-from agcl.utils import code_version, write_json
+from agcl.report.plan import schedule_seconds
+from agcl.runtime.runfolder import FINAL, PREDICTIONS
 
 RESUME_METHOD, RESUME_DATASET = "semi_agcl", "la"  # the most stateful method: queue, EMA, stages
 RATIO = 0.5

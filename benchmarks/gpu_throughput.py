@@ -40,10 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agcl.cli import main as agcl
+from agcl.common.utils import code_version, write_text
 from agcl.config import Layout, load_config, validate_config
+from agcl.config.recipe import resolve_recipe
 from agcl.engine.trainer import Trainer
 from agcl.methods.registry import list_methods
-from agcl.plan import (
+from agcl.report.plan import (
     SHAPE_KEYS,
     THROUGHPUT_COLUMNS,
     read_throughput,
@@ -51,8 +53,6 @@ from agcl.plan import (
     schedule_seconds,
     throughput_csv,
 )
-from agcl.recipe import resolve_recipe
-from agcl.utils import code_version, write_text
 
 # Synthetic stand-ins at the upstream sizes (LA volumes ~ 120-150 x 120-150 x 80-90 voxels; ACDC
 # 10 val patients = the 20 frames of val.list, slices ~ 220-256 px).

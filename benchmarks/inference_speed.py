@@ -1,7 +1,7 @@
 """Sliding-window inference of one real LA case: batched windows vs one window at a time.
 
 Both use the reference protocol (patch 112x112x80, stride_xy 18, stride_z 4, softmax averaged
-over overlaps) through agcl.inference.sliding_window_probabilities; only `window_batch`
+over overlaps) through agcl.nets.inference.sliding_window_probabilities; only `window_batch`
 differs. The network is an untrained VNet (speed does not depend on the weights). Batching pays
 off on a GPU; on a CPU both are bound by the same convolutions.
 
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from agcl.data.formats import la_case_path, read_h5_volume, read_list
-from agcl.inference import sliding_window_probabilities, window_starts
 from agcl.nets import build
+from agcl.nets.inference import sliding_window_probabilities, window_starts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LA = REPO_ROOT.parent / "shared" / "datasets" / "mirror" / "yulequan" / "UA-MT" / "master" / "data"

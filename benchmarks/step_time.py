@@ -32,12 +32,12 @@ import time
 import torch
 
 from agcl.data.specs import get_spec
-from agcl.devices import channels_last_format
 from agcl.engine.optimizers import auxiliary_optimizers, main_optimizer
 from agcl.engine.state import TrainingState
 from agcl.engine.update import Updater
 from agcl.methods.base import Batch
 from agcl.methods.registry import get_method, list_methods
+from agcl.runtime.devices import channels_last_format
 
 WIDTH_KWARG = {"la": "n_filters", "acdc": "base_features"}
 ITERATIONS = {"la": 15000, "acdc": 30000}

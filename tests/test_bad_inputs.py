@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from agcl.config import ConfigError, Layout, load_config, validate_config
-from agcl.config_checks import check_config
+from agcl.config.checks import check_config
 from agcl.data.crag_ingest import CragIngestError, _Source, ingest_crag
 from agcl.data.formats import FormatError
 from agcl.data.loaders import load_training_set, read_split
@@ -23,7 +23,7 @@ from agcl.data.synth import synth_la
 from agcl.engine.trainer import Trainer
 from agcl.eval.evaluate import evaluate_run
 from agcl.report.aggregate import aggregate
-from agcl.runfolder import METRICS_JSON
+from agcl.runtime.runfolder import METRICS_JSON
 from tests.test_crag_ingest import make_crag, zip_folder
 from tests.test_pipeline import prepare
 

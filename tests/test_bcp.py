@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from agcl.components import largest_component_per_class_batch as largest_component_per_class
+from agcl.common.components import largest_component_per_class_batch as largest_component_per_class
 from agcl.config import load_config
 from agcl.data.specs import SPECS
 from agcl.engine import trainer as trainer_module
@@ -19,7 +19,7 @@ from agcl.methods.base import MAIN, PRETRAIN, Batch
 from agcl.methods.copy_paste import bcp_box_mask, masked_ce, mix_loss
 from agcl.methods.dice import dice_batch_squared, dice_per_sample_linear
 from agcl.methods.registry import get_method
-from agcl.runfolder import FINAL, LAST, LOG_CSV, PRETRAIN_BEST
+from agcl.runtime.runfolder import FINAL, LAST, LOG_CSV, PRETRAIN_BEST
 from tests.test_pipeline import prepare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -222,7 +222,7 @@ def yaml_config(path: Path, **train) -> Path:
 
 
 def test_best_val_pretraining_hands_on_its_best_weights(tiny_project, monkeypatch):
-    from agcl.runfolder import RunFolder
+    from agcl.runtime.runfolder import RunFolder
 
     prepare(tiny_project, "acdc")
     run = Path("runs/acdc")
@@ -263,7 +263,7 @@ def test_a_stage_that_keeps_the_optimiser_takes_the_momentum_of_the_selected_wei
     """BCP's ACDC code saves model and optimiser together at the best val (save_net_opt) and
     self-training loads both (load_net_opt): the momentum handed on is the best step's, not the
     last pre-training step's."""
-    from agcl.runfolder import RunFolder
+    from agcl.runtime.runfolder import RunFolder
 
     prepare(tiny_project, "acdc")
     scores = iter([0.9, 0.3, 0.1, 0.5])  # pretrain: val at its steps 2 and 3 (best: 2)

@@ -97,7 +97,7 @@ def test_verbose_and_debug_work_before_or_after_the_subcommand(position):
 
 
 def test_version_names_the_code_version(capsys):
-    from agcl.utils import code_version
+    from agcl.common.utils import code_version
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--version"])
@@ -145,7 +145,7 @@ def test_train_prints_its_stage_plan_and_smoke_steps_shorten_every_stage(tmp_pat
     import yaml
 
     from agcl.config import load_config
-    from agcl.recipe import describe_plan, resolve_recipe, stage_plan
+    from agcl.config.recipe import describe_plan, resolve_recipe, stage_plan
     from tests.conftest import tiny_config
 
     config_path = tmp_path / "tiny.yaml"

@@ -22,7 +22,7 @@ from agcl.engine.trainer import Trainer
 from agcl.methods.base import MAIN, Batch
 from agcl.methods.copy_paste import CopyPasteTeacher as BCP
 from agcl.methods.registry import get_method
-from agcl.random_streams import (
+from agcl.runtime.random_streams import (
     RandomStreams,
     building,
     numpy_stream,
@@ -31,7 +31,7 @@ from agcl.random_streams import (
     stream_seed,
     torch_stream,
 )
-from agcl.runfolder import FINAL, LAST, LOG_CSV
+from agcl.runtime.runfolder import FINAL, LAST, LOG_CSV
 from tests.test_pipeline import prepare
 from tests.test_sampler import random_set
 
@@ -65,7 +65,7 @@ def test_stream_seeds_differ_across_purposes_seeds_and_steps():
 
 
 def test_stream_seeds_are_the_same_in_another_process():
-    code = ("from agcl.random_streams import stream_seed; "
+    code = ("from agcl.runtime.random_streams import stream_seed; "
             f"print([stream_seed(s, p) for s in (0, 7) for p in {PURPOSES!r}])")
     env = {**os.environ, "PYTHONHASHSEED": "12345",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
@@ -307,7 +307,7 @@ def test_a_killed_run_drawing_from_method_streams_resumes_to_identical_weights(
 
 
 def test_a_checkpoint_without_stream_states_is_refused_by_name(tiny_project, monkeypatch):
-    from agcl.runfolder import RunMismatchError
+    from agcl.runtime.runfolder import RunMismatchError
 
     prepare(tiny_project, "la")
     config = load_config(tiny_project)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from agcl.components import largest_component_per_class, largest_component_per_class_tensor
+from agcl.common.components import largest_component_per_class, largest_component_per_class_tensor
 
 
 def scipy_reference(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def test_ties_keep_the_first_component_in_c_order_and_empty_classes_stay_empty()
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bcp_filters_pseudo_labels_on_the_gpu_as_on_the_host():
-    from agcl.components import largest_component_per_class_batch as bcp_filter
+    from agcl.common.components import largest_component_per_class_batch as bcp_filter
 
     rng = np.random.default_rng(1)
     labels = torch.from_numpy(rng.integers(0, 4, size=(3, 32, 40)))

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agcl.common.utils import ratio_tag
 from agcl.config import ConfigError, Layout, expected_runs, load_config, validate_config
-from agcl.utils import ratio_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO = REPO_ROOT / "config" / "demo.yaml"
@@ -106,7 +106,7 @@ def test_train_by_method_is_checked_like_the_train_block():
 
 
 def test_train_by_method_names_a_registered_method():
-    from agcl.config_checks import check_config
+    from agcl.config.checks import check_config
 
     config = load_config(REPO_ROOT / "config" / "reference.yaml")
     config["datasets"]["la"]["train_by_method"]["uamt"] = {"iterations": 5}
@@ -116,8 +116,8 @@ def test_train_by_method_names_a_registered_method():
 
 @pytest.mark.parametrize("method", ["dtc", "sassnet"])
 def test_a_3d_only_method_needs_skip_methods_on_a_2d_dataset(method):
-    from agcl.config_checks import check_config
-    from agcl.recipe import resolve_recipe
+    from agcl.config.checks import check_config
+    from agcl.config.recipe import resolve_recipe
 
     config = load_config(PAPER)
     assert method in config["methods"]
@@ -268,7 +268,7 @@ def test_eval_by_method_scores_each_method_as_its_test_script():
     component (--nms 1 by default), UA-MT's, MC-Net's and SASSNet's do not; a twin and a variant
     take their method's entry; an unknown name is refused."""
     from agcl.config import method_eval_config
-    from agcl.config_checks import check_config
+    from agcl.config.checks import check_config
 
     reference = load_config(REPO_ROOT / "config" / "reference.yaml")
     keeps = {m for m in reference["methods"]
@@ -327,7 +327,7 @@ def reference_ramp_fraction(repo: str, script: str) -> float:
 def test_unified_ramps_span_the_share_of_the_run_their_reference_does(method):
     """config.yaml's one rule for consistency ramps: each spans the same fraction of the run as
     in the method's reference script (LA: its 3D script; ACDC and CRAG: its 2D script)."""
-    from agcl.recipe import resolve_recipe
+    from agcl.config.recipe import resolve_recipe
 
     paper = load_config(PAPER)
     for dataset, dcfg in paper["datasets"].items():
@@ -345,7 +345,7 @@ def test_sassnets_consistency_per_label_count_is_its_readmes():
     count (read from the README): 0.015 for 8 labels (10 %); 5 % keeps the argparse 0.01."""
     import re
 
-    from agcl.recipe import resolve_recipe
+    from agcl.config.recipe import resolve_recipe
     from tests.reference_code import REFERENCE_SNAPSHOTS, snapshot
 
     archive = snapshot("kleinzcy/SASSnet")

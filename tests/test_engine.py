@@ -19,7 +19,7 @@ from agcl.config import ConfigError, load_config
 from agcl.engine.trainer import Trainer
 from agcl.eval.evaluate import evaluate_run
 from agcl.methods.base import HparamError
-from agcl.runfolder import FINAL, LAST
+from agcl.runtime.runfolder import FINAL, LAST
 from tests.conftest import onednn_disabled
 from tests.test_pipeline import prepare
 
@@ -263,7 +263,7 @@ def test_a_row_every_k_steps_is_the_mean_of_the_k_per_step_rows(tiny_project):
 def test_the_training_set_goes_to_the_gpu_when_it_fits(monkeypatch):
     from types import SimpleNamespace
 
-    from agcl.devices import data_device
+    from agcl.runtime.devices import data_device
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda:1")
     monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -276,7 +276,7 @@ def test_the_training_set_goes_to_the_gpu_when_it_fits(monkeypatch):
 
 
 def test_deterministic_kernels_by_default_on_the_cpu_and_autotuning_on_cuda(tiny_project):
-    from agcl.devices import resolve_deterministic
+    from agcl.runtime.devices import resolve_deterministic
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
     assert resolve_deterministic("auto", cpu) is True
@@ -509,7 +509,7 @@ def test_grad_reset_reaches_the_recipe_without_moving_old_hashes(tiny_project):
     """grad_reset: none (the default, what ran before the key existed) leaves a recipe's settings
     hash as it was; zeros is a new recipe (it reruns, and a resume under the other is refused)."""
     from agcl.config import load_config
-    from agcl.recipe import resolve_recipe
+    from agcl.config.recipe import resolve_recipe
 
     config = load_config(tiny_project)
     default = resolve_recipe(config, "la", "supervised")

@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from agcl import devices
 from agcl.cli import build_parser
+from agcl.runtime import devices
 
 SLOTS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
 CLAIM = """
 import sys, time
 from pathlib import Path
-from agcl.devices import claim_free_slot
+from agcl.runtime.devices import claim_free_slot
 slot = claim_free_slot({slots!r}, Path({lock_dir!r}), wait_s={wait}, poll_s=0.05)
 Path({out!r}).write_text(str(slot))
 time.sleep({hold})

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from agcl.config import load_config
-from agcl.plan import gpu_hours, read_throughput
+from agcl.report.plan import gpu_hours, read_throughput
 from tests.conftest import REPO_ROOT, load_benchmark
 
 

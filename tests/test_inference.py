@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from agcl.inference import (
+from agcl.nets.inference import (
     dice_per_class,
     predict_slices,
     sliding_window_probabilities,

@@ -3,7 +3,8 @@ configuration -> engine -> eval -> report -> the CLI; the benchmarks sit on top.
 
 Checked on the imports themselves (ast), over every module of the package, every plugin file and
 every benchmark script, so a shortcut such as evaluation reaching into the training engine for a
-constant fails here. The run folder's rules live in agcl.runfolder alone.
+constant fails here. Every module is placed by its folder (only __main__ sits at the package root);
+the run folder's rules live in agcl.runtime.runfolder alone.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ PACKAGE = REPO / "agcl"
 # Every module of the package on one layer, lowest first: a module imports its own layer or
 # lower ones. Sub-packages are named by their folder, root modules by their file.
 LAYERS = [
-    ("foundation", {"agcl", "utils", "plugins", "declarations", "numerics", "random_streams", "components", "devices",
-                    "imaging", "runfolder", "config"}),
+    ("foundation", {"agcl", "common", "runtime"}),
     ("data", {"data"}),
     ("nets", {"nets"}),
     ("methods", {"methods", "baselines"}),
-    ("configuration", {"config_checks", "recipe", "inference"}),
+    ("configuration", {"config"}),
     ("engine", {"engine"}),
     ("eval", {"eval"}),
-    ("report", {"report", "plan"}),
+    ("report", {"report"}),
     ("cli", {"cli", "__main__"}),
     ("benchmarks", {"benchmarks"}),
 ]
@@ -103,7 +103,7 @@ def test_a_plugin_imports_the_package_only_never_another_plugin(path):
 
 def test_the_dag_side_imports_no_engine():
     """recipe resolution and the config checks serve the DAG and `agcl plan`: no engine."""
-    for name in ("recipe.py", "config_checks.py", "plan.py", "config.py"):
+    for name in ("config/recipe.py", "config/checks.py", "report/plan.py", "config/load.py"):
         bad = sorted(m for m in agcl_imports(PACKAGE / name) if imported_unit(m) == "engine")
         assert not bad, f"agcl/{name} imports {bad}"
     for path in sorted((REPO / "workflow").rglob("*.smk")):
@@ -118,7 +118,7 @@ def test_run_folder_file_names_are_defined_once():
     for path in sources:
         text = path.read_text()
         for name in names:
-            assert f'"{name}"' not in text, f"{path} spells {name} itself; use agcl.runfolder"
+            assert f'"{name}"' not in text, f"{path} spells {name} itself; use agcl.runtime.runfolder"
 
 
 def test_an_evaluation_job_imports_neither_methods_nor_the_engine():
@@ -141,7 +141,7 @@ def test_reading_declarations_without_torch_refuses_to_compute_with_it(tmp_path)
     import sys
 
     code = (
-        "from agcl.declarations import declarations_only; declarations_only()\n"
+        "from agcl.config.torch_stand_in import declarations_only; declarations_only()\n"
         "import torch\nfrom torch import nn\n"
         "class Net(nn.Module):\n    @torch.no_grad()\n    def f(self):\n        return 1\n"
         "assert Net().f() == 1\n"
@@ -152,5 +152,16 @@ def test_reading_declarations_without_torch_refuses_to_compute_with_it(tmp_path)
                          check=False, cwd=tmp_path)
     assert out.returncode != 0
     assert "TorchMissing: torch.zeros was used while planning" in out.stderr
-    assert "a stand-in for torch (agcl/declarations.py), installed or not" in out.stderr
+    assert "a stand-in for torch (agcl/config/torch_stand_in.py), installed or not" in out.stderr
     assert f"{tmp_path / 'plugin_at_import.py'}:3 does" in out.stderr
+
+
+def test_nothing_but_the_entry_point_sits_at_the_package_root():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py"], loose
+
+
+def test_no_module_is_over_about_400_lines():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 430}
+    assert not long, long

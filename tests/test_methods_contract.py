@@ -19,7 +19,7 @@ from torch import nn
 from agcl.data.specs import SPECS
 from agcl.methods.base import Batch, HparamError
 from agcl.methods.registry import get_method, list_methods
-from agcl.random_streams import RandomStreams
+from agcl.runtime.random_streams import RandomStreams
 from tests.conftest import cpu_bf16_autocast, onednn_disabled
 
 METHODS = list_methods()

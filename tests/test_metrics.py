@@ -10,7 +10,7 @@ import pytest
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-from agcl.components import largest_component as largest_connected_component
+from agcl.common.components import largest_component as largest_connected_component
 from agcl.eval.metrics import (
     binary_metrics,
     multiclass_metrics,

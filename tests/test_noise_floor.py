@@ -12,11 +12,11 @@ import torch
 import yaml
 
 from agcl.config import ConfigError, expected_runs, noise_twins, validate_config
+from agcl.config.recipe import resolve_recipe
 from agcl.engine.prepare import perturb_one_ulp
 from agcl.engine.trainer import Trainer
 from agcl.nets import build
-from agcl.recipe import resolve_recipe
-from agcl.runfolder import FINAL
+from agcl.runtime.runfolder import FINAL
 from tests.conftest import tiny_config
 from tests.test_pipeline import prepare, run_cli
 

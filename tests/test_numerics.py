@@ -1,4 +1,4 @@
-"""Reproducible CPU numerics (config `reproducible_cpu`, agcl.numerics): the CPU switches are set
+"""Reproducible CPU numerics (config `reproducible_cpu`, agcl.runtime.numerics): the CPU switches are set
 before torch loads, override what the environment says, and are recorded with the run."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from agcl.numerics import REPRODUCIBLE_ENV, pin_cpu_numerics
-from agcl.runfolder import FINAL
+from agcl.runtime.numerics import REPRODUCIBLE_ENV, pin_cpu_numerics
+from agcl.runtime.runfolder import FINAL
 from tests.conftest import REPO_ROOT
 from tests.test_pipeline import prepare
 

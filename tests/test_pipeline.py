@@ -14,7 +14,7 @@ from agcl.cli import main
 from agcl.config import Layout, load_config
 from agcl.engine import trainer as trainer_module
 from agcl.engine.trainer import Trainer
-from agcl.runfolder import FINAL, LAST
+from agcl.runtime.runfolder import FINAL, LAST
 
 
 def run_cli(*args: str) -> None:

@@ -14,7 +14,7 @@ import torch
 from agcl.cli import main
 from agcl.config import expected_runs, load_config
 from agcl.data.preprocess import load_index
-from agcl.plan import (
+from agcl.report.plan import (
     THROUGHPUT_COLUMNS,
     checkpoint_bytes,
     gpu_hours,
@@ -22,7 +22,7 @@ from agcl.plan import (
     prediction_bytes,
     read_throughput,
 )
-from agcl.runfolder import FINAL
+from agcl.runtime.runfolder import FINAL
 from tests.test_pipeline import prepare, run_cli
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from agcl.config import ConfigError, load_config
-from agcl.config_checks import check_config
+from agcl.config.checks import check_config
 from agcl.methods import registry
 from tests.conftest import tiny_config
 

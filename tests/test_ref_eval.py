@@ -17,9 +17,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from agcl.components import largest_component_per_class
+from agcl.common.components import largest_component_per_class
 from agcl.eval.metrics import binary_metrics
-from agcl.inference import sliding_window_probabilities
+from agcl.nets.inference import sliding_window_probabilities
 from tests.reference_code import reference_modules
 
 REPO = "ycwu1997/SS-Net"

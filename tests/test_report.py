@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from agcl.common.utils import write_json
 from agcl.config import Layout, validate_config
 from agcl.report.aggregate import aggregate
 from agcl.report.render import render_report
-from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON
-from agcl.utils import write_json
+from agcl.runtime.runfolder import FINAL, METRICS_JSON, RUN_JSON
 
 CASES = [f"case{i:02d}" for i in range(8)]
 
@@ -408,7 +408,7 @@ def test_an_eight_seed_tree_marks_agree_with_bars(tmp_path, monkeypatch):
 def test_aggregate_refuses_a_folder_holding_another_run_or_another_recipe(tmp_path, monkeypatch):
     """A supervised r0.2 s1 model trained with --out into semi_agcl's r0.05 s0 folder is not
     counted as semi_agcl; nor is a run trained under settings the config no longer gives."""
-    from agcl.recipe import resolve_recipe
+    from agcl.config.recipe import resolve_recipe
 
     monkeypatch.chdir(tmp_path)
     config = fixture_config()

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from agcl import runfolder
 from agcl.cli import main
 from agcl.config import ConfigError, load_config
 from agcl.engine import trainer as trainer_module
@@ -20,7 +19,8 @@ from agcl.engine.update import NonFiniteError
 from agcl.eval.evaluate import evaluate_run
 from agcl.methods.registry import get_method
 from agcl.report.aggregate import aggregate
-from agcl.runfolder import (
+from agcl.runtime import runfolder
+from agcl.runtime.runfolder import (
     BEST,
     FINAL,
     LAST,
@@ -377,7 +377,7 @@ def test_a_planted_checkpoint_is_refused_without_running_its_code(tmp_path, name
     """Checkpoints load with torch.load(weights_only=True): a file that would run code on
     unpickling (on evaluate, on resume, or while the unfinished-run message reads its step) is
     refused and its code never runs."""
-    from agcl.runfolder import RunFolder, RunFolderError
+    from agcl.runtime.runfolder import RunFolder, RunFolderError
 
     run = tmp_path / "run"
     run.mkdir()

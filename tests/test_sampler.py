@@ -15,7 +15,7 @@ from agcl.data.loaders import (
     default_augmentation,
     rotation_source_index,
 )
-from agcl.random_streams import numpy_stream
+from agcl.runtime.random_streams import numpy_stream
 
 
 def one_pixel_set(size: int = 16) -> TrainingSet:

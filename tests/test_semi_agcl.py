@@ -473,7 +473,7 @@ def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_proje
 
     from agcl.config import load_config
     from agcl.engine.trainer import Trainer
-    from agcl.runfolder import FINAL
+    from agcl.runtime.runfolder import FINAL
     from tests.test_pipeline import prepare
 
     prepare(tiny_project, "la")
@@ -496,7 +496,7 @@ def test_with_every_agcl_weight_zero_it_trains_bit_identically_to_bcp(tiny_proje
     # train_log.csv carries the anchors of each class and the queue fill of the main stage
     import csv
 
-    from agcl.runfolder import LOG_CSV
+    from agcl.runtime.runfolder import LOG_CSV
 
     with open(Path("runs/on") / LOG_CSV, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -575,7 +575,7 @@ def test_agcl_train_refuses_a_bad_geometry_and_every_shipped_config_passes():
     from pathlib import Path
 
     from agcl.config import ConfigError, load_config
-    from agcl.recipe import resolve_recipe
+    from agcl.config.recipe import resolve_recipe
 
     root = Path(__file__).resolve().parents[1] / "config"
     study = load_config(root / "cpu_study.yaml")

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from agcl.config import ConfigError, load_config, validate_config
-from agcl.config_checks import check_config
+from agcl.config.checks import check_config
 from agcl.engine.trainer import Trainer
-from agcl.runfolder import FINAL
+from agcl.runtime.runfolder import FINAL
 from tests.conftest import tiny_config
 from tests.test_pipeline import prepare, run_cli
 

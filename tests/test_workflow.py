@@ -338,7 +338,7 @@ def test_the_lower_bound_role_trains_at_100_percent_and_an_unknown_role_stops_sn
 @pytest.mark.parametrize("configfile", ["config/config.yaml", "config/reference.yaml"])
 def test_the_paper_grid_is_planned_where_torch_cannot_be_imported(configfile, tmp_path):
     """A login node whose Python has no torch: `snakemake -n` still resolves and checks every
-    recipe (agcl.declarations' stand-in), and plans the same jobs."""
+    recipe (agcl.config.torch_stand_in' stand-in), and plans the same jobs."""
     blocker = tmp_path / "blocked" / "torch"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")

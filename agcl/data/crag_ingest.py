@@ -22,8 +22,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from agcl.common.utils import code_version, write_json
 from agcl.data.formats import natural_key
-from agcl.utils import code_version, write_json
 
 LOGGER = logging.getLogger("agcl.crag")
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from agcl.common.imaging import resize_nearest
 from agcl.data import formats
 from agcl.data.preprocess import load_index
 from agcl.data.specs import SPECS, DatasetSpec
-from agcl.imaging import resize_nearest
-from agcl.random_streams import numpy_stream
+from agcl.runtime.random_streams import numpy_stream
 
 
 @dataclass
@@ -206,7 +206,7 @@ class PatchSampler:
     the whole state (RNGs and the rest of the current epochs) is saved with checkpoints.
 
     Every random draw happens on the host, labeled and unlabeled images from two numpy streams
-    of their own ("labeled_batches", "unlabeled_batches", agcl.random_streams): a method that
+    of their own ("labeled_batches", "unlabeled_batches", agcl.runtime.random_streams): a method that
     draws no unlabeled batch (supervised) sees the labeled batches of one that does. Cropping, rot90, flips and
     rotations are torch indexing ops on wherever the training set lives: `device` None keeps it
     in host memory; a CUDA device holds it there once, so a batch is cut, augmented and stacked

@@ -20,9 +20,9 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from agcl.common.utils import atomic_path, write_json
 from agcl.data import formats
 from agcl.data.specs import SPECS
-from agcl.utils import atomic_path, write_json
 
 log = logging.getLogger("agcl.preprocess")
 

@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
+from agcl.common.utils import ratio_tag
 from agcl.data.specs import get_spec
-from agcl.utils import ratio_tag
 
 # Counts the references use; floor(ratio * N) reproduces them, written down to fail loudly if not.
 REFERENCE_COUNTS = {("la", 80, 0.05): 4, ("la", 80, 0.1): 8, ("acdc", 70, 0.05): 3, ("acdc", 70, 0.1): 7}

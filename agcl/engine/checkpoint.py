@@ -1,7 +1,7 @@
 """What the engine's checkpoints hold: the resume payload (weights, optimiser, sampler, RNG and
 stream states, so a resumed run ends with the same weights as an uninterrupted one), the best
 pre-training state, the inference payload and run.json's metadata. Where the files live and how
-they are written belongs to agcl.runfolder."""
+they are written belongs to agcl.runtime.runfolder."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import random
 import numpy as np
 import torch
 
-from agcl.devices import amp_name
-from agcl.numerics import cpu_numerics
-from agcl.utils import code_version
+from agcl.common.utils import code_version
+from agcl.runtime.devices import amp_name
+from agcl.runtime.numerics import cpu_numerics
 
 
 def rng_states() -> dict:

@@ -17,10 +17,10 @@ from agcl.data.loaders import (
     read_split,
     training_set_bytes,
 )
-from agcl.devices import channels_last_format, data_device, seed_everything
 from agcl.engine.method_errors import method_code
 from agcl.engine.optimizers import auxiliary_optimizers, main_optimizer
-from agcl.random_streams import RandomStreams, building
+from agcl.runtime.devices import channels_last_format, data_device, seed_everything
+from agcl.runtime.random_streams import RandomStreams, building
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ def prepare(trainer) -> PreparedRun:
     processed = trainer.layout.processed(trainer.dataset)
     data = load_training_set(processed, split, trainer.ratio_tag, train_cfg["patch"])
     val_cases = load_cases(processed, split["val"]) if split["val"] else []
-    # The method's named random streams (agcl.random_streams), checkpointed with the run.
+    # The method's named random streams (agcl.runtime.random_streams), checkpointed with the run.
     streams = RandomStreams(trainer.seed)
     with building(streams), method_code(trainer.method_cls, trainer._run_name(), "__init__"):
         method = trainer.method_cls(trainer.spec, trainer.hparams, trainer.dcfg["net"],

@@ -5,7 +5,7 @@ The Trainer resolves the run's recipe and checks everything it can before touchi
 agcl.engine.update applies each step's update (lr, autocast, backward, non-finite policy),
 agcl.engine.logs writes the logs and agcl.engine.checkpoint the checkpoint payloads; the method
 only turns a batch into a loss. What the run folder holds and when a run counts as finished is
-agcl.runfolder's business.
+agcl.runtime.runfolder's business.
 """
 
 from __future__ import annotations
@@ -20,22 +20,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from agcl.common.utils import ratio_tag, write_json
 from agcl.config import ConfigError, Layout, dataset_config
+from agcl.config.recipe import resolve_recipe
 from agcl.data.loaders import read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import get_spec
-from agcl.devices import resolve_amp, resolve_deterministic, resolve_device, to_device
 from agcl.engine import checkpoint
 from agcl.engine.logs import RunLog
 from agcl.engine.method_errors import method_code
 from agcl.engine.prepare import PreparedRun, prepare
 from agcl.engine.state import TrainingState
 from agcl.engine.update import Updater
-from agcl.inference import dice_per_class, eval_window, predict_case
 from agcl.methods.base import Batch
-from agcl.random_streams import seed_globals
-from agcl.recipe import resolve_recipe
-from agcl.runfolder import (
+from agcl.nets.inference import dice_per_class, eval_window, predict_case
+from agcl.runtime.devices import resolve_amp, resolve_deterministic, resolve_device, to_device
+from agcl.runtime.random_streams import seed_globals
+from agcl.runtime.runfolder import (
     BEST,
     FINAL,
     LAST,
@@ -48,7 +49,6 @@ from agcl.runfolder import (
     identity_differences,
     run_identity,
 )
-from agcl.utils import ratio_tag, write_json
 
 log = logging.getLogger("agcl.train")
 

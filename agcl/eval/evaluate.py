@@ -11,19 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from agcl.components import largest_component_per_class
+from agcl.common.components import largest_component_per_class
+from agcl.common.utils import atomic_path, code_version, write_json
 from agcl.config import ConfigError, Layout, method_eval_config
 from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import SPECS, get_spec
-from agcl.devices import resolve_amp, resolve_device
 from agcl.eval.metrics import multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
-from agcl.inference import eval_window, predict_case
 from agcl.nets import build
-from agcl.numerics import cpu_numerics
-from agcl.runfolder import BEST, FINAL, METRICS_JSON, PREDICTIONS, RunFolder, RunFolderError
-from agcl.utils import atomic_path, code_version, write_json
+from agcl.nets.inference import eval_window, predict_case
+from agcl.runtime.devices import resolve_amp, resolve_device
+from agcl.runtime.numerics import cpu_numerics
+from agcl.runtime.runfolder import BEST, FINAL, METRICS_JSON, PREDICTIONS, RunFolder, RunFolderError
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 OBJECT_METRICS = ("object_f1", "object_dice", "object_hausdorff")

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from agcl.components import label_components
+from agcl.common.components import label_components
 
 
 def to_instances(mask, connectivity: int | None = None) -> np.ndarray:

@@ -4,7 +4,7 @@ A method owns its networks (student, and a teacher where it has one) and turns o
 batch into a loss (`train_step`). The engine owns backward, AMP, the optimiser, the schedule,
 checkpoints and validation, so method files never call `.backward()` (USB's split).
 
-Randomness: a method draws from named streams, `self.streams` (agcl.random_streams.RandomStreams
+Randomness: a method draws from named streams, `self.streams` (agcl.runtime.random_streams.RandomStreams
 of the run's seed), so that two methods at one seed see the same batches, box masks and dropout
 masks, and a draw of its own never shifts another method's:
 
@@ -33,7 +33,7 @@ from torch import nn
 from agcl.data.specs import DatasetSpec
 from agcl.methods.hparams import HParam, HparamError, resolve_hparams
 from agcl.nets import build
-from agcl.random_streams import streams_for_new_method
+from agcl.runtime.random_streams import streams_for_new_method
 
 __all__ = ["MAIN", "PRETRAIN", "SCHEDULE_KEYS", "AuxiliaryUpdate", "Batch", "HParam",
            "HparamError", "Method", "Stage", "TrainedNetwork", "require_unlabeled"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agcl.components import largest_component_per_class_batch
+from agcl.common.components import largest_component_per_class_batch
 from agcl.methods.base import MAIN, PRETRAIN, SCHEDULE_KEYS, Batch, HParam, Method, Stage
 from agcl.methods.dice import MASKED_FORMS, masked_dice_loss
 from agcl.methods.ema import ema_update, make_ema_teacher

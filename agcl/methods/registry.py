@@ -21,7 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from agcl.plugins import plugin_dirs
+from agcl.common.plugins import plugin_dirs
 
 _METHODS: dict[str, type] = {}
 # Plugin files that failed to load: path -> why. A broken file blocks only its own methods.

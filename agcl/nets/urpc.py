@@ -36,7 +36,7 @@ Randomness: dropout draws from torch's global generator (on the input's device),
 dropout factor and the feature noise from torch's global CPU generator (the noise is then moved
 to the input's device, as upstream's Uniform.sample). Upstream draws the factor from numpy's
 global generator (np.random.uniform); here one torch generator, which the engine re-seeds before
-every step (agcl.random_streams.seed_globals) and a test seeds with torch.manual_seed alone.
+every step (agcl.runtime.random_streams.seed_globals) and a test seeds with torch.manual_seed alone.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from agcl.common.utils import atomic_path
 from agcl.config import (
     ConfigError,
     Layout,
@@ -25,14 +26,13 @@ from agcl.config import (
     expected_runs,
     noise_twins,
 )
+from agcl.config.recipe import resolve_recipe
 from agcl.eval.evaluate import METRICS as METRIC_NAMES
 from agcl.eval.evaluate import aggregated_value
-from agcl.recipe import resolve_recipe
 from agcl.report.noise import run_to_run
 from agcl.report.published import compare_with_published
 from agcl.report.stats import case_means, paired_comparisons
-from agcl.runfolder import IDENTITY_KEYS, METRICS_JSON, RunFolder
-from agcl.utils import atomic_path
+from agcl.runtime.runfolder import IDENTITY_KEYS, METRICS_JSON, RunFolder
 
 log = logging.getLogger("agcl.aggregate")
 KEYS = ["dataset", "method", "ratio", "seed"]

@@ -17,7 +17,7 @@ import seaborn as sns
 from agcl.data.loaders import load_cases
 from agcl.data.specs import get_spec
 from agcl.report.intervals import fixed_set_interval
-from agcl.runfolder import PREDICTIONS
+from agcl.runtime.runfolder import PREDICTIONS
 
 sns.set_theme(style="whitegrid", context="paper")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from agcl.common.utils import code_version, write_text
 from agcl.config import Layout, expected_runs, noise_twins, roles_of
 from agcl.report import figures
 from agcl.report.aggregate import methods_only
@@ -25,8 +26,7 @@ from agcl.report.published import (
     load_published_compute,
 )
 from agcl.report.stats_view import case_floors, family_rows, run_to_run_rows, stats_view
-from agcl.runfolder import LOG_CSV
-from agcl.utils import code_version, write_text
+from agcl.runtime.runfolder import LOG_CSV
 
 PROTOCOLS = {
     "unified": "unified: one training recipe per dataset for every method (the fair comparison)",

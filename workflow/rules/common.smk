@@ -13,12 +13,12 @@ sys.path.insert(0, str(REPO))
 # The method plugins of this workflow: baselines/ beside the Snakefile (whatever --directory
 # says), then the folders a config names under plugin_dirs (relative to the working directory).
 # Exported here for the DAG build and handed to every job through AGCL below.
-from agcl.plugins import export_plugin_dirs  # noqa: E402
+from agcl.common.plugins import export_plugin_dirs  # noqa: E402
 
 PLUGIN_DIRS = export_plugin_dirs(REPO / "baselines")
 # Planning reads the methods' declarations only: torch is never imported here (a login node
 # without torch plans the grid; the jobs run where it is installed).
-from agcl.declarations import declarations_only  # noqa: E402
+from agcl.config.torch_stand_in import declarations_only  # noqa: E402
 
 declarations_only()
 from agcl.config import (  # noqa: E402
@@ -28,9 +28,9 @@ from agcl.config import (  # noqa: E402
     expected_runs,
     method_eval_config,
 )
-from agcl.config_checks import check_config  # noqa: E402
+from agcl.config.checks import check_config  # noqa: E402
 from agcl.data.specs import get_spec  # noqa: E402
-from agcl.runfolder import FINAL, METRICS_JSON, RUN_JSON, settings_hash  # noqa: E402
+from agcl.runtime.runfolder import FINAL, METRICS_JSON, RUN_JSON, settings_hash  # noqa: E402
 
 CONFIG_SOURCES = [str(f) for f in workflow.configfiles]
 if workflow.config_settings.config:
@@ -59,7 +59,7 @@ def merged_config_file():
         return str(workflow.configfiles[0])
     import yaml
 
-    from agcl.utils import write_text
+    from agcl.common.utils import write_text
 
     path = LAYOUT.results / "config.merged.yaml"
     text = f"# merged from {SOURCE}\n{yaml.safe_dump(config, sort_keys=False)}"
@@ -110,7 +110,7 @@ def all_metrics(dataset=None, method=None):
 
 @functools.cache
 def _recipe_hash(dataset, method, ratio):
-    from agcl.recipe import resolve_recipe
+    from agcl.config.recipe import resolve_recipe
 
     return resolve_recipe(config, dataset, method, ratio=ratio).settings_hash
 

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from agcl.utils import atomic_path, write_text
+from agcl.common.utils import atomic_path, write_text
 
 # Salts keep the random streams of the three datasets (and of their splits) independent.
 _LA, _ACDC, _CRAG, _SPLIT, _VARIATION = 1, 2, 3, 99, 7

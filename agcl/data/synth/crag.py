@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from agcl.common.utils import atomic_path
 from agcl.data.synth._common import (
     _CRAG,
     _VARIATION,
@@ -19,7 +20,6 @@ from agcl.data.synth._common import (
     _rng,
     _smooth_noise,
 )
-from agcl.utils import atomic_path
 
 _STROMA = np.array([236, 170, 205], dtype=float)
 _EPITHELIUM = np.array([196, 120, 186], dtype=float)

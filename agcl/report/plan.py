@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from agcl.common.utils import human_bytes
 from agcl.config import Layout, dataset_config, expected_runs
 from agcl.report.power import statistics_plan
-from agcl.utils import human_bytes
 
 # Where benchmarks/gpu_throughput.py writes by default and `agcl plan` reads: beside the grid's
 # results (<results_dir>/<name>/benchmarks/), not beside the scripts; both take another path.
@@ -56,7 +56,7 @@ def default_snakefile(root: str | Path = ".") -> Path:
     it; else the one of the source checkout this package runs from (an installed package has
     none: pass `agcl plan --snakefile`)."""
     here = Path(root) / "Snakefile"
-    checkout = Path(__file__).resolve().parents[1] / "Snakefile"
+    checkout = Path(__file__).resolve().parents[2] / "Snakefile"  # agcl/report/plan.py
     return here if here.exists() or not checkout.exists() else checkout
 
 
@@ -159,7 +159,7 @@ def schedule_seconds(recipe, measured: dict) -> float:
 def gpu_hours(config: dict, throughput: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset x method: runs, iterations per run, and per measured card the hours
     of one run and of all its runs (NaN: that card has no row for one of the run's stages)."""
-    from agcl.recipe import resolve_recipe
+    from agcl.config.recipe import resolve_recipe
 
     cards = sorted(throughput["card"].unique()) if len(throughput) else []
     rows = []
@@ -201,8 +201,8 @@ def checkpoint_bytes(config: dict, dataset: str, method: str) -> dict[str, int]:
     queues, plus SGD momentum for every trainable parameter). Built on the meta device."""
     import torch
 
+    from agcl.config.recipe import resolve_recipe
     from agcl.data.specs import get_spec
-    from agcl.recipe import resolve_recipe
 
     recipe = resolve_recipe(config, dataset, method)
     with torch.device("meta"):

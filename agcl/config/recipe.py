@@ -17,13 +17,13 @@ from agcl.config import (
     noise_twins,
     train_override_problems,
 )
-from agcl.config_checks import check_config
+from agcl.config.checks import check_config
 from agcl.data.loaders import default_augmentation
 from agcl.data.specs import get_spec
-from agcl.inference import eval_window
 from agcl.methods.hparams import ReadTrackedHparams
 from agcl.methods.registry import resolve_method
-from agcl.runfolder import settings_hash
+from agcl.nets.inference import eval_window
+from agcl.runtime.runfolder import settings_hash
 
 # Training-config keys that change what is logged or saved, where the training set is held or
 # whether CUDA may pick nondeterministic kernels, not the recipe a run trains with; they stay out

@@ -17,10 +17,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-from agcl.utils import ratio_tag
+from agcl.common.utils import ratio_tag
 
 # Package data (pyproject package-data), so an installed agcl validates without a checkout.
-SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):

@@ -34,9 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agcl.utils import atomic_path, human_bytes, write_json
+from agcl.common.utils import atomic_path, human_bytes, write_json
 
-log = logging.getLogger("agcl.runfolder")
+log = logging.getLogger("agcl.runtime.runfolder")
 
 LAST = "ckpt_last.pt"
 BEST = "ckpt_best.pt"

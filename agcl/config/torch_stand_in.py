@@ -48,7 +48,7 @@ class _StandIn:
     def _missing(self) -> TorchMissing:
         return TorchMissing(
             f"{self._name} was used while planning: `snakemake -n`, the Snakefile and `agcl "
-            "plan` read method and net files with a stand-in for torch (agcl/declarations.py), "
+            "plan` read method and net files with a stand-in for torch (agcl/config/torch_stand_in.py), "
             "installed or not, so nothing may compute with torch when a file is imported; "
             f"{_caller()} does. Move that computation inside a function or method")
 

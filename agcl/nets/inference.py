@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agcl.imaging import resize_nearest
+from agcl.common.imaging import resize_nearest
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:

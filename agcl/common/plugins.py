@@ -25,9 +25,9 @@ def shipped_plugin_dir() -> Path | None:
     """The repository's own method files: `baselines/` beside this package when it runs from a
     checkout (an editable install, or PYTHONPATH as the workflow's jobs use), else the installed
     copy; None when neither is there."""
-    package_root = Path(__file__).resolve().parent.parent
-    beside = package_root / "baselines"
-    if (package_root / "pyproject.toml").is_file() and beside.is_dir():
+    checkout = Path(__file__).resolve().parents[2]  # agcl/common/plugins.py -> the checkout
+    beside = checkout / "baselines"
+    if (checkout / "pyproject.toml").is_file() and beside.is_dir():
         return beside
     spec = importlib.util.find_spec(SHIPPED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

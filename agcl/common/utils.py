@@ -50,7 +50,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def code_version() -> str:
     """Package version plus the git commit (and '-dirty') when run from a checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # agcl/common/utils.py -> the checkout
     if not (root / ".git").exists():
         # an installed package: site-packages may sit inside some other git tree (a venv in a
         # project), whose commit is not this code's
