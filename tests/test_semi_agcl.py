@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from agcl.data.specs import get_spec
-from agcl.methods import agcl_losses as L
 from agcl.methods import copy_paste as bcp_module
 from agcl.methods.base import MAIN, PRETRAIN, Batch, HparamError
 from agcl.methods.registry import get_method
-from agcl.methods.semi_agcl import strong_intensity_view
+from agcl.methods.semi_agcl import losses as L
+from agcl.methods.semi_agcl.method import strong_intensity_view
 
 
 def h(p: float) -> float:
@@ -513,7 +513,7 @@ WHERE = "datasets.acdc.hparams.semi_agcl"
 
 
 def geometry(dataset="acdc", train=None, **hparams):
-    from agcl.methods.agcl_geometry import patch_geometry
+    from agcl.methods.semi_agcl.geometry import patch_geometry
 
     cls = get_method("semi_agcl")
     spec = get_spec(dataset)

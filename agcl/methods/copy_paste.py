@@ -1,7 +1,7 @@
 """BCP's copy-paste machinery (Bai et al., CVPR 2023, DeepMed-Lab-ECNU/BCP code/LA_BCP_train.py
 and code/ACDC_BCP_train.py): box masks, the bidirectional copy-paste mixes, the mix loss,
 pseudo-labels with the largest component, and the two-stage method built from them. BCP
-(baselines/bcp.py) registers it as it is; Semi-AGCL (agcl/methods/semi_agcl.py) adds its terms to
+(baselines/bcp.py) registers it as it is; Semi-AGCL (agcl/methods/semi_agcl/method.py) adds its terms to
 it. How each piece follows the reference is told in baselines/bcp.py.
 """
 

@@ -16,7 +16,7 @@ runs on whole strong-view unlabeled images. Patch pseudo-labels are the mean sof
 patch's unlabeled voxels; patch embeddings are the decoder features averaged over the same voxels,
 then the ProjectionHead (the teacher's keys through an EMA copy of the head). ``project_voxels:
 true`` projects every voxel first and averages after, the literal reading, at the cost of about
-one more forward pass. Anchors are sampled by `agcl_losses.select_anchor_patches`; per step of
+one more forward pass. Anchors are sampled by `losses.select_anchor_patches`; per step of
 the main stage:
 
   L_all = L_BCP + ramp * (w_reg L_reg + w_pl L_PL_AGG + w_rw L_RW_AGG)
@@ -34,13 +34,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from agcl.methods import agcl_losses as L
-from agcl.methods.agcl_geometry import geometry_problems
 from agcl.methods.base import MAIN, HParam, TrainedNetwork
 from agcl.methods.copy_paste import CopyPasteTeacher, MixedPair
 from agcl.methods.ema import ema_update, make_ema_teacher
 from agcl.methods.ramps import epoch_rampup
 from agcl.methods.registry import register_method
+from agcl.methods.semi_agcl import losses as L
+from agcl.methods.semi_agcl.geometry import geometry_problems
 from agcl.nets import ProjectionHead
 
 AGCL_VIEWS = ("mixed", "separate")
@@ -101,7 +101,7 @@ class SemiAGCL(CopyPasteTeacher):
         "strong_brightness": HParam(0.1, "shift of +-0.1 image std", low=0.0),
         "strong_noise": HParam(0.1, "Gaussian noise 0.1 std clipped at 0.2 (UA-MT's teacher "
                                "noise)", low=0.0),
-        # auto: the shortest crop side // 8 (agcl_losses.resolve_patch_size): ACDC / CRAG
+        # auto: the shortest crop side // 8 (losses.resolve_patch_size): ACDC / CRAG
         # 256x256 -> 32, the paper's 8x8 grid; LA 112x112x80 -> 10, an 11x11x8 grid of 1000-voxel
         # patches (an ACDC patch has 1024 pixels); a 48x48 CPU crop -> 6. Or an int. (Not the
         # training crop, train.patch, nor the evaluation window, eval.patch.)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from agcl.methods.agcl_losses import resolve_patch_size
+from agcl.methods.semi_agcl.losses import resolve_patch_size
 
 # ---------------------------------------------------------------------------------------------
 # Patch geometry, checked with the config (Method.check_recipe), from the crop and batch alone.
