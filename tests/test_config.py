@@ -367,3 +367,34 @@ def test_sassnets_consistency_per_label_count_is_its_readmes():
     config["datasets"]["la"]["hparams_by_ratio"] = {"0.1x": {}}
     with pytest.raises(ConfigError, match="hparams_by_ratio"):
         validate_config(config, "demo.yaml")
+
+
+def test_reference_yaml_is_an_overlay_holding_only_what_differs_from_config_yaml():
+    import yaml
+
+    raw = yaml.safe_load((REPO_ROOT / "config" / "reference.yaml").read_text())
+    assert raw.pop("extends") == "config.yaml"
+    base = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+
+    def same_leaves(overlay, under, path=""):
+        for key, value in overlay.items():
+            here = f"{path}.{key}" if path else key
+            if isinstance(value, dict) and isinstance(under.get(key), dict):
+                yield from same_leaves(value, under[key], here)
+            elif key in under and under[key] == value:
+                yield here
+
+    assert list(same_leaves(raw, base)) == []
+    config = load_config(REPO_ROOT / "config" / "reference.yaml")
+    assert config["name"] == "reference" and config["seeds"] == base["seeds"]
+    assert "extends" not in config
+
+
+def test_a_broken_extends_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match="extends: a.yaml extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: extends: .*missing.yaml is not a file"):
+        load_config(tmp_path / "c.yaml")

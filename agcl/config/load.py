@@ -229,24 +229,56 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     return config
 
 
-def _merge(base: dict, overlay: dict) -> dict:
+def merge(base: dict, overlay: dict) -> dict:
     """Snakemake's layering of --configfile files: mappings merge key by key, anything else
     (lists included) is replaced by the later file's value."""
     for key, value in overlay.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge(base[key], value)
         else:
             base[key] = value
     return base
 
 
-def load_config(path: str | Path, *overlays: str | Path) -> dict[str, Any]:
-    """A config file, or several layered as `snakemake --configfile a.yaml b.yaml` does, validated."""
-    paths = [Path(path), *map(Path, overlays)]
+EXTENDS = "extends"
+
+
+def read_layer(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One config file as a mapping, with the file it `extends` (a path relative to it) merged
+    under it first: an overlay (config/reference.yaml) holds only what differs from its base."""
+    raw = _read_yaml_mapping(path)
+    base = raw.pop(EXTENDS, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {EXTENDS}: expected the file name of the base config "
+                          f"(relative to {path.parent}), got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
+        raise ConfigError(f"{path}: {EXTENDS}: {base} extends itself (a cycle of overlays)")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: {EXTENDS}: {base_path} is not a file")
+    return merge(read_layer(base_path, (*_seen, path.resolve())), raw)
+
+
+def declares_extends(path: str | Path) -> bool:
+    raw = yaml.safe_load(Path(path).read_text())
+    return isinstance(raw, dict) and EXTENDS in raw
+
+
+def layered(*paths: str | Path) -> dict[str, Any]:
+    """The files merged in order (each with its base), not yet validated."""
     config: dict[str, Any] = {}
     for each in paths:
-        _merge(config, _read_yaml_mapping(each))
-    return validate_config(config, source=" + ".join(map(str, paths)))
+        merge(config, read_layer(Path(each)))
+    return config
+
+
+def load_config(path: str | Path, *overlays: str | Path) -> dict[str, Any]:
+    """A config file, or several layered as `snakemake --configfile a.yaml b.yaml` does (each
+    with the base it `extends`), validated."""
+    paths = [Path(path), *map(Path, overlays)]
+    return validate_config(layered(*paths), source=" + ".join(map(str, paths)))
 
 
 def dataset_config(config: dict, dataset: str) -> dict:

@@ -28,6 +28,8 @@ from agcl.config import (  # noqa: E402
     expected_runs,
     method_eval_config,
 )
+from agcl.config.load import declares_extends, layered  # noqa: E402
+from agcl.config.load import merge as merge_config  # noqa: E402
 from agcl.config.checks import check_config  # noqa: E402
 from agcl.data.specs import get_spec  # noqa: E402
 from agcl.runtime.runfolder import FINAL, METRICS_JSON, RUN_JSON, settings_hash  # noqa: E402
@@ -42,6 +44,13 @@ SOURCE = " + ".join(CONFIG_SOURCES)
 # can say (config_rules: what agcl.config.validate_config runs after its own schema pass). It
 # also applies run_datasets (e.g. --config run_datasets='[la,acdc]': the grid without CRAG) and
 # resolves the roles (lower bound, method of interest).
+# An overlay names its base (`extends: config.yaml`): Snakemake reads only the files given, so
+# the base goes under them here, before anything reads the config (the --config keys on top).
+if any(declares_extends(f) for f in workflow.configfiles):
+    resolved = layered(*workflow.configfiles)
+    merge_config(resolved, workflow.config_settings.config or {})
+    config.clear()
+    config.update(resolved)
 validate(config, schema=str(SCHEMA_PATH))
 config_rules(config, source=SOURCE)
 # Unregistered methods, hparams of a misspelt method, unknown net options: errors now, not
