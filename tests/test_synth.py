@@ -187,10 +187,10 @@ def test_acdc_deterministic(tmp_path):
 
 
 def test_acdc_patient_variation_ranges():
-    from agcl.data.synth._common import _patient_variation
-    assert _patient_variation(np.random.default_rng(0), 0.0) == {
+    from agcl.data.synth._common import patient_variation
+    assert patient_variation(np.random.default_rng(0), 0.0) == {
         "scale": 1.0, "contrast": 1.0, "noise": 1.0, "gamma": 1.0}
-    factors = [_patient_variation(np.random.default_rng(i), 1.0) for i in range(400)]
+    factors = [patient_variation(np.random.default_rng(i), 1.0) for i in range(400)]
     bounds = {"scale": (np.exp(-0.35), np.exp(0.35)), "contrast": (np.exp(-0.8), 1.0),
               "noise": (1.0, np.exp(0.7)), "gamma": (np.exp(-0.5), np.exp(0.5))}
     for key, (low, high) in bounds.items():  # x0.70-1.42, x0.45-1, x1-2.01, x0.61-1.65
@@ -198,7 +198,7 @@ def test_acdc_patient_variation_ranges():
         assert low <= min(values) < low + 0.05 * (high - low), key
         assert high - 0.05 * (high - low) < max(values) <= high, key
     with pytest.raises(ValueError, match="variability must be >= 0"):
-        _patient_variation(np.random.default_rng(0), -0.5)
+        patient_variation(np.random.default_rng(0), -0.5)
 
 
 def test_acdc_variability_varies_patients_and_keeps_the_anatomy(tmp_path):

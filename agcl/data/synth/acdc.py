@@ -9,19 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from agcl.data.formats import ACDC_VOLUME_DIR
-from agcl.data.synth._common import (
-    _ACDC,
-    _ACDC_UNANNOTATED_SCRIBBLE,
-    _SPLIT,
-    _VARIATION,
-    _bias_field,
-    _draw_side,
-    _patient_variation,
-    _rng,
-    _smooth_noise,
-    _write_h5,
-    _write_list,
-)
+from agcl.data.synth import _common as shared
 
 
 def _acdc_patient(
@@ -29,7 +17,7 @@ def _acdc_patient(
     variation: dict[str, float],
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """ED and ES volumes (S,H,W) of one patient: image in [0,1] and label 0 bg/1 RV/2 Myo/3 LV;
-    `variation` from _patient_variation."""
+    `variation` from shared.patient_variation."""
     height, width = shape_hw
     rows, cols = np.meshgrid(np.arange(height, dtype=float), np.arange(width, dtype=float),
                              indexing="ij")
@@ -62,7 +50,7 @@ def _acdc_patient(
             if not (mask & heart_zone).any():
                 blobs.append((mask, level))
                 break
-    tissue = 0.45 + 0.06 * _smooth_noise(rng, (n_slices, height, width), 2.0)
+    tissue = 0.45 + 0.06 * shared.smooth_noise(rng, (n_slices, height, width), 2.0)
 
     frames = []
     for contraction in (1.0, rng.uniform(0.75, 0.85)):  # ED, then ES with a smaller LV cavity
@@ -94,7 +82,7 @@ def _acdc_patient(
         if variation["contrast"] != 1.0:  # towards the tissue level (0.45)
             signal = 0.45 + (signal - 0.45) * variation["contrast"]
         signal = ndimage.gaussian_filter(signal, (0, 0.7, 0.7))
-        image = signal * _bias_field(rng, signal.shape, 0.4)
+        image = signal * shared.bias_field(rng, signal.shape, 0.4)
         image = image + rng.normal(0.0, 0.07 * variation["noise"], image.shape)
         # Upstream: clip at the 99th percentile, then min-max to [0, 1].
         image = np.clip(image, None, np.percentile(image, 99))
@@ -118,7 +106,7 @@ def synth_acdc(
     """Write an ACDC-format dataset folder (4 lists, h5 volumes); return its path.
 
     variability: how much heart size, contrast, noise and intensity curve vary between patients
-    (0 = one acquisition for everyone; see _patient_variation).
+    (0 = one acquisition for everyone; see shared.patient_variation).
     """
     out = Path(out)
     counts = (n_train_patients, n_val_patients, n_test_patients)
@@ -126,35 +114,35 @@ def synth_acdc(
         raise ValueError(f"patient counts must be >= 1 and sum to <= 999, got {counts}")
     if not 4 <= slices[0] <= slices[1]:
         raise ValueError(f"slices must be (min, max) with 4 <= min <= max, got {slices}")
-    split_rng = _rng(seed, _ACDC, _SPLIT)
+    split_rng = shared.rng(seed, shared.ACDC, shared.SPLIT)
     patients = [f"patient{i:03d}" for i in split_rng.permutation(np.arange(1, sum(counts) + 1))]
     splits = {"train": patients[:counts[0]], "val": patients[counts[0]:counts[0] + counts[1]],
               "test": patients[counts[0] + counts[1]:]}
 
     n_slices: dict[str, int] = {}
     for patient in sorted(patients):
-        rng = _rng(seed, _ACDC, int(patient[-3:]))
+        rng = shared.rng(seed, shared.ACDC, int(patient[-3:]))
         depth = int(rng.integers(slices[0], slices[1] + 1))
-        shape_hw = (_draw_side(rng, size_hw, "size_hw"), _draw_side(rng, size_hw, "size_hw"))
+        shape_hw = (shared.draw_side(rng, size_hw, "size_hw"), shared.draw_side(rng, size_hw, "size_hw"))
         es_number = int(rng.integers(8, 16))
-        variation = _patient_variation(_rng(seed, _ACDC, int(patient[-3:]), _VARIATION),
+        variation = shared.patient_variation(shared.rng(seed, shared.ACDC, int(patient[-3:]), shared.VARIATION),
                                        variability)
         for list_frame, number, (image, label) in zip(
             ("frame01", "frame02"), (1, es_number),
             _acdc_patient(rng, depth, shape_hw, variation),
         ):
-            scribble = np.full(label.shape, _ACDC_UNANNOTATED_SCRIBBLE, dtype=np.uint16)
+            scribble = np.full(label.shape, shared.ACDC_UNANNOTATED_SCRIBBLE, dtype=np.uint16)
             path = out / ACDC_VOLUME_DIR / f"{patient}_frame{number:02d}.h5"
-            _write_h5(path, image=image, label=label, scribble=scribble)
+            shared.write_h5(path, image=image, label=label, scribble=scribble)
             n_slices[f"{patient}_{list_frame}"] = depth
 
     for split, members in splits.items():
-        _write_list(out / f"{split}.list", [f"{p}_{f}" for p in members for f in ("frame01",
+        shared.write_list(out / f"{split}.list", [f"{p}_{f}" for p in members for f in ("frame01",
                                                                                   "frame02")])
     slice_names = []
     for patient in splits["train"]:
         for frame in (f"{patient}_frame01", f"{patient}_frame02"):
             order = split_rng.permutation(n_slices[frame]) + 1  # upstream shuffles within a frame
             slice_names += [f"{frame}_slice_{k}" for k in order]
-    _write_list(out / "train_slices.list", slice_names)
+    shared.write_list(out / "train_slices.list", slice_names)
     return out

@@ -12,14 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from agcl.common.utils import atomic_path
-from agcl.data.synth._common import (
-    _CRAG,
-    _VARIATION,
-    _draw_side,
-    _patient_variation,
-    _rng,
-    _smooth_noise,
-)
+from agcl.data.synth import _common as shared
 
 _STROMA = np.array([236, 170, 205], dtype=float)
 _EPITHELIUM = np.array([196, 120, 186], dtype=float)
@@ -30,7 +23,7 @@ _NUCLEUS = np.array([92, 52, 140], dtype=float)
 def _crag_image(rng: np.random.Generator, shape: tuple[int, int],
                 variation: dict[str, float]) -> tuple[np.ndarray, ...]:
     """An H&E-like tile: pink stroma with nuclei, glands of epithelium around a pale lumen;
-    `variation` (from _patient_variation) scales gland size, stain contrast, noise and gamma."""
+    `variation` (from shared.patient_variation) scales gland size, stain contrast, noise and gamma."""
     height, width = shape
     rows, cols = np.meshgrid(np.arange(height, dtype=float), np.arange(width, dtype=float),
                              indexing="ij")
@@ -71,10 +64,10 @@ def _crag_image(rng: np.random.Generator, shape: tuple[int, int],
         nests |= nest & ~ndimage.binary_dilation(instances > 0, iterations=2)
 
     # Pale spaces in the stroma and nuclei everywhere keep colour alone from finding glands.
-    texture = _smooth_noise(rng, shape, 2.0)[..., None]
+    texture = shared.smooth_noise(rng, shape, 2.0)[..., None]
     rgb = _STROMA + 10 * texture
     lumen = (instances > 0) & ~epithelium
-    pale_stroma = (_smooth_noise(rng, shape, 4.0) > 1.8) & (instances == 0)
+    pale_stroma = (shared.smooth_noise(rng, shape, 4.0) > 1.8) & (instances == 0)
     rgb[lumen | pale_stroma] = _LUMEN
     cellular = epithelium | nests
     rgb[cellular] = _EPITHELIUM + 8 * texture[cellular]
@@ -123,7 +116,7 @@ def synth_crag(
 
     layout "v2": CRAG/{train,valid}/{Images,Annotation,Overlay}; "readme": test/ and Annotations/.
     variability: how much gland size, stain contrast, noise and colour curve vary between tiles
-    (0: byte-identical to earlier versions; see _patient_variation).
+    (0: byte-identical to earlier versions; see shared.patient_variation).
     """
     layouts = {"v2": ("valid", "Annotation"), "readme": ("test", "Annotations")}
     if layout not in layouts:
@@ -136,12 +129,12 @@ def synth_crag(
     members: dict[str, bytes] = {}
     shapes = []
     for index in range(n_train + n_test):
-        rng = _rng(seed, _CRAG, index)
-        shape = (_draw_side(rng, size, "size"), _draw_side(rng, size, "size"))
+        rng = shared.rng(seed, shared.CRAG, index)
+        shape = (shared.draw_side(rng, size, "size"), shared.draw_side(rng, size, "size"))
         if index == n_train + n_test - 1 and len(set(shapes)) == 1 and shape in shapes:
             shape = (size[0], size[1]) if shape != (size[0], size[1]) else (size[1], size[0])
         shapes.append(shape)
-        variation = _patient_variation(_rng(seed, _CRAG, index, _VARIATION), variability)
+        variation = shared.patient_variation(shared.rng(seed, shared.CRAG, index, shared.VARIATION), variability)
         rgb, instances, overlay = _crag_image(rng, shape, variation)
         split, name = ("train", f"train_{index + 1}") if index < n_train else (
             test_dir, f"test_{index - n_train + 1}")
