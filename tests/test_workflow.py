@@ -185,7 +185,9 @@ def test_a_failed_run_under_keep_going_leaves_a_report_of_the_others(tmp_path):
     crag["train_by_method"] = {"mean_teacher": {"lr": 1.0e30, "nonfinite": "stop"}}
     configfile = tmp_path / "one_fails.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    out = snakemake("--keep-going", "--configfile", str(configfile), "--cores", "1",
+    # the CPU profile (make demo's) keeps going by itself
+    out = snakemake("--profile", str(REPO / "profiles" / "cpu"), "--workflow-profile", "none",
+                    "--configfile", str(configfile), "--cores", "1",
                     "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path))
     text = out.stdout + out.stderr
     assert out.returncode != 0, text
@@ -194,10 +196,14 @@ def test_a_failed_run_under_keep_going_leaves_a_report_of_the_others(tmp_path):
     summary = tmp_path / "results" / "demo" / "summary"
     runs = (summary / "runs.csv").read_text()
     assert "supervised" in runs and "mean_teacher" not in runs
-    assert "mean_teacher" in (summary / "missing.csv").read_text()
+    missing = (summary / "missing.csv").read_text()
+    # the training error's own line and the job's log, not "not evaluated (no metrics.json)"
+    log = "logs/demo/train/crag/mean_teacher/r0.05/s0.log"
+    assert "train failed: agcl train: error: crag/mean_teacher r0.05 s0, stage main" in missing
+    assert "stopping (train.nonfinite: stop)" in missing and f"(log: {log})" in missing
     html = (tmp_path / "reports" / "demo" / "index.html").read_text()
     assert "1 of 2 runs of the grid are evaluated" in html
-    assert "<li>crag / mean_teacher / 5% / seed 0" in html  # under "Missing runs"
+    assert "<li>crag / mean_teacher / 5% / seed 0: train failed: agcl train: error:" in html
 
 
 def test_label_efficiency_overlay_plans_five_ratios(tmp_path):
