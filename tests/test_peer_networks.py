@@ -64,11 +64,11 @@ def write_plugin(folder, name, peer_entry):
     (folder / f"{name}.py").write_text(CPS_PLUGIN.format(name=name, peer_entry=peer_entry))
 
 
-def train(project, folder, method, out):
+def train(project, folder, method, out, dataset="la"):
     config = project.read_text() + f"plugin_dirs: [{folder}]\n"
     project.write_text(config)
-    return main(["train", "la", "--config", str(project), "--method", method, "--labels", "0.1",
-                 "--seed", "0", "--out", str(out), "--no-progress"])
+    return main(["train", dataset, "--config", str(project), "--method", method, "--labels",
+                 "0.1", "--seed", "0", "--out", str(out), "--no-progress"])
 
 
 def test_a_peer_network_declared_with_settings_of_its_own_trains(tiny_project, plugin_dir):
@@ -177,3 +177,19 @@ def test_a_declared_network_the_loss_never_uses_is_refused():
     with pytest.raises(GradientRoutingError, match="trained network 'unused' .*unused.weight.* "
                                                    "received no gradient"):
         update(method, batch, {"lr": 0.1, "schedule": "constant"}, 0, 4, state)
+
+
+def test_a_peer_can_be_validated_beside_the_evaluated_net_without_being_selected_on(
+        tiny_project, plugin_dir):
+    import pandas as pd
+
+    write_plugin(plugin_dir, "peer_watched", ', TrainedNetwork("peer", self.peer, validate=True)')
+    prepare(tiny_project, "acdc")  # best_val selection, one validation patient
+    run = tiny_project.parent.parent / "run"
+    assert train(tiny_project, plugin_dir, "peer_watched", run, "acdc") == 0
+    log = pd.read_csv(run / "train_log.csv")
+    validated = log.dropna(subset=["val_dice"])
+    assert len(validated) == 2 and validated["val_dice_peer"].notna().all()
+    meta = json.loads((run / "run.json").read_text())
+    # selection reads the evaluated net's val_dice only
+    assert meta["best_val_dice"] == pytest.approx(validated["val_dice"].max())

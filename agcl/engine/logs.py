@@ -138,13 +138,15 @@ class RunLog:
                         unit="it")
 
     def step(self, values: dict, skipped: bool, *, val_dice: float | None,
-             stage_done: bool) -> None:
+             stage_done: bool, other_val: dict[str, float] | None = None) -> None:
         self.steps.add(values, skipped)
         step = values["step"]
         if step % self.log_every == 0 or val_dice is not None or stage_done:
             row = self.steps.read()
             if val_dice is not None:
                 row["val_dice"] = val_dice
+                # other networks' validation (TrainedNetwork.validate): logged, never selected on
+                row.update({f"val_dice_{name}": v for name, v in (other_val or {}).items()})
             self.csv.write(row)
             if self.board is not None:
                 for key, value in row.items():

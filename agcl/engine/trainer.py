@@ -189,15 +189,19 @@ class Trainer:
                 state.step = step + 1
                 state.train_seconds = seconds_before + time.perf_counter() - segment_start
                 stage_done = local + 1 == stage.iterations
-                val_dice = None
+                val_dice, other_val = None, None
                 if parts.val_cases and ((local + 1) % self.train_cfg["val_every"] == 0
                                         or stage_done):
-                    val_dice = self._validate(method, parts.val_cases)
+                    val_dice = self._validate(method.inference_net(), parts.val_cases)
+                    other_val = {n.name: self._validate(n.module, parts.val_cases)
+                                 for n in method.trained_networks()
+                                 if n.validate and n.module is not method.inference_net()}
                     if val_dice > state.best_val:
                         state.best_val, state.best_step = val_dice, state.step
                         self._save_best(parts, state, saved_step)
                     method.train()
-                logs.step(values, skipped, val_dice=val_dice, stage_done=stage_done)
+                logs.step(values, skipped, val_dice=val_dice, stage_done=stage_done,
+                          other_val=other_val)
                 if (state.step % self.train_cfg["checkpoint_every"] == 0
                         and state.step < self.total):
                     self.folder.save_checkpoint(LAST, checkpoint.resume_payload(self, parts, state),
@@ -303,12 +307,13 @@ class Trainer:
         log.info("%s: stage '%s' starts at step %d", self.out, self.stages[state.stage].name,
                  state.step + 1)
 
-    def _validate(self, method, cases) -> float:
+    def _validate(self, net, cases) -> float:
+        """Mean foreground Dice of `net` on the validation cases."""
         eval_cfg = self.dcfg["eval"]
         patch, stride = eval_window(eval_cfg, self.train_cfg["patch"])
         scores = []
         for case in cases:
-            pred = predict_case(method.inference_net(), case.image, self.spec.eval_mode,
+            pred = predict_case(net, case.image, self.spec.eval_mode,
                                 self.spec.num_classes, patch, stride, self.device,
                                 eval_cfg["window_batch"], self.amp_dtype)
             scores.append(np.mean(dice_per_class(pred, case.label, self.spec.num_classes)))

@@ -103,6 +103,9 @@ class TrainedNetwork:
     lr_scale: float = 1.0
     momentum: float | None = None
     weight_decay: float | None = None
+    # Also validated at every validation (train_log.csv column val_dice_<name>), for watching a
+    # peer; checkpoint selection stays on inference_net(). Needs a segmentation net's forward.
+    validate: bool = False
 
     @property
     def own_settings(self) -> bool:
