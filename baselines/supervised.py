@@ -13,7 +13,7 @@ from agcl.methods.losses import SUPERVISED_LOSS_HPARAMS, supervised_loss
 class Supervised(Method):
     uses_unlabeled = False
     hyperparameters = SUPERVISED_LOSS_HPARAMS
-    dataset_defaults = {"acdc": {"dice_include_background": True}}
+    dataset_defaults = {"multiclass": {"dice_include_background": True}}
 
     def train_step(self, batch: Batch, step: int):
         logits = self.student(batch.x_labeled)

@@ -99,7 +99,7 @@ class Urpc(Method):
     }
     dataset_defaults = {
         # the 3D script: --consistency_rampup 400 (:63-64)
-        "la": {"consistency_rampup": 400.0},
+        "3d": {"consistency_rampup": 400.0},
     }
 
     @classmethod

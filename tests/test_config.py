@@ -398,3 +398,17 @@ def test_a_broken_extends_is_named(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"c.yaml: extends: .*missing.yaml is not a file"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_method_defaults_are_keyed_by_what_differs_so_a_new_dataset_needs_no_method_edit():
+    from agcl.data.specs import SPECS
+    from agcl.methods.base import default_kinds
+    from agcl.methods.registry import get_method
+
+    assert default_kinds(SPECS["la"]) == ["3d", "la"]
+    assert default_kinds(SPECS["acdc"]) == ["2d", "multiclass", "acdc"]
+    assert default_kinds(SPECS["crag"]) == ["2d", "crag"]
+    paper_grid = load_config(REPO_ROOT / "config" / "config.yaml")
+    for name in paper_grid["methods"]:
+        keys = set(get_method(name).dataset_defaults)
+        assert keys <= {"2d", "3d", "multiclass"}, (name, keys)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from agcl.data.specs import DatasetSpec
+from agcl.data.specs import DatasetSpec, get_spec
 from agcl.methods.hparams import HParam, HparamError, resolve_hparams
 from agcl.nets import build
 from agcl.runtime.random_streams import streams_for_new_method
@@ -52,6 +52,12 @@ class Batch:
 
 
 PRETRAIN, MAIN = "pretrain", "main"
+
+
+def default_kinds(spec: DatasetSpec) -> list[str]:
+    """The keys of Method.dataset_defaults that apply to a dataset, in order of precedence (last
+    wins): its dimension, its label set, its name."""
+    return [f"{spec.spatial_dims}d", *(["multiclass"] if spec.num_classes > 2 else []), spec.name]
 SCHEDULE_KEYS = ("lr", "schedule", "step_size", "gamma")
 
 
@@ -122,6 +128,10 @@ class Method(nn.Module):
     # the per-dataset defaults where the references differ. Nothing is inherited from Method:
     # a name the method does not read is refused, not accepted and ignored.
     hyperparameters: ClassVar[dict[str, HParam]] = {}
+    # Defaults by what differs between datasets, applied in this order over the declared ones:
+    # the training dimension ("2d" / "3d": which reference script family), the label set
+    # ("multiclass": more than one foreground class), then a dataset's own name where it must
+    # differ from those. A new dataset gets its kind's defaults without a method edit.
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # Old spellings of renamed hyperparameters: refused with a message naming the new one.
     renamed_hparams: ClassVar[dict[str, str]] = {}
@@ -130,8 +140,14 @@ class Method(nn.Module):
     def hparams_for(cls, dataset: str, *overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults <- per-dataset defaults <- each override in order; an unknown name or a
         value the declaration does not allow is an error (HparamError / HparamValueError)."""
-        return resolve_hparams(cls.name, cls.hyperparameters, cls.dataset_defaults.get(dataset, {}),
+        return resolve_hparams(cls.name, cls.hyperparameters, cls.defaults_for(dataset),
                                cls.renamed_hparams, overrides)
+
+    @classmethod
+    def defaults_for(cls, dataset: str) -> dict[str, Any]:
+        """dataset_defaults for `dataset`: its dimension's, its label set's, then its own."""
+        return {key: value for kind in default_kinds(get_spec(dataset))
+                for key, value in cls.dataset_defaults.get(kind, {}).items()}
 
     @classmethod
     def unsupported(cls, spec: DatasetSpec) -> str | None:

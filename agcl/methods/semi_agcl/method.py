@@ -138,9 +138,8 @@ class SemiAGCL(CopyPasteTeacher):
     }
     hyperparameters = {**CopyPasteTeacher.hyperparameters, **agcl_hparams}
     dataset_defaults = {
-        "la": dict(CopyPasteTeacher.dataset_defaults.get("la", {})),
-        "acdc": {**CopyPasteTeacher.dataset_defaults["acdc"], "rampup": 20},
-        "crag": {**CopyPasteTeacher.dataset_defaults["crag"], "rampup": 20},
+        **CopyPasteTeacher.dataset_defaults,
+        "2d": {**CopyPasteTeacher.dataset_defaults["2d"], "rampup": 20},
     }
     # `gamma` collided with the lr decay (train.gamma), `patch_size` with the crop and window.
     renamed_hparams = {"gamma": "nuclear_weight", "patch_size": "contrast_patch"}
