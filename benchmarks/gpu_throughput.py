@@ -113,19 +113,19 @@ def measure(config: dict, dataset: str, method: str, recipe, warmup: int, steps:
         overrides[PRETRAIN_KEY] = length
     trainer = Trainer(config, dataset, method, RATIO, 0, workdir / "runs" / dataset / method,
                       iterations=length, overrides=overrides, force=True, progress=False)
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trainer.device)
+    if trainer.description.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.description.device)
     meta = trainer.run()
-    peak = (torch.cuda.max_memory_allocated(trainer.device) / 2**30
-            if trainer.device.type == "cuda" else float("nan"))
+    peak = (torch.cuda.max_memory_allocated(trainer.description.device) / 2**30
+            if trainer.description.device.type == "cuda" else float("nan"))
     log = pd.read_csv(trainer.out / "train_log.csv")
-    card = (torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda"
+    card = (torch.cuda.get_device_name(trainer.description.device) if trainer.description.device.type == "cuda"
             else f"cpu {platform.machine()} x{torch.get_num_threads()}")
     rows = []
     for record in meta["stages"]:
         stage_rows = log[log["stage"] == record["name"]]
         timed = stage_rows[stage_rows["stage_step"] > warmup]
-        validates = trainer.selection == "best_val" and meta["n_val"] > 0
+        validates = trainer.description.recipe.selection == "best_val" and meta["n_val"] > 0
         rows.append({
             **recipe_shape(config, dataset, method, recipe, record["name"]), "card": card,
             "amp_dtype": meta["amp"],

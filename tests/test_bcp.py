@@ -155,7 +155,7 @@ def test_two_stages_run_log_and_record(tiny_project):
     prepare(tiny_project, "la")
     run = Path("runs/bcp")
     trainer = bcp_trainer(tiny_project, run, pretrain_lr=0.05)
-    assert trainer.total == 3 + 4
+    assert trainer.description.total == 3 + 4
     meta = trainer.run()
     log = pd.read_csv(run / LOG_CSV)
     assert list(log["step"]) == list(range(1, 8))
@@ -290,7 +290,7 @@ def test_a_stage_that_keeps_the_optimiser_takes_the_momentum_of_the_selected_wei
     monkeypatch.setattr(trainer_module.Trainer, "_next_stage", spy_next_stage)
     trainer = Trainer(load_config(tiny_project), "acdc", "bcp", 0.1, 0, Path("runs/acdc"),
                       progress=False, overrides={"pretrain_iterations": 3})
-    assert trainer.stages[1].keep_optimizer_state  # ACDC's recipe
+    assert trainer.description.stages[1].keep_optimizer_state  # ACDC's recipe
     trainer.run()
     assert list(saved) == [2] and saved[2]
     assert handed["now"].keys() == saved[2].keys()

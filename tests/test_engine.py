@@ -136,7 +136,7 @@ def test_fp16_with_gradient_scaler_on_cpu(tiny_project):
     prepare(tiny_project, "la")
     trainer = Trainer(load_config(tiny_project), "la", "supervised", 0.1, 0, Path("runs/fp16"),
                       progress=False, overrides={"train.amp": "fp16"})
-    assert trainer.amp_dtype == torch.float16
+    assert trainer.description.amp_dtype == torch.float16
     with onednn_disabled():  # AVX512-FP16 CPUs would hand fp16 to oneDNN as bf16 above
         meta = trainer.run()
     assert meta["amp"] == "float16"

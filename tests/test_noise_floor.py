@@ -107,4 +107,4 @@ def test_a_twin_trains_from_perturbed_weights_and_says_whose_twin_it_is(tiny_pro
     # the same perturbation, built by hand, starts from the same weights as the twin's run
     trainer = Trainer(validate_config(copy.deepcopy(config)), "la", "supervised_ulp", 0.2, 0,
                       tiny_project.parent / "again", progress=False)
-    assert trainer.init_perturbation == "ulp"
+    assert trainer.description.recipe.init_perturbation == "ulp"

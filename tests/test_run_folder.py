@@ -438,6 +438,7 @@ def test_hyperparameters_by_labeled_fraction_reach_the_run(la_project):
     loaded = load_config(path)
     at_10 = Trainer(loaded, "la", "supervised", 0.1, 0, Path("runs/r10"), progress=False)
     at_20 = Trainer(loaded, "la", "supervised", 0.2, 0, Path("runs/r20"), progress=False)
+    at_10, at_20 = at_10.description, at_20.description
     assert (at_10.hparams["dice_form"], at_20.hparams["dice_form"]) == ("linear", "squared")
     assert at_10.identity["settings_hash"] != at_20.identity["settings_hash"]
     config["datasets"]["la"]["hparams_by_ratio"] = {"0.1": {"supervised": {"dice_from": "x"}}}

@@ -37,10 +37,10 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def resume_payload(trainer, parts, state) -> dict:
+def resume_payload(run, parts, state) -> dict:
     """Everything a killed run needs to continue bit-identically (ckpt_last.pt)."""
     return {
-        "identity": trainer.identity, "settings": trainer.settings,
+        "identity": run.identity, "settings": run.recipe.settings,
         "method": parts.method.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "auxiliary_optimizers": auxiliary_states(parts.auxiliary),
         "scaler": parts.scaler.state_dict(), "sampler": parts.sampler.state_dict(),
@@ -74,25 +74,25 @@ def load_auxiliary_states(auxiliary: dict, saved: dict) -> None:
         optimizer.load_state_dict(states[name])
 
 
-def pretrain_best_payload(trainer, parts, state) -> dict:
+def pretrain_best_payload(run, parts, state) -> dict:
     """The best pre-training state, with the optimisers', which a next stage that keeps them
     loads with the weights (BCP's ACDC code: save_net_opt at the best val, load_net_opt after)."""
     return {"method": parts.method.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "auxiliary_optimizers": auxiliary_states(parts.auxiliary),
-            "step": state.step, "run_id": state.run_id, "identity": trainer.identity}
+            "step": state.step, "run_id": state.run_id, "identity": run.identity}
 
 
-def inference_payload(trainer, method, state) -> dict:
+def inference_payload(run, method, state) -> dict:
     """What evaluation needs: the inference network alone, how to rebuild it, whose it is."""
     return {
-        "net_name": method.net_name(trainer.spec),
-        "net_kwargs": dict(trainer.dcfg["net"]),
-        "in_channels": trainer.spec.in_channels,
-        "num_classes": trainer.spec.num_classes,
+        "net_name": method.net_name(run.spec),
+        "net_kwargs": dict(run.net),
+        "in_channels": run.spec.in_channels,
+        "num_classes": run.spec.num_classes,
         "state_dict": method.inference_net().state_dict(),
         "step": state.step,
-        "method": trainer.method_name,
-        "identity": trainer.identity,
+        "method": run.method,
+        "identity": run.identity,
         "run_id": state.run_id,
     }
 
@@ -101,27 +101,27 @@ def unread_hparams(hparams) -> list[str]:
     return hparams.unread() if hasattr(hparams, "unread") else []
 
 
-def run_metadata(trainer, parts, state) -> dict:
+def run_metadata(run, parts, state) -> dict:
     """run.json: what trained, how, on what, and which weights were kept."""
     method = parts.method
     return {
         "run_id": state.run_id,
-        "identity": trainer.identity,
-        "dataset": trainer.dataset,
-        "method": trainer.method_name,
-        "base_method": trainer.method_cls.name,
+        "identity": run.identity,
+        "dataset": run.dataset,
+        "method": run.method,
+        "base_method": run.method_cls.name,
         # a noise-floor twin: this method's run again with its initial weights one ulp away
-        "noise_floor_of": trainer.noise_floor_of,
-        "init_perturbation": trainer.init_perturbation,
-        "ratio": trainer.ratio,
-        "seed": trainer.seed,
-        "iterations": trainer.total,
+        "noise_floor_of": run.recipe.noise_floor_of,
+        "init_perturbation": run.recipe.init_perturbation,
+        "ratio": run.ratio,
+        "seed": run.seed,
+        "iterations": run.total,
         "stages": state.stages,
-        "hparams": dict(trainer.hparams),
+        "hparams": dict(run.hparams),
         # declared, but nothing read them in this run: a value set for them changed nothing
-        "unread_hparams": unread_hparams(trainer.hparams),
-        "train": trainer.train_cfg,
-        "net": {"name": trainer.method_cls.net_name(trainer.spec), **trainer.dcfg["net"]},
+        "unread_hparams": unread_hparams(run.hparams),
+        "train": run.train_cfg,
+        "net": {"name": run.net_name, **run.net},
         # the evaluated network's, and everything the optimiser updates (e.g. MC-Net+'s
         # extra decoders, projection heads)
         "parameters": sum(p.numel() for p in method.inference_net().parameters()),
@@ -135,20 +135,22 @@ def run_metadata(trainer, parts, state) -> dict:
         "n_labeled": len(parts.data.labeled_ids),
         "n_unlabeled": len(parts.data.unlabeled_ids),
         "n_val": len(parts.split["val"]),
-        "selection": trainer.selection,
+        "selection": run.recipe.selection,
         "best_val_dice": None if state.best_step is None else state.best_val,
         "best_val_step": state.best_step,
-        "device": str(trainer.device),
+        "device": str(run.device),
         "data_on": str(parts.data_device or "host"),
-        "deterministic": trainer.deterministic,
+        "deterministic": run.deterministic,
         "cpu_numerics": cpu_numerics(),
-        "amp": amp_name(trainer.amp_dtype),
+        "amp": amp_name(run.amp_dtype),
         "train_seconds": state.train_seconds,
         "resumed_at_steps": state.resumed_at,
-        "nonfinite_policy": trainer.train_cfg["nonfinite"],
+        "nonfinite_policy": run.train_cfg["nonfinite"],
         "skipped_steps": state.skipped,
         "skipped_step_numbers": state.skipped_steps,
         "code_version": code_version(),
-        "config_name": trainer.config["name"],
-        "config": trainer.config,
+        "config_name": run.config["name"],
+        "config": run.config,
+        # the run's typed description (agcl.config.run), as the engine read it
+        "description": run.record(),
     }

@@ -38,37 +38,37 @@ class PreparedRun:
     data_device: torch.device | None  # where the sampler holds the training set (None: host)
 
 
-def prepare(trainer) -> PreparedRun:
+def prepare(run) -> PreparedRun:
     """Build a run's parts from a Trainer's resolved recipe (nothing is written)."""
-    train_cfg = trainer.train_cfg
-    seed_everything(trainer.seed, trainer.device, trainer.deterministic)
-    split = read_split(trainer.split_path)
-    processed = trainer.layout.processed(trainer.dataset)
-    data = load_training_set(processed, split, trainer.ratio_tag, train_cfg["patch"])
+    train_cfg = run.train_cfg
+    seed_everything(run.seed, run.device, run.deterministic)
+    split = read_split(run.split_path)
+    processed = run.processed
+    data = load_training_set(processed, split, run.ratio_tag, train_cfg["patch"])
     val_cases = load_cases(processed, split["val"]) if split["val"] else []
     # The method's named random streams (agcl.runtime.random_streams), checkpointed with the run.
-    streams = RandomStreams(trainer.seed)
-    with building(streams), method_code(trainer.method_cls, trainer._run_name(), "__init__"):
-        method = trainer.method_cls(trainer.spec, trainer.hparams, trainer.dcfg["net"],
-                                    trainer.stages[-1].iterations).to(trainer.device)
-    if trainer.init_perturbation == "ulp":  # deterministic: draws no random number
+    streams = RandomStreams(run.seed)
+    with building(streams), method_code(run.method_cls, run.name, "__init__"):
+        method = run.method_cls(run.spec, run.hparams, run.net,
+                                    run.stages[-1].iterations).to(run.device)
+    if run.recipe.init_perturbation == "ulp":  # deterministic: draws no random number
         perturb_one_ulp(method)
     if train_cfg["channels_last"]:
         # Applies to the conv weights of the spatial rank (4-D for 2D nets, 5-D for 3D ones).
         method.to(memory_format=channels_last_format(2 + len(train_cfg["patch"])))
     labeled_bs = train_cfg["labeled_batch_size"]
     unlabeled_bs = train_cfg["batch_size"] - labeled_bs if method.uses_unlabeled else 0
-    on_device = data_device(train_cfg["data_placement"], trainer.device,
+    on_device = data_device(train_cfg["data_placement"], run.device,
                             training_set_bytes(data, unlabeled=unlabeled_bs > 0))
     return PreparedRun(
         split=split, data=data, val_cases=val_cases, method=method, streams=streams,
-        sampler=PatchSampler(data, train_cfg["patch"], labeled_bs, unlabeled_bs, trainer.seed,
-                             trainer.augmentation, device=on_device,
+        sampler=PatchSampler(data, train_cfg["patch"], labeled_bs, unlabeled_bs, run.seed,
+                             run.recipe.augmentation, device=on_device,
                              extra_unlabeled=method.extra_unlabeled_batches),
         optimizer=main_optimizer(method, train_cfg),
         auxiliary=auxiliary_optimizers(method),
-        scaler=torch.amp.GradScaler(trainer.device.type,
-                                    enabled=trainer.amp_dtype == torch.float16),
+        scaler=torch.amp.GradScaler(run.device.type,
+                                    enabled=run.amp_dtype == torch.float16),
         data_device=on_device,
     )
 
