@@ -188,7 +188,7 @@ def stage_plan(config: dict, dataset: str, method: str, recipe: Recipe, *,
         else:
             key = f"{stage.name}_iterations"
             dataset_default = (f"{base}'s default for {dataset}",
-                               recipe.method_cls.dataset_defaults.get(dataset, {}))
+                               recipe.method_cls.defaults_for(dataset))
             where = next((f"{label}: {key}" for label, layer in [*reversed(layers),
                                                                   dataset_default]
                           if key in layer), f"{base}'s default {key}")
