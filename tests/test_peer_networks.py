@@ -193,3 +193,66 @@ def test_a_peer_can_be_validated_beside_the_evaluated_net_without_being_selected
     meta = json.loads((run / "run.json").read_text())
     # selection reads the evaluated net's val_dice only
     assert meta["best_val_dice"] == pytest.approx(validated["val_dice"].max())
+
+
+# A UniMatch-style method through the documented interfaces only: a weak view's thresholded
+# pseudo-label supervises two strong views (photometric jitter, blur, CutMix from an extra
+# unlabeled batch) and a feature-perturbed pass (net.encode -> dropout -> net.decode).
+UNIMATCH_PLUGIN = """
+import torch
+import torch.nn.functional as F
+
+from agcl.methods import Batch, HParam, Method, register_method, require_unlabeled
+from agcl.methods.augment import brightness_contrast, cutmix_boxes, gaussian_blur, mix
+
+
+@register_method("peer_unimatch")
+class UniMatchStyle(Method):
+    extra_unlabeled_batches = 1
+    hyperparameters = {"threshold": HParam(0.95, low=0.0, high=1.0)}
+
+    def strong(self, x, g):
+        return gaussian_blur(brightness_contrast(x, g), g)
+
+    def train_step(self, batch: Batch, step: int):
+        x_u = require_unlabeled(batch, self.name)
+        (x_mix,) = batch.x_unlabeled_extra
+        g = self.streams.torch("unimatch_views", x_u.device)
+        with torch.no_grad():
+            self.student.eval()
+            p_mix = self.student(x_mix).softmax(1)
+            self.student.train()
+        n, nu = batch.x_labeled.shape[0], x_u.shape[0]
+        skips = self.student.encode(torch.cat([batch.x_labeled, x_u]))
+        logits, _ = self.student.decode(skips)
+        fp, _ = self.student.decode([F.dropout2d(s[n:], 0.5) for s in skips])
+        p_weak = logits[n:].detach().softmax(1)
+        conf, pseudo = p_weak.max(1)
+        box = cutmix_boxes(x_u.shape[:1] + x_u.shape[2:], g, x_u.device)
+        s1 = mix(self.strong(x_u, g), self.strong(x_mix, g), box)
+        pseudo_1 = mix(pseudo, p_mix.argmax(1), box)
+        conf_1 = mix(conf, p_mix.max(1).values, box)
+        keep = (conf_1 >= self.hparams["threshold"]).float()
+        loss_s = (F.cross_entropy(self.student(s1), pseudo_1, reduction="none") * keep).mean()
+        loss_fp = (F.cross_entropy(fp, pseudo, reduction="none")
+                   * (conf >= self.hparams["threshold"]).float()).mean()
+        sup = F.cross_entropy(logits[:n], batch.y_labeled)
+        loss = (sup + 0.5 * loss_s + 0.5 * loss_fp) / 2
+        return loss, {"loss_sup": sup.detach(), "loss_s": loss_s.detach(),
+                      "loss_fp": loss_fp.detach(), "mask": keep.mean().detach()}
+"""
+
+
+def test_a_unimatch_style_plugin_trains_on_the_documented_interfaces_only(tiny_project,
+                                                                          plugin_dir):
+    import pandas as pd
+
+    (plugin_dir / "peer_unimatch.py").write_text(UNIMATCH_PLUGIN)
+    # no private attribute of a net or the engine: only the documented interfaces
+    assert ".encoder" not in UNIMATCH_PLUGIN and ".decoders" not in UNIMATCH_PLUGIN
+    prepare(tiny_project, "acdc")
+    run = tiny_project.parent.parent / "run"
+    assert train(tiny_project, plugin_dir, "peer_unimatch", run, "acdc") == 0
+    log = pd.read_csv(run / "train_log.csv")
+    assert {"loss_sup", "loss_s", "loss_fp", "mask"} <= set(log.columns)
+    assert log["loss"].notna().all()
