@@ -242,3 +242,26 @@ def test_real_acdc_volume_equal_medpy(acdc_volumes_mirror_dir):
         assert_matches_medpy(pred, gt, spacing=(10.0, 1.5, 1.5))
     records = multiclass_metrics(pred_labels, labels, classes=(1, 2, 3))
     assert records[1]["dice"] == pytest.approx(medpy_binary.dc(pred_labels == 2, labels == 2))
+
+
+def test_every_metric_list_of_the_package_is_read_from_the_one_metric_table():
+    import re
+    from pathlib import Path
+
+    from agcl.eval import evaluate, metric_table
+    from agcl.report import forest, power, published, render, stats, stats_view
+
+    names = metric_table.METRICS
+    assert evaluate.METRICS == published.METRICS == names
+    assert list(render.METRIC_TITLES) == list(render.BETTER) == list(names)
+    assert set(stats.DEFAULT_SMALLEST_EFFECT) == set(names)
+    compared = set(metric_table.COMPARED)
+    assert set(forest.FOREST_METRICS) == set(stats_view.STATS_METRICS) == compared
+    assert set(power.PLANNED_METRICS) == compared
+    assert {m for m in names if render.BETTER[m] is min} == metric_table.LOWER_IS_BETTER
+    # no module spells a list of metric names of its own
+    package = Path(metric_table.__file__).resolve().parents[1]
+    spelled = re.compile(r'[\(\[\{]\s*"(dice|jaccard|hd95|asd)"\s*[:,]')
+    own = [str(p.relative_to(package)) for p in package.rglob("*.py")
+           if p.name not in ("metric_table.py",) and spelled.search(p.read_text())]
+    assert own == [], own

@@ -17,6 +17,8 @@ from agcl.config import ConfigError, Layout, method_eval_config
 from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import SPECS, get_spec
+from agcl.eval.metric_table import METRICS as METRIC_NAMES
+from agcl.eval.metric_table import TABLE
 from agcl.eval.metrics import multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
 from agcl.nets import build
@@ -25,7 +27,7 @@ from agcl.runtime.devices import resolve_amp, resolve_device
 from agcl.runtime.numerics import cpu_numerics
 from agcl.runtime.runfolder import BEST, FINAL, METRICS_JSON, PREDICTIONS, RunFolder, RunFolderError
 
-METRICS = ("dice", "jaccard", "hd95", "asd")
+METRICS = METRIC_NAMES  # agcl.eval.metric_table
 OBJECT_METRICS = ("object_f1", "object_dice", "object_hausdorff")
 def _spacing(dataset: str, unit: str):
     """The physical voxel size (DatasetSpec.spacing_mm) where the processed files still allow one
@@ -45,7 +47,7 @@ def worst_distance(shape, spacing) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape) * spacing) ** 2)))
 
 
-DISTANCE_METRICS = ("hd95", "asd", "object_hausdorff")
+DISTANCE_METRICS = (*(n for n, m in TABLE.items() if m.distance), "object_hausdorff")
 
 
 def aggregated_value(record: dict, metric: str) -> float:

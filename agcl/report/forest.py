@@ -16,12 +16,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from agcl.eval.metric_table import TABLE
 from agcl.report.figures import to_png
 from agcl.report.stats import better_sign, mark, parse_seed_diffs
 
 # metric: (axis title, scale to the drawn unit)
-FOREST_METRICS = {"dice": ("DSC difference (points), better →", 100.0),
-                  "hd95": ("HD95 reduction, better →", 1.0)}
+FOREST_METRICS = {
+    name: (f"{m.short} difference (points), better →" if m.higher_is_better
+           else f"{m.short} reduction, better →", m.scale)
+    for name, m in TABLE.items() if m.compared}
 MARK_STYLE = {"holm": {"color": "#b2182b", "mfc": "#b2182b"},
               "unadjusted": {"color": "#b2182b", "mfc": "white"},
               "none": {"color": "#2166ac", "mfc": "#2166ac"}}

@@ -27,6 +27,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from agcl.eval.metric_table import COMPARED
 from agcl.report.stats import difference_matrix, format_seed_diffs, seed_case_tables
 
 RUN_TO_RUN_COLUMNS = ["dataset", "ratio", "twin", "method", "metric", "n_seeds", "n_cases",
@@ -35,7 +36,7 @@ RUN_TO_RUN_COLUMNS = ["dataset", "ratio", "twin", "method", "metric", "n_seeds",
 
 
 def run_to_run(per_case: pd.DataFrame, twins: dict[str, str],
-               metrics=("dice", "hd95")) -> pd.DataFrame:
+               metrics=COMPARED) -> pd.DataFrame:
     """One row per dataset x ratio x (twin, method) x metric where both have runs."""
     rows = []
     for metric in metrics if twins and not per_case.empty else ():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from agcl.config import Layout, comparison_references, expected_runs, noise_twins
+from agcl.eval.metric_table import TABLE
 from agcl.report.intervals import (
     detectable_delta,
     minimum_seeds_to_conclude,
@@ -19,7 +20,7 @@ from agcl.report.intervals import (
     smallest_attainable_p_holm,
 )
 
-PLANNED_METRICS = {"dice": ("Dice", 100.0, " pts"), "hd95": ("HD95", 1.0, "")}
+PLANNED_METRICS = {name: (m.word, m.scale, m.unit) for name, m in TABLE.items() if m.compared}
 
 
 def comparison_families(config: dict) -> list[dict]:

@@ -16,12 +16,15 @@ from pathlib import Path
 import pandas as pd
 
 from agcl.data.specs import SPECS
+from agcl.eval.metric_table import METRICS as METRIC_NAMES
+from agcl.eval.metric_table import TABLE
 
-COLUMNS = ["dataset", "method", "ratio", "dice", "jaccard", "hd95", "asd", "source", "note",
-           "flag"]
+COLUMNS = ["dataset", "method", "ratio", *METRIC_NAMES, "source", "note", "flag"]
 DATASETS = tuple(SPECS)
-METRICS = ("dice", "jaccard", "hd95", "asd")
-PERCENT_METRICS = ("dice", "jaccard")  # published in %, ours as fractions
+METRICS = METRIC_NAMES  # agcl.eval.metric_table
+# published in %, ours as fractions
+PERCENT_METRICS = tuple(n for n, m in TABLE.items() if m.scale == 100.0)
+DISTANCE_METRICS = tuple(n for n, m in TABLE.items() if m.distance)
 KEYS = ["dataset", "method", "ratio"]
 PACKAGED_NAME = "agcl/report/published.csv"
 _METHOD_NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -61,7 +64,7 @@ def validate_published(raw: pd.DataFrame, name: str = PACKAGED_NAME) -> pd.DataF
                   "ratio": _number(row, "ratio", 1e-9, 1.0, "a label ratio in (0, 1]", where)}
         for field in PERCENT_METRICS:
             record[field] = _number(row, field, 0.0, 100.0, "a value in % within [0, 100]", where)
-        for field in ("hd95", "asd"):
+        for field in DISTANCE_METRICS:
             record[field] = _number(row, field, 0.0, math.inf, "a finite distance >= 0", where)
         record.update(source=row["source"], note=row["note"], flag=row["flag"])
         records.append(record)

@@ -16,6 +16,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from agcl.common.utils import code_version, write_text
 from agcl.config import Layout, expected_runs, noise_twins, roles_of
+from agcl.eval.metric_table import TABLE
 from agcl.report import figures
 from agcl.report.aggregate import methods_only
 from agcl.report.forest import forest_plot
@@ -35,7 +36,7 @@ PROTOCOLS = {
 }
 BCP_LA_NOTE = ("bcp: no published LA values entered. The BCP paper's LA table is not in the "
                "material this project was given, and the BCP repository's README has no table.")
-METRIC_TITLES = {"dice": "DSC %", "jaccard": "Jaccard %", "hd95": "HD95", "asd": "ASD"}
+METRIC_TITLES = {name: m.title for name, m in TABLE.items()}
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -54,7 +55,7 @@ def _mean_std(mean, std) -> str:
 
 
 # Higher is better for the overlap metrics, lower for the distances.
-BETTER = {"dice": max, "jaccard": max, "hd95": min, "asd": min}
+BETTER = {name: max if m.higher_is_better else min for name, m in TABLE.items()}
 PRIMARY_SOURCE = "Semi-AGCL paper"  # the paper this kit replicates: its value sits beside ours
 
 

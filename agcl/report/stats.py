@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from agcl.config import comparison_references
+from agcl.eval.metric_table import COMPARED, LOWER_IS_BETTER, TABLE
 from agcl.report.intervals import (
     ALPHA,
     fixed_set_interval,
@@ -44,8 +45,7 @@ from agcl.report.intervals import (
 GROUP = ["dataset", "method", "ratio"]
 FAMILY = ["dataset", "ratio", "reference", "metric"]
 # metrics where a smaller value is better (a negative difference favours the method)
-LOWER_IS_BETTER = {"hd95", "asd"}
-DEFAULT_SMALLEST_EFFECT = {"dice": 0.01, "jaccard": 0.01, "hd95": 1.0, "asd": 0.5}
+DEFAULT_SMALLEST_EFFECT = {name: m.smallest_effect for name, m in TABLE.items()}
 COMPARISON_COLUMNS = [
     "dataset", "ratio", "reference", "method", "metric", "n_seeds", "n_cases", "n_nonzero",
     "reference_mean", "method_mean", "mean_diff", "interval", "ci_low", "ci_high", "p_value",
@@ -259,7 +259,7 @@ def _seeds_needed_for(effect, seed_sd, family_size) -> float:
 
 
 def paired_comparisons(per_case: pd.DataFrame, reference_methods=None,
-                       metrics=("dice", "hd95"), smallest_effect: dict | None = None
+                       metrics=COMPARED, smallest_effect: dict | None = None
                        ) -> pd.DataFrame:
     """One row per dataset x ratio x reference x other method x metric (see module docstring).
 

@@ -9,12 +9,13 @@ import re
 
 import pandas as pd
 
+from agcl.eval.metric_table import TABLE, points_label
 from agcl.report.format import method_rank, num, p_text, signed
 from agcl.report.intervals import seeds_needed, smallest_attainable_p_holm
 from agcl.report.stats import mark
 
 SEED_COUNT_NOTE = re.compile(r"\d+ seed\(s\) < \d+: |no new-patients interval")
-STATS_METRICS = {"dice": ("DSC (points)", 100.0), "hd95": ("HD95", 1.0)}
+STATS_METRICS = {name: (points_label(m), m.scale) for name, m in TABLE.items() if m.compared}
 INTERVAL_TEXT = {"sign-flip inversion (exact)": "sign-flip",
                  "sign-flip inversion (Monte Carlo)": "sign-flip (MC)",
                  "t over per-seed means (assumes normal per-seed means)": "t"}
