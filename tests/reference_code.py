@@ -177,6 +177,21 @@ def import_script(monkeypatch, repo: str, script: str, *modules: str,
     return loaded
 
 
+SSL4MIS_2D_STUBS = ("tensorboardX", "torchvision", "torchvision.transforms", "torchvision.utils",
+                    "cv2")
+
+
+def import_ssl4mis_2d_script(monkeypatch, script: str):
+    """(script module, networks.unet) of one of SSL4MIS's 2D training scripts: torchvision,
+    tensorboardX and cv2 stubbed, networks.net_factory a stand-in (its optional backbones need
+    packages the loops never use; the test hands the loop its nets)."""
+    factory = types.ModuleType("networks.net_factory")
+    factory.net_factory = None
+    monkeypatch.setitem(sys.modules, "networks.net_factory", factory)
+    return import_script(monkeypatch, "HiLab-git/SSL4MIS", script, "networks.unet",
+                         stubs=SSL4MIS_2D_STUBS)
+
+
 def script_lines(repo: str, script: str, first: str, last: str, after: str | None = None) -> str:
     """The script's lines from the one starting with `first` to the end of the one holding
     `last` (searched after `after` where given: e.g. inside one function), dedented to run with

@@ -18,6 +18,7 @@ from torch import nn
 
 from agcl.data.specs import SPECS
 from agcl.methods.base import Batch, HparamError
+from agcl.methods.hparams import ReadTrackedHparams
 from agcl.methods.registry import get_method, list_methods
 from agcl.runtime.random_streams import RandomStreams
 from tests.conftest import cpu_bf16_autocast, onednn_disabled
@@ -191,22 +192,6 @@ def test_bf16_cpu_autocast_step_is_finite(name, dataset):
                if p.grad is not None)
 
 
-class _ReadRecorder(dict):
-    """Hyperparameters that note which names the method reads."""
-
-    def __init__(self, values):
-        super().__init__(values)
-        self.read = set()
-
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        self.read.add(key)
-        return super().get(key, default)
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_every_declared_hyperparameter_is_read_so_none_is_inert(name):
     """A declared name nothing reads would accept `--set name=...` and change nothing: each is
@@ -217,7 +202,7 @@ def test_every_declared_hyperparameter_is_read_so_none_is_inert(name):
         if cls.unsupported(SPECS[dataset]):
             continue
         net_kwargs, patch = SPEC_CASES[dataset]
-        hparams = _ReadRecorder(cls.hparams_for(dataset))
+        hparams = ReadTrackedHparams(cls.hparams_for(dataset))
         train = {"iterations": 10, "lr": 0.01, "schedule": "constant", "step_size": 5,
                  "gamma": 0.1, "patch": list(patch), "batch_size": 4, "labeled_batch_size": 2}
         stages = cls.stages(hparams, train)

@@ -14,9 +14,6 @@ networks.net_factory a stand-in (the loop gets its nets from the test).
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 from torch.nn.modules.loss import CrossEntropyLoss
@@ -27,7 +24,7 @@ from agcl.methods import Batch
 from agcl.methods.registry import get_method
 from tests.reference_code import (
     assert_close_by_name,
-    import_script,
+    import_ssl4mis_2d_script,
     reference_source,
     script_lines,
 )
@@ -36,7 +33,6 @@ from tests.test_ref_ss_net import reference_key
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO, SCRIPT = "HiLab-git/SSL4MIS", "train_cross_pseudo_supervision_2D"
-STUBS = ("tensorboardX", "torchvision", "torchvision.transforms", "torchvision.utils", "cv2")
 SIZE, NUM_CLASSES = (64, 64), 4  # ACDC's classes, slices small enough for CPU
 CLOSE = {"rtol": 1e-5, "atol": 1e-7}
 
@@ -48,10 +44,7 @@ def renamer(our_names):
 
 @pytest.fixture
 def script(monkeypatch):
-    factory = types.ModuleType("networks.net_factory")
-    factory.net_factory = None  # the loop gets its nets from the test
-    monkeypatch.setitem(sys.modules, "networks.net_factory", factory)
-    return import_script(monkeypatch, REPO, SCRIPT, "networks.unet", stubs=STUBS)
+    return import_ssl4mis_2d_script(monkeypatch, SCRIPT)
 
 
 def loop_body() -> str:

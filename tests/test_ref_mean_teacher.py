@@ -17,7 +17,6 @@ SSL4MIS's full-width U-Net on 64x64 slices.
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ from agcl.methods import Batch
 from agcl.methods.registry import get_method
 from tests.reference_code import (
     assert_same_update,
-    import_script,
+    import_ssl4mis_2d_script,
     reference_source,
     script_lines,
 )
@@ -37,7 +36,6 @@ from tests.test_ref_ss_net import reference_key
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO, SCRIPT = "HiLab-git/SSL4MIS", "train_mean_teacher_2D"
-STUBS = ("tensorboardX", "torchvision", "torchvision.transforms", "torchvision.utils", "cv2")
 SIZE, NUM_CLASSES = (64, 64), 4
 CLOSE = {"rtol": 1e-5, "atol": 1e-7}
 
@@ -53,10 +51,7 @@ OURS_NAMES: list[str] = []
 
 @pytest.fixture
 def script(monkeypatch):
-    factory = types.ModuleType("networks.net_factory")
-    factory.net_factory = None  # the loop gets its nets from the test
-    monkeypatch.setitem(sys.modules, "networks.net_factory", factory)
-    return import_script(monkeypatch, REPO, SCRIPT, "networks.unet", stubs=STUBS)
+    return import_ssl4mis_2d_script(monkeypatch, SCRIPT)
 
 
 def loop_body() -> str:
