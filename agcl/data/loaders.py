@@ -300,26 +300,20 @@ class PatchSampler:
                                                           self.labeled_labels[i]))
             images.append(image)
             labels.append(label)
-        unlabeled = None
-        if self.unlabeled_batch:
-            rng = self.rngs["unlabeled"]
-            picks = self._take("unlabeled", self.unlabeled_batch, len(self.unlabeled_images))
-            unlabeled = torch.stack([self._augment(rng, *self._crop(rng, self.unlabeled_images[i],
-                                                                    None))[0]
-                                     for i in picks])
+        unlabeled = self._unlabeled_batch("unlabeled") if self.unlabeled_batch else None
         return torch.stack(images), torch.stack(labels).long(), unlabeled
+
+    def _unlabeled_batch(self, stream: str) -> torch.Tensor:
+        """One batch of unlabeled patches, drawn, cropped and augmented from `stream`."""
+        rng = self.rngs[stream]
+        picks = self._take(stream, self.unlabeled_batch, len(self.unlabeled_images))
+        return torch.stack([self._augment(rng, *self._crop(rng, self.unlabeled_images[i], None))[0]
+                            for i in picks])
 
     def next_extra_unlabeled(self) -> list[torch.Tensor]:
         """The extra unlabeled batches of this step (Method.extra_unlabeled_batches of them, each
         of the unlabeled batch size), drawn and augmented as the unlabeled batch."""
-        rng = self.rngs.get(EXTRA_STREAM)
-        batches = []
-        for _ in range(self.extra_unlabeled):
-            picks = self._take(EXTRA_STREAM, self.unlabeled_batch, len(self.unlabeled_images))
-            batches.append(torch.stack([
-                self._augment(rng, *self._crop(rng, self.unlabeled_images[i], None))[0]
-                for i in picks]))
-        return batches
+        return [self._unlabeled_batch(EXTRA_STREAM) for _ in range(self.extra_unlabeled)]
 
     def state_dict(self) -> dict:
         return {"rngs": {k: rng.bit_generator.state for k, rng in self.rngs.items()},

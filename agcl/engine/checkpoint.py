@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from agcl.common.utils import code_version
-from agcl.runtime.devices import amp_name
 from agcl.runtime.numerics import cpu_numerics
 
 
@@ -102,32 +101,30 @@ def unread_hparams(hparams) -> list[str]:
 
 
 def run_metadata(run, parts, state) -> dict:
-    """run.json: what trained, how, on what, and which weights were kept."""
+    """run.json: the run's typed description (agcl.config.run: dataset, method, ratio, seed,
+    net, validation window, split, device, precision, hashes), then how it trained, on what, and
+    which weights were kept."""
     method = parts.method
+    trained = {n.name: sum(p.numel() for p in n.module.parameters())
+               for n in method.trained_networks()}
     return {
+        **run.record(),
         "run_id": state.run_id,
         "identity": run.identity,
-        "dataset": run.dataset,
-        "method": run.method,
-        "base_method": run.method_cls.name,
         # a noise-floor twin: this method's run again with its initial weights one ulp away
         "noise_floor_of": run.recipe.noise_floor_of,
         "init_perturbation": run.recipe.init_perturbation,
-        "ratio": run.ratio,
-        "seed": run.seed,
         "iterations": run.total,
         "stages": state.stages,
         "hparams": dict(run.hparams),
         # declared, but nothing read them in this run: a value set for them changed nothing
         "unread_hparams": unread_hparams(run.hparams),
         "train": run.train_cfg,
-        "net": {"name": run.net_name, **run.net},
         # the evaluated network's, and everything the optimiser updates (e.g. MC-Net+'s
-        # extra decoders, projection heads)
+        # extra decoders, projection heads, CPS's peer), network by network
         "parameters": sum(p.numel() for p in method.inference_net().parameters()),
-        "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
-        "trained_networks": {n.name: sum(p.numel() for p in n.module.parameters())
-                             for n in method.trained_networks()},
+        "trainable_parameters": sum(trained.values()),
+        "trained_networks": trained,
         # parameters of the method's own optimisers (SASSNet's discriminator), not evaluated
         "auxiliary_parameters": {name: sum(p.numel() for p in update.parameters)
                                  for name, (update, _) in parts.auxiliary.items()},
@@ -138,11 +135,8 @@ def run_metadata(run, parts, state) -> dict:
         "selection": run.recipe.selection,
         "best_val_dice": None if state.best_step is None else state.best_val,
         "best_val_step": state.best_step,
-        "device": str(run.device),
         "data_on": str(parts.data_device or "host"),
-        "deterministic": run.deterministic,
         "cpu_numerics": cpu_numerics(),
-        "amp": amp_name(run.amp_dtype),
         "train_seconds": state.train_seconds,
         "resumed_at_steps": state.resumed_at,
         "nonfinite_policy": run.train_cfg["nonfinite"],
@@ -151,6 +145,4 @@ def run_metadata(run, parts, state) -> dict:
         "code_version": code_version(),
         "config_name": run.config["name"],
         "config": run.config,
-        # the run's typed description (agcl.config.run), as the engine read it
-        "description": run.record(),
     }

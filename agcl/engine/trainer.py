@@ -135,7 +135,7 @@ class Trainer:
                          amp_dtype=self.description.amp_dtype,
                          nonfinite=self.description.train_cfg["nonfinite"],
                          max_consecutive_skips=self.description.train_cfg["max_consecutive_skips"],
-                         where=self._run_name(), auxiliary=parts.auxiliary,
+                         where=self.description.name, auxiliary=parts.auxiliary,
                          grad_reset=self.description.train_cfg["grad_reset"],
                          last_stage=len(self.description.stages) - 1)
         logs = RunLog(self.out / LOG_CSV, with_val=bool(parts.val_cases),
@@ -185,7 +185,7 @@ class Trainer:
         if meta["unread_hparams"]:
             log.warning("%s: hyperparameters declared by %s but never read in this run: %s "
                         "(a value set for them changes the recipe's hash, not the training)",
-                        self._run_name(), self.description.method_cls.name,
+                        self.description.name, self.description.method_cls.name,
                         ", ".join(meta["unread_hparams"]))
         # The rename of ckpt_final.pt is what makes the run finished; it carries the metadata, so
         # run.json (written next) can always be restored from it.
@@ -197,11 +197,8 @@ class Trainer:
             (self.out / name).unlink(missing_ok=True)
         return meta
 
-    def _run_name(self) -> str:
-        return self.description.name
-
     def _where(self, state: TrainingState) -> str:
-        return (f"{self._run_name()}, stage {self.description.stages[state.stage].name}, "
+        return (f"{self.description.name}, stage {self.description.stages[state.stage].name}, "
                 f"step {state.step + 1}")
 
     def _step(self, method, update: Updater, sampler, stage, step: int,

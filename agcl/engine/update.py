@@ -181,7 +181,12 @@ class Updater:
         self.optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.optimised |= {id(p) for _, (u, _) in self.auxiliary.items() for p in u.parameters}
         self.last_stage = last_stage
-        self.networks = list(method.trained_networks())
+        # (qualified name, module, network) of every module the main update trains, named once:
+        # the train-mode check reads them after every step
+        self.trained_modules = [
+            (f"{network.name}.{name}" if name else network.name, module, network.name)
+            for network in method.trained_networks()
+            for name, module in network.module.named_modules()]
         self.at = where
         self.routing_checked: set[int] = set()  # stages whose first backward was checked
 
@@ -218,15 +223,13 @@ class Updater:
     def _check_train_mode(self) -> None:
         """The engine keeps the method in train mode; a trained network's module that a step
         left in eval mode would train with frozen BatchNorm statistics and no dropout."""
-        for network in self.networks:
-            for name, module in network.module.named_modules():
-                if not module.training:
-                    qualified = f"{network.name}.{name}" if name else network.name
-                    raise MethodModeError(
-                        f"{self.at}: {qualified} ({type(module).__name__}) of trained network "
-                        f"{network.name!r} is in eval mode after the step: a method that "
-                        "switches a trained module to eval (e.g. for a no-grad pass) must switch "
-                        "it back to train() before returning")
+        for qualified, module, network in self.trained_modules:
+            if not module.training:
+                raise MethodModeError(
+                    f"{self.at}: {qualified} ({type(module).__name__}) of trained network "
+                    f"{network!r} is in eval mode after the step: a method that switches a "
+                    "trained module to eval (e.g. for a no-grad pass) must switch it back to "
+                    "train() before returning")
 
     def _check_routing(self, method, state) -> None:
         problems = gradient_routing_problems(method, self.optimised,

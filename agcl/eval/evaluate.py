@@ -17,8 +17,8 @@ from agcl.config import ConfigError, Layout, method_eval_config
 from agcl.data.loaders import load_cases, read_split
 from agcl.data.preprocess import load_index
 from agcl.data.specs import SPECS, get_spec
+from agcl.eval.metric_table import DISTANCES
 from agcl.eval.metric_table import METRICS as METRIC_NAMES
-from agcl.eval.metric_table import TABLE
 from agcl.eval.metrics import multiclass_metrics
 from agcl.eval.object_metrics import object_metrics, to_instances
 from agcl.nets import build
@@ -47,7 +47,7 @@ def worst_distance(shape, spacing) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape) * spacing) ** 2)))
 
 
-DISTANCE_METRICS = (*(n for n, m in TABLE.items() if m.distance), "object_hausdorff")
+DISTANCE_METRICS = (*DISTANCES, "object_hausdorff")
 
 
 def aggregated_value(record: dict, metric: str) -> float:

@@ -31,6 +31,7 @@ TABLE: dict[str, Metric] = {m.name: m for m in (
 )}
 METRICS = tuple(TABLE)  # per case and class, in every metrics.json
 COMPARED = tuple(name for name, m in TABLE.items() if m.compared)
+DISTANCES = tuple(name for name, m in TABLE.items() if m.distance)
 LOWER_IS_BETTER = frozenset(name for name, m in TABLE.items() if not m.higher_is_better)
 
 
