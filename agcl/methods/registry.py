@@ -75,7 +75,7 @@ class PluginImportRefused(ImportError):
 _PLUGIN_MODULE_ROOTS = (PLUGIN_PACKAGE, "agcl_baselines", "baselines")
 
 
-def _refuse_plugin_imports(path: Path) -> None:
+def refuse_plugin_imports(path: Path) -> None:
     """A plugin imports from agcl only, never another plugin (its import would work or fail by
     file-name order): refused before the file runs, with the rule."""
     siblings = {p.stem for p in path.parent.glob("*.py")} - {path.stem}
@@ -114,7 +114,7 @@ def _load_plugin_file(path: Path) -> None:
             raise ValueError(f"two plugin files are named {path.name}: {loaded.__file__} and "
                              f"{path} (rename one)")
         return
-    _refuse_plugin_imports(path)
+    refuse_plugin_imports(path)
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look a module up here
