@@ -149,9 +149,11 @@ def _isolated_imports(root: Path, stubs: tuple[str, ...]):
                 del sys.modules[name]
 
 
-def reference_modules(repo: str, *names: str, stubs: tuple[str, ...] = ("tensorboardX",)):
-    """Import ``names`` (dotted, relative to the repository's ``code/``) from the pinned commit."""
-    root = code_tree(repo)
+def reference_modules(repo: str, *names: str, stubs: tuple[str, ...] = ("tensorboardX",),
+                      prefix: str = "code"):
+    """Import ``names`` (dotted, relative to the repository's ``<prefix>/``, ``code/`` in most
+    references) from the pinned commit."""
+    root = code_tree(repo, prefix)
     import torch  # noqa: F401  (loaded before any stub is installed)
 
     with _isolated_imports(root, stubs):
@@ -159,20 +161,37 @@ def reference_modules(repo: str, *names: str, stubs: tuple[str, ...] = ("tensorb
     return modules[0] if len(modules) == 1 else modules
 
 
-def reference_source(repo: str, path: str) -> str:
-    """The text of ``code/<path>`` at the pinned commit (for tests that check a line's value)."""
-    return (code_tree(repo) / path).read_text()
+def reference_source(repo: str, path: str, prefix: str = "code") -> str:
+    """The text of ``<prefix>/<path>`` (a .py file) at the pinned commit (for tests that check a
+    line's value)."""
+    return (code_tree(repo, prefix) / path).read_text()
+
+
+def reference_text(repo: str, path: str) -> str:
+    """Any text file of the pinned commit by its path in the repository (a config .yml, a split
+    list): from the snapshot, else the mirror; skips when neither exists."""
+    commit = PINNED[repo]
+    archive = snapshot(repo)
+    if archive is not None:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = tar.extractfile(path)
+            if member is None:
+                raise FileNotFoundError(f"{archive}: {path} is not a file")
+            return member.read().decode()
+    gdir = git_dir(repo)
+    return subprocess.run(["git", "--git-dir", str(gdir), "show", f"{commit}:{path}"],
+                          capture_output=True, check=True, text=True).stdout
 
 
 def import_script(monkeypatch, repo: str, script: str, *modules: str,
-                  stubs: tuple[str, ...] = ("tensorboardX",)):
+                  stubs: tuple[str, ...] = ("tensorboardX",), prefix: str = "code"):
     """A reference training script imported as a module (argparse at its defaults, so its own
     `args` and helper functions), with the other modules it needs, and `.cuda()` made the
     identity on this CPU machine. Returns the script module, then `modules` in order."""
     import torch
 
     monkeypatch.setattr(sys, "argv", [f"{script}.py"])
-    loaded = reference_modules(repo, script, *modules, stubs=stubs)
+    loaded = reference_modules(repo, script, *modules, stubs=stubs, prefix=prefix)
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self, raising=False)
     return loaded
 
@@ -192,13 +211,14 @@ def import_ssl4mis_2d_script(monkeypatch, script: str):
                          stubs=SSL4MIS_2D_STUBS)
 
 
-def script_lines(repo: str, script: str, first: str, last: str, after: str | None = None) -> str:
+def script_lines(repo: str, script: str, first: str, last: str, after: str | None = None,
+                 prefix: str = "code") -> str:
     """The script's lines from the one starting with `first` to the end of the one holding
     `last` (searched after `after` where given: e.g. inside one function), dedented to run with
     exec() on the same tensors as ours."""
     import textwrap
 
-    text = reference_source(repo, f"{script}.py")
+    text = reference_source(repo, f"{script}.py", prefix)
     offset = text.index(after) if after else 0
     start = text.index(first, offset)
     start = text.rindex("\n", 0, start) + 1  # from the beginning of that line

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from agcl.methods.dice import soft_dice_loss
+from agcl.methods.dice import masked_dice_loss, soft_dice_loss
 from agcl.methods.losses import supervised_loss
 from agcl.methods.registry import get_method
 from agcl.nets import build
@@ -82,3 +82,30 @@ def test_mcnet3d_trilinear_decoder_aligns_corners():
     assert ups and all(m.mode == "trilinear" and m.align_corners is True for m in ups)
     assert any(isinstance(m, nn.ConvTranspose3d) for m in net.decoders[0].modules())
     assert math.isclose(sum(p.numel() for p in build("mcnet3d", 1, 2).parameters()), 15_246_566)
+
+
+def test_the_masked_squared_form_is_unimatchs_dice_over_the_confident_pixels():
+    """UniMatch's DiceLoss(ignore=...) (util/utils.py:27-50): per class over the kept pixels,
+    squared denominator, smooth 1e-5, every class averaged; with nothing ignored it is the
+    unmasked SSL4MIS form."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, generator=gen)
+    target = torch.randint(0, 3, (2, 5, 4), generator=gen)
+    keep = torch.rand(2, 1, 5, 4, generator=gen) < 0.6
+    probs = logits.softmax(1)
+    assert float(masked_dice_loss(probs, target, "squared")) == pytest.approx(
+        float(soft_dice_loss(logits, target, True, "squared")), rel=1e-6)
+    expected = 0.0
+    for c in range(3):
+        p, t = probs[:, c][keep[:, 0]], (target == c).float()[keep[:, 0]]
+        expected += 1 - (2 * float((p * t).sum()) + 1e-5) / (
+            float((p * p).sum()) + float((t * t).sum()) + 1e-5)
+    got = float(masked_dice_loss(probs, target, "squared", keep))
+    assert got == pytest.approx(expected / 3, rel=1e-6)
+    # its smooth is 1e-5, not BCP's 1e-10: one kept pixel of class 0 predicted at p 0.998
+    one = torch.tensor([0.998, 0.001, 0.001]).view(1, 3, 1, 1)
+    absent = 1 - 1e-5 / (1e-6 + 1e-5)  # classes 1 and 2: smooth / (p^2 + smooth)
+    assert float(masked_dice_loss(one, torch.zeros(1, 1, 1, dtype=torch.long), "squared")) == \
+        pytest.approx(2 * absent / 3, rel=1e-3)
+    assert float(masked_dice_loss(one, torch.zeros(1, 1, 1, dtype=torch.long),
+                                  "batch_squared")) > 0.6

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agcl.data.specs import SPECS
 from agcl.data.formats import (
     FormatError,
     acdc_frame_files,
@@ -63,7 +64,8 @@ def test_real_acdc_volume_reads(acdc_volumes_mirror_dir):
         acdc_volumes_mirror_dir / "patient099_frame09.h5", label_values={0, 1, 2, 3}
     )
     assert image.dtype == np.float32 and image.shape == (16, 224, 154)
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    low, high = SPECS["acdc"].intensity_range  # the bounds a photometric augmentation clips to
+    assert low == image.min() and image.max() == high
     assert set(np.unique(label).tolist()) <= {0, 1, 2, 3}
     with pytest.raises(FormatError, match=r"patient099_frame09\.h5.*'label'.*\[2, 3\]"):
         read_h5_volume(acdc_volumes_mirror_dir / "patient099_frame09.h5", label_values={0, 1})

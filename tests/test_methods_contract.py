@@ -57,9 +57,21 @@ def make_batch(dataset: str, seed: int = 1, n_labeled: int = 2, n_unlabeled: int
                  torch.randn(n_unlabeled, spec.in_channels, *patch, generator=gen))
 
 
+def with_extra_unlabeled(method, batch: Batch) -> Batch:
+    """The batch with the method's extra unlabeled batches (UniMatch's CutMix source), as the
+    engine's sampler adds them: other unlabeled images (here the batch's own, rolled and
+    rescaled, so that they move with x_unlabeled)."""
+    wanted = type(method).extra_unlabeled_batches
+    if not wanted or batch.x_unlabeled_extra:
+        return batch
+    x_u = batch.x_unlabeled
+    return Batch(batch.x_labeled, batch.y_labeled, x_u,
+                 [x_u.roll(k + 1, dims=0).flip(-1) * (1.0 - 0.1 * k) for k in range(wanted)])
+
+
 def run_step(method, batch: Batch, step: int, seed: int = 123):
     torch.manual_seed(seed)  # same dropout masks in runs that are compared
-    return method.train_step(batch, step)
+    return method.train_step(with_extra_unlabeled(method, batch), step)
 
 
 def student_gradient(method, batch: Batch, step: int) -> torch.Tensor:

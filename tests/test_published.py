@@ -40,7 +40,8 @@ def test_packaged_csv_loads_and_validates(published):
     # + 4 patch-similarity ablation rows (cosine, class confidence at 5 and 10 %)
     # + issue 18's baselines: 20 Semi-AGCL rows (SASSNet, DTC, URPC on LA/ACDC/CRAG, SS-Net on
     # CRAG), 1 SS-Net release (ACDC 7 labeled), 4 DTC README rows (LA 8 and 16 labeled)
-    assert len(published) == 78
+    # + issue 26's: 2 UniMatch README rows (ACDC 3 and 7 cases)
+    assert len(published) == 80
     similarity = one(published, dataset="acdc", method="semi_agcl_cosine", ratio=0.1)
     assert (similarity["dice"], similarity["jaccard"], similarity["hd95"],
             similarity["asd"]) == (81.07, 70.35, 9.23, 6.77)
@@ -51,6 +52,7 @@ def test_packaged_csv_loads_and_validates(published):
     assert counts["UA-MT paper"] == 1 and counts["Semi-AGCL paper Table (CRAG)"] == 19
     assert counts["DTC README"] == 4 and counts["SS-Net released results"] == 4
     assert counts["BCP paper (arXiv 2305.00673) Table (ACDC)"] == 2
+    assert counts["UniMatch README (more-scenarios/medical)"] == 2
     bcp = one(published, dataset="acdc", method="bcp", ratio=0.05)
     assert (bcp["dice"], bcp["jaccard"], bcp["hd95"], bcp["asd"]) == (87.59, 78.67, 1.90, 0.67)
 
@@ -112,6 +114,12 @@ def test_the_new_baselines_rows(published):
     assert (ss["dice"], ss["jaccard"], ss["hd95"], ss["asd"]) == (86.78, 77.67, 6.07, 1.40)
     sass = one(published, dataset="la", method="sassnet", ratio=0.1, source="DTC README")
     assert (sass["dice"], sass["hd95"]) == (87.32, 9.62)  # README columns reordered: ASD after HD95
+    # UniMatch's README prints Dice only: the other metrics are not published, not zero
+    uni = one(published, dataset="acdc", method="unimatch", ratio=0.1)
+    assert uni["dice"] == 89.90 and "val and test merged" in uni["note"]
+    assert all(math.isnan(uni[m]) for m in ("jaccard", "hd95", "asd"))
+    assert one(dice_jaccard_consistency(published), dataset="acdc", method="unimatch",
+               ratio=0.05)["dice_jaccard_consistent"]
 
 
 def test_dice_jaccard_consistency_bound(published):
@@ -196,6 +204,9 @@ def test_corrupted_csv_names_the_row(tmp_path):
     path = _corrupt(tmp_path, "90.33,82.53", "190.33,82.53")
     with pytest.raises(ValueError, match=r"line 16 \(la/semi_agcl/0.1\): field 'dice'.*'190.33'"):
         load_published(path)
+    path = _corrupt(tmp_path, "acdc,unimatch,0.05,88.90,", "acdc,unimatch,0.05,,")
+    with pytest.raises(ValueError, match=r"\(acdc/unimatch/0.05\): field 'dice'.*got ''"):
+        load_published(path)  # Dice is required; only the others may be left unpublished
     path = _corrupt(tmp_path, "source,note,flag", "source,notes,flag")
     with pytest.raises(ValueError, match=r"missing \['note'\], unknown \['notes'\]"):
         load_published(path)

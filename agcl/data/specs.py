@@ -47,6 +47,10 @@ class DatasetSpec:
     channel_mean: tuple[float, ...] | None = None
     channel_std: tuple[float, ...] | None = None
     spacing_mm: tuple[float, ...] | None = None  # physical voxel size, where the files allow one
+    # The bounds of the processed images where preprocessing gives them (docs/data.md: ACDC's
+    # min-max [0, 1]); None: unbounded (z-scored, stain-normalised). A photometric augmentation
+    # clips to it (agcl.methods.augment's `clamp`), as ColorJitter clips an 8-bit image.
+    intensity_range: tuple[float, float] | None = None
     manifests: tuple[str, ...] = ()  # sha256 manifests of a checksummed download; () for none
     synth_zip: bool = False  # `agcl synth --zip` writes the dataset as its download's zip
 
@@ -67,7 +71,7 @@ SPECS = {
     "acdc": DatasetSpec("acdc", 2, 1, 4, ("RV", "Myo", "LV"), "unet", "slices_2d",
                         source_format="ssl4mis_acdc", layout="slices", label_unit="patient",
                         val_from="upstream_list", display_axis=0,  # ACDC volumes are (S, H, W)
-                        unit_items="frame",
+                        unit_items="frame", intensity_range=(0.0, 1.0),
                         manifests=("ACDC_lists.sha256", "ACDC_volumes.sha256")),
     "crag": DatasetSpec("crag", 2, 3, 2, ("gland",), "unet", "tiled_2d",
                         source_format="crag_png", layout="tiles", label_unit="image",

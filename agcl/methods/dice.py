@@ -5,9 +5,11 @@ Unmasked, per class over the batch and the voxels (soft_dice_loss, from logits):
   squared:  UA-MT losses.dice_loss, SSL4MIS DiceLoss   1 - (2I + 1e-5) / (sum p^2 + sum t^2 + 1e-5)
   linear:   MC-Net 3D Binary_dice_loss                 1 - (2I + 1e-8) / (sum p + sum t + 1e-8)
   mcnet2d:  MC-Net 2D DiceLoss (no factor 2)            1 - I / (sum p^2 + sum t^2 + 1e-10)
-Over a region mask (masked_dice_loss, from probabilities; BCP's two):
-  per_sample_linear: LA mask_DiceLoss, per sample and class, linear denominator, smooth 1e-5
-  batch_squared:     ACDC DiceLoss, per class over the batch, squared denominator, smooth 1e-10
+Over a region mask (masked_dice_loss, from probabilities; BCP's two and UniMatch's):
+  per_sample_linear: BCP LA mask_DiceLoss, per sample and class, linear denominator, smooth 1e-5
+  batch_squared:     BCP ACDC DiceLoss, per class over the batch, squared denominator, smooth 1e-10
+  squared:           UniMatch medical DiceLoss(ignore=...) (util/utils.py:27-50), per class over
+                     the batch, squared denominator, smooth 1e-5 in both (SSL4MIS's, masked)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 UNMASKED_FORMS = ("squared", "linear", "mcnet2d")
-MASKED_FORMS = ("per_sample_linear", "batch_squared")
+MASKED_FORMS = ("per_sample_linear", "batch_squared", "squared")
 DICE_FORMS = UNMASKED_FORMS + MASKED_FORMS
 
 
@@ -62,17 +64,25 @@ def dice_per_sample_linear(probs: torch.Tensor, target: torch.Tensor,
 
 
 def dice_batch_squared(probs: torch.Tensor, target: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """BCP's ACDC DiceLoss: mean over classes of 1 - (2 sum(p t m) + 1e-10) /
-    (sum(p^2 m) + sum(t^2 m) + 1e-10), sums over the whole batch."""
+                       mask: torch.Tensor | None = None, smooth: float = 1e-10) -> torch.Tensor:
+    """BCP's ACDC DiceLoss: mean over classes of 1 - (2 sum(p t m) + smooth) /
+    (sum(p^2 m) + sum(t^2 m) + smooth), sums over the whole batch (smooth 1e-10; UniMatch's
+    masked DiceLoss is the same with 1e-5)."""
     onehot, weight = _onehot_and_weight(probs, target, mask)
     dims = (0, *range(2, probs.ndim))
     inter = (probs * onehot * weight).sum(dims)
     denominator = (probs * probs * weight).sum(dims) + (onehot * weight).sum(dims)
-    return (1.0 - (2 * inter + 1e-10) / (denominator + 1e-10)).mean()
+    return (1.0 - (2 * inter + smooth) / (denominator + smooth)).mean()
 
 
-_MASKED = {"per_sample_linear": dice_per_sample_linear, "batch_squared": dice_batch_squared}
+def dice_squared(probs: torch.Tensor, target: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """UniMatch's DiceLoss with `ignore` (the voxels where mask is 0): smooth 1e-5."""
+    return dice_batch_squared(probs, target, mask, smooth=1e-5)
+
+
+_MASKED = {"per_sample_linear": dice_per_sample_linear, "batch_squared": dice_batch_squared,
+           "squared": dice_squared}
 
 
 def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, form: str,

@@ -1,7 +1,8 @@
 """Published numbers (Semi-AGCL tables, reference releases) and their comparison with ours.
 
 published.csv holds the numbers as printed: Dice/Jaccard in %, HD95/ASD in voxels (medpy without
-spacing, as upstream). Rows the paper contradicts elsewhere carry a `flag`; both versions are kept
+spacing, as upstream). Dice is required; a metric the source does not print (UniMatch's README
+prints Dice only) is left empty and reads as nan, never as a number. Rows the paper contradicts elsewhere carry a `flag`; both versions are kept
 where the paper prints two. Label counts of the releases map to ratios as LA 4/8/16 scans ->
 0.05/0.1/0.2 and ACDC 3/7 patients -> 0.05/0.1 (the `note` says which).
 """
@@ -32,8 +33,11 @@ _METHOD_NAME = re.compile(r"[a-z][a-z0-9_]*")
 PRINT_TOLERANCE = 0.005
 
 
-def _number(row: pd.Series, field: str, low: float, high: float, what: str, where: str) -> float:
+def _number(row: pd.Series, field: str, low: float, high: float, what: str, where: str,
+            optional: bool = False) -> float:
     text = row[field]
+    if optional and not text.strip():
+        return math.nan  # not published by this source
     try:
         value = float(text)
     except ValueError:
@@ -63,9 +67,13 @@ def validate_published(raw: pd.DataFrame, name: str = PACKAGED_NAME) -> pd.DataF
         record = {"dataset": row["dataset"], "method": row["method"],
                   "ratio": _number(row, "ratio", 1e-9, 1.0, "a label ratio in (0, 1]", where)}
         for field in PERCENT_METRICS:
-            record[field] = _number(row, field, 0.0, 100.0, "a value in % within [0, 100]", where)
+            record[field] = _number(row, field, 0.0, 100.0, "a value in % within [0, 100]"
+                                    + ("" if field == "dice" else " (or empty: not published)"),
+                                    where, optional=field != "dice")
         for field in DISTANCE_METRICS:
-            record[field] = _number(row, field, 0.0, math.inf, "a finite distance >= 0", where)
+            record[field] = _number(row, field, 0.0, math.inf,
+                                    "a finite distance >= 0 (or empty: not published)", where,
+                                    optional=True)
         record.update(source=row["source"], note=row["note"], flag=row["flag"])
         records.append(record)
     table = pd.DataFrame(records, columns=COLUMNS)
@@ -100,9 +108,10 @@ def dice_jaccard_consistency(published: pd.DataFrame) -> pd.DataFrame:
     dice = (out["dice"] - PRINT_TOLERANCE) / 100
     out["jaccard_min"] = 100 * dice / (2 - dice)
     jaccard_high = out["jaccard"] + PRINT_TOLERANCE
-    out["dice_jaccard_consistent"] = ((jaccard_high >= out["jaccard_min"])
-                                      & (out["jaccard"] - PRINT_TOLERANCE
-                                         <= out["dice"] + PRINT_TOLERANCE))
+    out["dice_jaccard_consistent"] = (out["jaccard"].isna()  # no Jaccard printed: nothing to test
+                                      | ((jaccard_high >= out["jaccard_min"])
+                                         & (out["jaccard"] - PRINT_TOLERANCE
+                                            <= out["dice"] + PRINT_TOLERANCE)))
     return out
 
 
