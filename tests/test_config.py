@@ -29,11 +29,11 @@ def test_paper_grid_size():
     paper = load_config(PAPER)
     seeds = len(paper["seeds"])
     full = 1 if "supervised" in paper["methods"] else 0
-    # dtc and sassnet (3D only) train on LA alone, cps and unimatch (2D only) on ACDC and CRAG:
-    # 3 x 12 methods - 2 x 2 - 2 skipped = 30 pairs
+    # dtc and sassnet (3D only) train on LA alone, cps, unimatch and abd (2D only) on ACDC and
+    # CRAG: 3 x 13 methods - 2 x 2 - 3 skipped = 32 pairs
     pairs = sum(len(set(paper["methods"]) - set(d["skip_methods"]))
                 for d in paper["datasets"].values())
-    assert pairs == 30
+    assert pairs == 32
     assert len(expected_runs(paper)) == seeds * (pairs * 2 + len(paper["datasets"]) * full)
     assert ("la", "supervised", "1", 0) in expected_runs(paper)
 

@@ -109,3 +109,23 @@ def test_the_masked_squared_form_is_unimatchs_dice_over_the_confident_pixels():
         pytest.approx(2 * absent / 3, rel=1e-3)
     assert float(masked_dice_loss(one, torch.zeros(1, 1, 1, dtype=torch.long),
                                   "batch_squared")) > 0.6
+
+
+def test_abds_masked_form_scores_the_background_over_the_whole_image():
+    """ABD's DiceLoss(mask=...) (code/utils/losses.py:169-196): classes >= 1 over the mask, the
+    background over every pixel (its mask encoder's mask * 0 == 0 holds everywhere)."""
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.randn(2, 3, 6, 5, generator=gen).softmax(1)
+    target = torch.randint(0, 3, (2, 6, 5), generator=gen)
+    keep = (torch.rand(2, 1, 6, 5, generator=gen) < 0.5).float()
+    weight = keep.repeat(1, 3, 1, 1)
+    weight[:, 0] = 1.0
+    onehot = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
+    expected = sum(
+        1 - (2 * float((probs[:, c] * onehot[:, c] * weight[:, c]).sum()) + 1e-10)
+        / (float((probs[:, c] ** 2 * weight[:, c]).sum() + (onehot[:, c] * weight[:, c]).sum())
+           + 1e-10) for c in range(3)) / 3
+    got = float(masked_dice_loss(probs, target, "batch_squared_bg_whole", keep))
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got != pytest.approx(float(masked_dice_loss(probs, target, "batch_squared", keep)),
+                                rel=1e-3)  # BCP's masks the background too

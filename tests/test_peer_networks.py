@@ -256,3 +256,39 @@ def test_a_unimatch_style_plugin_trains_on_the_documented_interfaces_only(tiny_p
     log = pd.read_csv(run / "train_log.csv")
     assert {"loss_sup", "loss_s", "loss_fp", "mask"} <= set(log.columns)
     assert log["loss"].notna().all()
+
+
+def test_a_network_takes_its_optimiser_state_from_another_when_a_stage_keeps_it(tiny_project,
+                                                                                monkeypatch):
+    """TrainedNetwork.optimizer_state_from through `agcl train`: ABD's peer, at the start of the
+    main stage (which keeps the pre-training's optimiser state), holds a copy of the student's
+    momentum, as the script's load_net_opt(model_2, optimizer2, ...) gives it."""
+    import yaml
+
+    from agcl.engine import trainer
+
+    config = yaml.safe_load(tiny_project.read_text())
+    config["datasets"]["acdc"]["hparams"] = {"abd": {"pretrain_iterations": 2,
+                                                     "displacement_grid": 4}}
+    tiny_project.write_text(yaml.safe_dump(config))
+    seen = []
+
+    def handing_on(method, optimizer):
+        before = [id(optimizer.state.get(p, {}).get("momentum_buffer"))
+                  for p in method.peer.parameters()]
+        started = trainer_hand_on(method, optimizer)
+        pairs = zip(method.peer.parameters(), method.student.parameters(), strict=True)
+        seen.append((started, before, [
+            torch.equal(optimizer.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"])
+            for p, q in pairs]))
+        return started
+
+    trainer_hand_on = trainer.hand_on_optimizer_state
+    monkeypatch.setattr(trainer, "hand_on_optimizer_state", handing_on)
+    prepare(tiny_project, "acdc")
+    run = tiny_project.parent.parent / "run"
+    assert main(["train", "acdc", "--config", str(tiny_project), "--method", "abd", "--labels",
+                 "0.2", "--seed", "0", "--out", str(run), "--no-progress"]) == 0
+    (started, before, equal), = seen  # once: at the main stage's start
+    assert started == ["peer"] and all(equal)
+    assert set(before) == {id(None)}  # the peer trained nothing in pre-training

@@ -38,6 +38,34 @@ def main_param_groups(method, train_cfg: dict) -> list[dict]:
     return ([{"params": shared}] if shared else []) + own
 
 
+def hand_on_optimizer_state(method, optimizer: torch.optim.Optimizer) -> list[str]:
+    """At the start of a stage that keeps the optimiser's state: every trained network that
+    names `optimizer_state_from` gets a copy of that network's per-parameter state (parameters
+    paired in order; the two must have the same shapes). Returns the networks so started."""
+    networks = {network.name: network for network in method.trained_networks()}
+    started = []
+    for network in networks.values():
+        source_name = network.optimizer_state_from
+        if source_name is None:
+            continue
+        source = networks.get(source_name)
+        if source is None:
+            raise ValueError(f"{method.name}: trained network {network.name!r} takes its optimiser "
+                             f"state from {source_name!r}, which is not a trained network "
+                             f"(declared: {', '.join(networks)})")
+        pairs = list(zip(network.module.parameters(), source.module.parameters(), strict=True))
+        for target, origin in pairs:
+            if target.shape != origin.shape:
+                raise ValueError(f"{method.name}: {network.name!r} and {source_name!r} differ in "
+                                 "shape; optimizer_state_from needs two nets of one kind")
+            optimizer.state.pop(target, None)
+            if origin in optimizer.state:
+                optimizer.state[target] = {key: value.clone() if torch.is_tensor(value) else value
+                                           for key, value in optimizer.state[origin].items()}
+        started.append(network.name)
+    return started
+
+
 def main_optimizer(method, train_cfg: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(main_param_groups(method, train_cfg), lr=train_cfg["lr"],
                            momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"])

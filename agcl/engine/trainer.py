@@ -25,6 +25,7 @@ from agcl.config.run import describe_run
 from agcl.engine import checkpoint
 from agcl.engine.logs import RunLog
 from agcl.engine.method_errors import method_code
+from agcl.engine.optimizers import hand_on_optimizer_state
 from agcl.engine.prepare import PreparedRun, prepare
 from agcl.engine.state import TrainingState
 from agcl.engine.update import Updater
@@ -266,9 +267,11 @@ class Trainer:
         if not self.description.stages[state.stage].keep_optimizer_state:
             for optimizer in optimizers:
                 optimizer.state.clear()
-        elif saved is not None:  # the momentum of the selected weights, not of the last step
-            parts.optimizer.load_state_dict(saved["optimizer"])
-            checkpoint.load_auxiliary_states(parts.auxiliary, saved)
+        else:
+            if saved is not None:  # the momentum of the selected weights, not of the last step
+                parts.optimizer.load_state_dict(saved["optimizer"])
+                checkpoint.load_auxiliary_states(parts.auxiliary, saved)
+            hand_on_optimizer_state(method, parts.optimizer)
         state.best_val, state.best_step = -math.inf, None
         with method_code(method, self._where(state), "start_stage"):
             method.start_stage(self.description.stages[state.stage].name, fresh=True)

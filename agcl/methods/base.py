@@ -112,6 +112,11 @@ class TrainedNetwork:
     # Also validated at every validation (train_log.csv column val_dice_<name>), for watching a
     # peer; checkpoint selection stays on inference_net(). Needs a segmentation net's forward.
     validate: bool = False
+    # The name of another trained network whose optimiser state (SGD momentum) this one takes
+    # when a stage that keeps the optimiser's state starts (Stage.keep_optimizer_state): ABD's
+    # second net loads the pre-training's optimiser as its first does (load_net_opt on both).
+    # The method copies the weights themselves in start_stage; None: its own state.
+    optimizer_state_from: str | None = None
 
     @property
     def own_settings(self) -> bool:

@@ -10,6 +10,9 @@ Over a region mask (masked_dice_loss, from probabilities; BCP's two and UniMatch
   batch_squared:     BCP ACDC DiceLoss, per class over the batch, squared denominator, smooth 1e-10
   squared:           UniMatch medical DiceLoss(ignore=...) (util/utils.py:27-50), per class over
                      the batch, squared denominator, smooth 1e-5 in both (SSL4MIS's, masked)
+  batch_squared_bg_whole: ABD's DiceLoss with a mask (code/utils/losses.py:169-175, 187-196):
+                     batch_squared, but the background class over the whole image, since its
+                     mask encoder (mask * i == i) holds everywhere for i = 0
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 UNMASKED_FORMS = ("squared", "linear", "mcnet2d")
-MASKED_FORMS = ("per_sample_linear", "batch_squared", "squared")
+MASKED_FORMS = ("per_sample_linear", "batch_squared", "squared", "batch_squared_bg_whole")
 DICE_FORMS = UNMASKED_FORMS + MASKED_FORMS
 
 
@@ -81,8 +84,22 @@ def dice_squared(probs: torch.Tensor, target: torch.Tensor,
     return dice_batch_squared(probs, target, mask, smooth=1e-5)
 
 
+def dice_batch_squared_bg_whole(probs: torch.Tensor, target: torch.Tensor,
+                                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ABD's masked DiceLoss: BCP's batch_squared form, the background class unmasked."""
+    if mask is None:
+        return dice_batch_squared(probs, target)
+    weight = mask.to(probs.dtype).expand(-1, probs.shape[1], *mask.shape[2:]).clone()
+    weight[:, 0] = 1.0
+    onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0, *range(2, probs.ndim))
+    inter = (probs * onehot * weight).sum(dims)
+    denominator = (probs * probs * weight).sum(dims) + (onehot * weight).sum(dims)
+    return (1.0 - (2 * inter + 1e-10) / (denominator + 1e-10)).mean()
+
+
 _MASKED = {"per_sample_linear": dice_per_sample_linear, "batch_squared": dice_batch_squared,
-           "squared": dice_squared}
+           "squared": dice_squared, "batch_squared_bg_whole": dice_batch_squared_bg_whole}
 
 
 def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, form: str,
