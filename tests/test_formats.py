@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agcl.data.specs import SPECS
 from agcl.data.formats import (
     FormatError,
     acdc_frame_files,
@@ -17,6 +16,7 @@ from agcl.data.formats import (
     read_h5_volume,
     read_list,
 )
+from agcl.data.specs import SPECS
 
 # --- real upstream files (subset mirror) -------------------------------------------------------
 
