@@ -1,7 +1,8 @@
 # Two entry points for a fresh Linux machine with Python 3.11 (no conda needed):
 #   make demo   set up .venv and run the whole Snakemake DAG on the CPU demo config
 #   make test   set up .venv and run the test suite
-#   make demo-baselines   the SS-Net, DTC, URPC, SASSNet, CPS and UniMatch baselines on the demo's data
+#   make demo-baselines   the SS-Net, DTC, URPC, SASSNet, CPS, UniMatch, ABD and AD-MT baselines on the
+#                         demo's data
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 CORES ?= 2

@@ -30,10 +30,10 @@ def test_paper_grid_size():
     seeds = len(paper["seeds"])
     full = 1 if "supervised" in paper["methods"] else 0
     # dtc and sassnet (3D only) train on LA alone, cps, unimatch and abd (2D only) on ACDC and
-    # CRAG: 3 x 13 methods - 2 x 2 - 3 skipped = 32 pairs
+    # CRAG: 3 x 14 methods - 2 x 2 - 3 skipped = 35 pairs
     pairs = sum(len(set(paper["methods"]) - set(d["skip_methods"]))
                 for d in paper["datasets"].values())
-    assert pairs == 32
+    assert pairs == 35
     assert len(expected_runs(paper)) == seeds * (pairs * 2 + len(paper["datasets"]) * full)
     assert ("la", "supervised", "1", 0) in expected_runs(paper)
 
@@ -265,8 +265,8 @@ def test_an_eval_stride_wider_than_the_window_is_refused():
 
 
 def test_eval_by_method_scores_each_method_as_its_test_script():
-    """reference.yaml: on LA, SS-Net's, DTC's and BCP's test scripts keep the largest connected
-    component (--nms 1 by default), UA-MT's, MC-Net's and SASSNet's do not; a twin and a variant
+    """reference.yaml: on LA, SS-Net's, DTC's, BCP's and AD-MT's test scripts keep the largest
+    connected component (--nms 1 by default), UA-MT's, MC-Net's and SASSNet's do not; a twin and a variant
     take their method's entry; an unknown name is refused."""
     from agcl.config import method_eval_config
     from agcl.config.checks import check_config
@@ -274,7 +274,7 @@ def test_eval_by_method_scores_each_method_as_its_test_script():
     reference = load_config(REPO_ROOT / "config" / "reference.yaml")
     keeps = {m for m in reference["methods"]
              if method_eval_config(reference, "la", m)["largest_component"]}
-    assert keeps == {"ss_net", "dtc", "bcp"}
+    assert keeps == {"ss_net", "dtc", "bcp", "ad_mt"}
     assert not any(method_eval_config(reference, "acdc", m)["largest_component"]
                    for m in reference["methods"])
     reference["noise_floor"] = {"methods": ["bcp"]}

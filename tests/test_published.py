@@ -40,8 +40,8 @@ def test_packaged_csv_loads_and_validates(published):
     # + 4 patch-similarity ablation rows (cosine, class confidence at 5 and 10 %)
     # + issue 18's baselines: 20 Semi-AGCL rows (SASSNet, DTC, URPC on LA/ACDC/CRAG, SS-Net on
     # CRAG), 1 SS-Net release (ACDC 7 labeled), 4 DTC README rows (LA 8 and 16 labeled)
-    # + issue 26's: 2 UniMatch README rows (ACDC 3 and 7 cases)
-    assert len(published) == 80
+    # + issue 26's: 2 UniMatch README rows (ACDC 3 and 7 cases), 4 AD-MT training-log rows
+    assert len(published) == 84
     similarity = one(published, dataset="acdc", method="semi_agcl_cosine", ratio=0.1)
     assert (similarity["dice"], similarity["jaccard"], similarity["hd95"],
             similarity["asd"]) == (81.07, 70.35, 9.23, 6.77)
@@ -53,6 +53,8 @@ def test_packaged_csv_loads_and_validates(published):
     assert counts["DTC README"] == 4 and counts["SS-Net released results"] == 4
     assert counts["BCP paper (arXiv 2305.00673) Table (ACDC)"] == 2
     assert counts["UniMatch README (more-scenarios/medical)"] == 2
+    admt = one(published, dataset="acdc", method="ad_mt", ratio=0.05)
+    assert (admt["dice"], admt["jaccard"], admt["hd95"], admt["asd"]) == (88.85, 80.53, 2.40, 0.72)
     bcp = one(published, dataset="acdc", method="bcp", ratio=0.05)
     assert (bcp["dice"], bcp["jaccard"], bcp["hd95"], bcp["asd"]) == (87.59, 78.67, 1.90, 0.67)
 

@@ -217,9 +217,9 @@ def test_label_efficiency_overlay_plans_five_ratios(tmp_path):
     assert out.returncode == 0, text
     config = load_config(*files)
     train_jobs = [line for line in text.splitlines() if "agcl train " in line]
-    # (LA 10 of the 13 methods, ACDC and CRAG 11: dtc and sassnet are 3D only, cps, unimatch and
+    # (LA 11 of the 14 methods, ACDC and CRAG 12: dtc and sassnet are 3D only, cps, unimatch and
     # abd 2D only) x 5 ratios, + the 100 % supervised bound on each dataset, x 3 seeds
-    assert len(train_jobs) == len(expected_runs(config)) == ((10 + 11 + 11) * 5 + 3) * 3
+    assert len(train_jobs) == len(expected_runs(config)) == ((11 + 12 + 12) * 5 + 3) * 3
     assert {line.split("--labels ")[1].split()[0] for line in train_jobs} == {
         "0.01", "0.03", "0.05", "0.1", "0.2", "1"}
     assert all("results/label_efficiency/runs/" in line for line in train_jobs)
