@@ -176,12 +176,7 @@ class AdaptiveBidirectionalDisplacement(CopyPasteTeacher):
     def train_step(self, batch: Batch, step: int):
         if self.stage == PRETRAIN:
             return self.pretrain_step(batch)
-        x_u = batch.x_unlabeled
-        if x_u is None or x_u.shape[0] != batch.x_labeled.shape[0] or x_u.shape[0] < 2:
-            got = 0 if x_u is None else x_u.shape[0]
-            raise ValueError(f"{self.name} mixes labeled and unlabeled halves: the batch needs as "
-                             f"many unlabeled as labeled images, at least 2 each, got "
-                             f"{batch.x_labeled.shape[0]} labeled and {got} unlabeled")
+        x_u = self.paired_unlabeled(batch)
         g = self.streams.torch("abd_strong", x_u.device)
         xl_s, yl_s = self.strong_views(batch.x_labeled, batch.y_labeled, g)
         xu_s, _ = self.strong_views(x_u, None, g)

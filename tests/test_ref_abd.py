@@ -32,7 +32,7 @@ from tests.reference_code import (
     reference_source,
     script_lines,
 )
-from tests.test_ref_ss_net import reference_key
+from tests.test_ref_ss_net import unet_renamer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,11 +51,6 @@ def script(monkeypatch):
 def loop_body() -> str:
     return script_lines(REPO, SCRIPT, "volume_batch, label_batch = sampled_batch['image']",
                         "update_model_ema(model_1, ema_model, 0.99)", after="def self_train(")
-
-
-def renamer(our_names):
-    theirs = {reference_key(f"student.{name}", 2): name for name in our_names}
-    return lambda state: {theirs[key]: value for key, value in state.items() if key in theirs}
 
 
 def views(gen: torch.Generator) -> dict:
@@ -86,7 +81,7 @@ def test_two_self_training_steps_equal_the_scripts_loop(script, monkeypatch):
     hparams = cls.hparams_for("acdc", {"displacement_grid": args.h_size})
     method = cls(SPECS["acdc"], hparams, {}, args.max_iterations)
     method.start_stage("main", fresh=True)
-    rename = renamer(list(method.student.state_dict()))
+    rename = unet_renamer(list(method.student.state_dict()))
     method.student.load_state_dict(rename(model_1.state_dict()))
     method.peer.load_state_dict(rename(model_2.state_dict()))
     method.teacher.load_state_dict(rename(ema_model.state_dict()))

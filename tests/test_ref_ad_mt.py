@@ -49,7 +49,7 @@ from tests.reference_code import (
     reference_text,
     script_lines,
 )
-from tests.test_ref_ss_net import reference_key
+from tests.test_ref_ss_net import unet_renamer
 from tests.test_ref_ua_mt import ours_named as vnet_ours_named
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,8 +93,7 @@ def loaded(monkeypatch, request):
 def renamer(dataset: str, our_names):
     if dataset == "la":
         return vnet_ours_named
-    theirs = {reference_key(f"student.{name}", 2): name for name in our_names}
-    return lambda state: {theirs[key]: value for key, value in state.items() if key in theirs}
+    return unet_renamer(our_names)
 
 
 def reference_net(dataset: str, nets, classes: int):

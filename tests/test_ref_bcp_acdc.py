@@ -33,7 +33,7 @@ from tests.reference_code import (
     script_lines,
 )
 from tests.test_ref_bcp import Corners
-from tests.test_ref_ss_net import reference_key
+from tests.test_ref_ss_net import unet_renamer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,11 +53,6 @@ def script(monkeypatch):
 def loop_body(stage: str, last: str) -> str:
     return script_lines(REPO, SCRIPT, "volume_batch, label_batch = sampled_batch['image']",
                         last, after=f"def {stage}(")
-
-
-def renamer(our_names):
-    theirs = {reference_key(f"student.{name}", 2): name for name in our_names}
-    return lambda state: {theirs[key]: value for key, value in state.items() if key in theirs}
 
 
 def same_box_draws(monkeypatch, module, method, corners: Corners) -> None:
@@ -92,7 +87,7 @@ def test_two_steps_of_each_stage_equal_the_scripts_loop(script, monkeypatch, sta
     method = cls(SPECS["acdc"], cls.hparams_for("acdc", {}), {}, args.max_iterations)
     main = stage == "self_train"
     method.start_stage("main" if main else "pretrain", fresh=True)
-    rename = renamer(list(method.student.state_dict()))
+    rename = unet_renamer(list(method.student.state_dict()))
     method.student.load_state_dict(rename(model.state_dict()))
     method.teacher.load_state_dict(rename(ema_model.state_dict()))
     model.train(), ema_model.train(), method.train()

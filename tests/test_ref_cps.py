@@ -28,18 +28,13 @@ from tests.reference_code import (
     reference_source,
     script_lines,
 )
-from tests.test_ref_ss_net import reference_key
+from tests.test_ref_ss_net import unet_renamer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO, SCRIPT = "HiLab-git/SSL4MIS", "train_cross_pseudo_supervision_2D"
 SIZE, NUM_CLASSES = (64, 64), 4  # ACDC's classes, slices small enough for CPU
 CLOSE = {"rtol": 1e-5, "atol": 1e-7}
-
-
-def renamer(our_names):
-    theirs = {reference_key(f"student.{name}", 2): name for name in our_names}
-    return lambda state: {theirs[key]: value for key, value in state.items() if key in theirs}
 
 
 @pytest.fixture
@@ -62,7 +57,7 @@ def test_two_steps_equal_the_scripts_loop(script, iter_num):
     model2 = unet.UNet(in_chns=1, class_num=NUM_CLASSES)
     cls = get_method("cps")
     method = cls(SPECS["acdc"], cls.hparams_for("acdc", {}), {}, args.max_iterations)
-    rename = renamer(list(method.student.state_dict()))
+    rename = unet_renamer(list(method.student.state_dict()))
     method.student.load_state_dict(rename(model1.state_dict()))
     method.peer.load_state_dict(rename(model2.state_dict()))
     model1.train(), model2.train(), method.train()

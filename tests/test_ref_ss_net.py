@@ -91,6 +91,13 @@ def reference_key(key: str, dims: int) -> str:
     raise KeyError(key)
 
 
+def unet_renamer(our_names):
+    """A state dict of the SSL4MIS-style 2D U-Net (SSL4MIS, UniMatch, BCP's and ABD's UNet_2d) ->
+    our net's names (their extra heads, which our net lacks, dropped)."""
+    theirs = {reference_key(f"student.{name}", 2): name for name in our_names}
+    return lambda state: {theirs[key]: value for key, value in state.items() if key in theirs}
+
+
 class Ours(nn.Module):
     """Student and heads under the names the method gives them."""
 

@@ -37,7 +37,7 @@ from tests.reference_code import (
     reference_source,
     script_lines,
 )
-from tests.test_ref_ss_net import reference_key
+from tests.test_ref_ss_net import unet_renamer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,12 +45,6 @@ REPO, SCRIPT = "HiLab-git/SSL4MIS", "train_uncertainty_aware_mean_teacher_2D"
 SIZE, NUM_CLASSES, LABELED_BS = (64, 64), 4, 2  # ACDC's classes; 2 + 2 slices small for CPU
 CLOSE = {"rtol": 1e-5, "atol": 1e-7}
 _RANDN = torch.randn  # before any patch
-
-
-def renamer(our_names):
-    """SSL4MIS UNet names -> ours (the SS-Net test's map, whose UNet is SSL4MIS's)."""
-    theirs = {reference_key(f"student.{name}", 2): name for name in our_names}
-    return lambda state: {theirs[key]: value for key, value in state.items() if key in theirs}
 
 
 @pytest.fixture
@@ -104,7 +98,7 @@ def test_one_step_equals_the_scripts_loop(script, monkeypatch, iter_num):
     cls = get_method("ua_mt")
     hparams = cls.hparams_for("acdc", {"passes_per_forward": 2})  # the script's 2 per forward
     method = cls(SPECS["acdc"], hparams, {}, args.max_iterations)
-    rename = renamer(list(method.student.state_dict()))
+    rename = unet_renamer(list(method.student.state_dict()))
     method.student.load_state_dict(rename(model.state_dict()))
     method.teacher.load_state_dict(rename(ema_model.state_dict()))
     model.train(), ema_model.train(), method.train()  # script:129 (the EMA net never leaves it)

@@ -32,7 +32,7 @@ from tests.reference_code import (
     reference_text,
     script_lines,
 )
-from tests.test_ref_ss_net import reference_key
+from tests.test_ref_ss_net import unet_renamer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,11 +53,6 @@ def script(monkeypatch):
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
     return import_script(monkeypatch, REPO, SCRIPT, "model.unet", "util.utils", stubs=STUBS,
                          prefix=PREFIX)
-
-
-def renamer(our_names):
-    theirs = {reference_key(f"student.{name}", 2): name for name in our_names}
-    return lambda state: {theirs[key]: value for key, value in state.items() if key in theirs}
 
 
 def loop_body() -> str:
@@ -91,7 +86,7 @@ def test_two_steps_equal_the_scripts_loop(script, conf_thresh):
     cls = get_method("unimatch")
     hparams = cls.hparams_for("acdc", {"conf_thresh": config["conf_thresh"]})
     method = cls(SPECS["acdc"], hparams, {}, total)
-    rename = renamer(list(method.student.state_dict()))
+    rename = unet_renamer(list(method.student.state_dict()))
     method.student.load_state_dict(rename(model.state_dict()))
     model.train(), method.train()
     optimizer = torch.optim.SGD(model.parameters(), config["lr"], momentum=0.9,

@@ -211,13 +211,19 @@ class CopyPasteTeacher(Method):
         sizes = [x.shape[0] for x in inputs]
         return list(zip(logits.split(sizes), feats.split(sizes)))
 
-    def mixed_pairs(self, batch: Batch) -> list[MixedPair]:
+    def paired_unlabeled(self, batch: Batch) -> torch.Tensor:
+        """The batch's unlabeled images, as many as labeled ones and at least 2 (two halves to
+        mix with the labeled halves), or a clear error."""
         x_u = batch.x_unlabeled
         if x_u is None or x_u.shape[0] != batch.x_labeled.shape[0] or x_u.shape[0] < 2:
             got = 0 if x_u is None else x_u.shape[0]
             raise ValueError(f"{self.name} mixes labeled and unlabeled halves: the batch needs as "
                              f"many unlabeled as labeled images, at least 2 each, got "
                              f"{batch.x_labeled.shape[0]} labeled and {got} unlabeled")
+        return x_u
+
+    def mixed_pairs(self, batch: Batch) -> list[MixedPair]:
+        x_u = self.paired_unlabeled(batch)
         xl, yl, xu = (self._halves(t) for t in (batch.x_labeled, batch.y_labeled, x_u))
         with torch.no_grad():
             teacher_out = self._forward(self.teacher, list(xu))

@@ -72,6 +72,10 @@ def dice_batch_squared(probs: torch.Tensor, target: torch.Tensor,
     (sum(p^2 m) + sum(t^2 m) + smooth), sums over the whole batch (smooth 1e-10; UniMatch's
     masked DiceLoss is the same with 1e-5)."""
     onehot, weight = _onehot_and_weight(probs, target, mask)
+    return _batch_squared(probs, onehot, weight, smooth)
+
+
+def _batch_squared(probs, onehot, weight, smooth: float) -> torch.Tensor:
     dims = (0, *range(2, probs.ndim))
     inter = (probs * onehot * weight).sum(dims)
     denominator = (probs * probs * weight).sum(dims) + (onehot * weight).sum(dims)
@@ -87,15 +91,10 @@ def dice_squared(probs: torch.Tensor, target: torch.Tensor,
 def dice_batch_squared_bg_whole(probs: torch.Tensor, target: torch.Tensor,
                                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """ABD's masked DiceLoss: BCP's batch_squared form, the background class unmasked."""
-    if mask is None:
-        return dice_batch_squared(probs, target)
-    weight = mask.to(probs.dtype).expand(-1, probs.shape[1], *mask.shape[2:]).clone()
+    onehot, weight = _onehot_and_weight(probs, target, mask)
+    weight = weight.expand_as(probs).clone()
     weight[:, 0] = 1.0
-    onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
-    dims = (0, *range(2, probs.ndim))
-    inter = (probs * onehot * weight).sum(dims)
-    denominator = (probs * probs * weight).sum(dims) + (onehot * weight).sum(dims)
-    return (1.0 - (2 * inter + 1e-10) / (denominator + 1e-10)).mean()
+    return _batch_squared(probs, onehot, weight, 1e-10)
 
 
 _MASKED = {"per_sample_linear": dice_per_sample_linear, "batch_squared": dice_batch_squared,

@@ -2,8 +2,8 @@
 
 published.csv holds the numbers as printed: Dice/Jaccard in %, HD95/ASD in voxels (medpy without
 spacing, as upstream). Dice is required; a metric the source does not print (UniMatch's README
-prints Dice only) is left empty and reads as nan, never as a number. Rows the paper contradicts elsewhere carry a `flag`; both versions are kept
-where the paper prints two. Label counts of the releases map to ratios as LA 4/8/16 scans ->
+prints Dice only) is left empty and reads as nan, never as a number. Rows the paper contradicts
+elsewhere carry a `flag`; both versions are kept where the paper prints two. Label counts of the releases map to ratios as LA 4/8/16 scans ->
 0.05/0.1/0.2 and ACDC 3/7 patients -> 0.05/0.1 (the `note` says which).
 """
 
