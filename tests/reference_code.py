@@ -264,3 +264,52 @@ def assert_same_update(method, loss, rename, student_ref, teacher_ref=None, *, l
         pairs.append((method.teacher, teacher_ref, "teacher"))
     for ours, theirs, what in pairs:
         assert_close_by_name(ours.state_dict(), rename(theirs.state_dict()), what)
+
+
+class SameNormals:
+    """The same standard normals, in call order, for the reference script's torch.randn_like
+    (`randn_like`, its "theirs" side) and our side's torch.randn (`randn`) or a tensor-shaped
+    draw (`next("ours", shape, dtype)`): each side gets the k-th draw of one generator, and
+    `served` counts the draws each side took (a test asserts they are alike)."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self._randn = torch.randn  # before a test patches torch.randn
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drawn: list = []
+        self.served = {"theirs": 0, "ours": 0}
+
+    def next(self, who: str, shape, dtype):
+        import torch
+
+        index = self.served[who]
+        self.served[who] += 1
+        if index == len(self.drawn):
+            self.drawn.append(self._randn(tuple(shape), generator=self.generator, dtype=dtype))
+        assert self.drawn[index].shape == torch.Size(shape), (who, index)
+        return self.drawn[index].clone()
+
+    def randn_like(self, x, *_args, **kwargs):
+        return self.next("theirs", x.shape, kwargs.get("dtype") or x.dtype)
+
+    def randn(self, *size, **kwargs):
+        import torch
+
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        return self.next("ours", shape, kwargs.get("dtype") or torch.get_default_dtype())
+
+
+def teacher_in_pieces(teacher, student, out_conv, scale: float = 30.0) -> None:
+    """Make a reference EMA teacher whose argmax holds every class in many pieces (so that
+    pseudo-labels and their largest-component step matter): the student's weights plus a little
+    noise (torch's global generator), the output convolution's weight scaled, and every
+    parameter detached as the scripts build their EMA nets."""
+    import torch
+
+    with torch.no_grad():
+        for p, q in zip(teacher.parameters(), student.parameters()):
+            p.copy_(q + 0.05 * torch.randn_like(q))
+        out_conv.weight.mul_(scale)
+    for param in teacher.parameters():
+        param.detach_()

@@ -31,6 +31,7 @@ from tests.reference_code import (
     import_script,
     reference_source,
     script_lines,
+    teacher_in_pieces,
 )
 from tests.test_ref_ss_net import unet_renamer
 
@@ -71,12 +72,7 @@ def test_two_self_training_steps_equal_the_scripts_loop(script, monkeypatch):
     model_1 = unet.UNet_2d(in_chns=1, class_num=NUM_CLASSES)
     model_2 = unet.UNet_2d(in_chns=1, class_num=NUM_CLASSES)  # other weights: a mix-up shows
     ema_model = unet.UNet_2d(in_chns=1, class_num=NUM_CLASSES)
-    with torch.no_grad():  # a teacher whose argmax holds every class, in pieces
-        for p, q in zip(ema_model.parameters(), model_1.parameters()):
-            p.copy_(q + 0.05 * torch.randn_like(q))
-        ema_model.decoder.out_conv.weight.mul_(30)
-    for param in ema_model.parameters():
-        param.detach_()
+    teacher_in_pieces(ema_model, model_1, ema_model.decoder.out_conv)
     cls = get_method("abd")
     hparams = cls.hparams_for("acdc", {"displacement_grid": args.h_size})
     method = cls(SPECS["acdc"], hparams, {}, args.max_iterations)

@@ -31,6 +31,7 @@ from tests.reference_code import (
     import_script,
     reference_source,
     script_lines,
+    teacher_in_pieces,
 )
 from tests.test_ref_bcp import Corners
 from tests.test_ref_ss_net import unet_renamer
@@ -77,12 +78,7 @@ def test_two_steps_of_each_stage_equal_the_scripts_loop(script, monkeypatch, sta
     torch.manual_seed(0)
     model = unet.UNet_2d(in_chns=1, class_num=NUM_CLASSES)  # BCP_net (net_factory.py:14-19)
     ema_model = unet.UNet_2d(in_chns=1, class_num=NUM_CLASSES)
-    with torch.no_grad():  # a teacher whose argmax holds every class, in pieces
-        for p, q in zip(ema_model.parameters(), model.parameters()):
-            p.copy_(q + 0.05 * torch.randn_like(q))
-        ema_model.decoder.out_conv.weight.mul_(30)
-    for param in ema_model.parameters():
-        param.detach_()
+    teacher_in_pieces(ema_model, model, ema_model.decoder.out_conv)
     cls = get_method("bcp")
     method = cls(SPECS["acdc"], cls.hparams_for("acdc", {}), {}, args.max_iterations)
     main = stage == "self_train"

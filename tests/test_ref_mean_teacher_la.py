@@ -48,13 +48,13 @@ from agcl.methods.ema import ema_update
 from agcl.methods.registry import get_method
 from tests.reference_code import (
     REPO_ROOT,
+    SameNormals,
     assert_same_update,
     import_script,
     reference_source,
     script_lines,
 )
 from tests.test_ref_ua_mt import N_FILTERS, PATCH, STUBS, ours_named
-from tests.test_ref_ua_mt_acdc import Noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,7 +126,7 @@ def test_one_step_equals_the_scripts_loop_without_its_mask(script, monkeypatch, 
                  "optimizer": optimizer, "iter_num": iter_num,
                  "sampled_batch": {"image": volume_batch, "label": label_batch},
                  "consistency_criterion": module.losses.softmax_mse_loss}  # script:123-124
-    noise = Noise(seed=iter_num)
+    noise = SameNormals(seed=iter_num)
     with monkeypatch.context() as patch:
         patch.setattr(torch, "randn_like", noise.randn_like)
         torch.manual_seed(7)  # dropout masks, drawn in the same order in both

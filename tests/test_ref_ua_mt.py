@@ -28,6 +28,7 @@ from agcl.methods.ema import ema_update
 from agcl.methods.registry import get_method, method_module
 from agcl.nets.vnet_sdf import _REFERENCE_MODULES
 from tests.reference_code import (
+    SameNormals,
     assert_same_update,
     import_script,
     reference_source,
@@ -65,24 +66,6 @@ def loop_body() -> str:
                         "update_ema_variables(model, ema_model, args.ema_decay, iter_num)")
 
 
-class Noise:
-    """The same standard normals for the script's randn_like and our streams, in call order."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.drawn: list[torch.Tensor] = []
-        self.served = {"theirs": 0, "ours": 0}
-
-    def next(self, who: str, like: torch.Tensor) -> torch.Tensor:
-        index = self.served[who]
-        self.served[who] += 1
-        if index == len(self.drawn):
-            self.drawn.append(torch.randn(like.shape, generator=self.generator,
-                                          dtype=like.dtype))
-        assert self.drawn[index].shape == like.shape, (who, index)
-        return self.drawn[index]
-
-
 @pytest.mark.parametrize("method_name,iter_num", [("ua_mt", 0), ("ua_mt", 3000)])
 def test_one_step_equals_the_scripts_loop(script, monkeypatch, method_name, iter_num):
     module, vnet = script
@@ -103,7 +86,7 @@ def test_one_step_equals_the_scripts_loop(script, monkeypatch, method_name, iter
     method.teacher.load_state_dict(ours_named(ema_model.state_dict()))
     model.train(), ema_model.train(), method.train()
 
-    noise = Noise(seed=iter_num)
+    noise = SameNormals(seed=iter_num)
     gen = torch.Generator().manual_seed(1 + iter_num)
     volume_batch = torch.randn(args.batch_size, 1, *PATCH, generator=gen)
     label_batch = (volume_batch[:, 0] > 0.3).long()
@@ -116,7 +99,7 @@ def test_one_step_equals_the_scripts_loop(script, monkeypatch, method_name, iter
                  "sampled_batch": {"image": volume_batch, "label": label_batch},
                  "consistency_criterion": module.losses.softmax_mse_loss}
     randn_like = torch.randn_like
-    monkeypatch.setattr(torch, "randn_like", lambda x, *a, **k: noise.next("theirs", x))
+    monkeypatch.setattr(torch, "randn_like", noise.randn_like)
     torch.manual_seed(7)  # dropout masks, drawn in the same order in both
     exec(loop_body(), namespace)  # noqa: S102 (the reference's own loop lines, pinned snapshot)
     monkeypatch.setattr(torch, "randn_like", randn_like)
@@ -125,7 +108,7 @@ def test_one_step_equals_the_scripts_loop(script, monkeypatch, method_name, iter
     std, clip = hparams["noise_std"], hparams["noise_clip"]
 
     def our_noise(x, *_args, **_kwargs):
-        return torch.clamp(noise.next("ours", x) * std, -clip, clip)
+        return torch.clamp(noise.next("ours", x.shape, x.dtype) * std, -clip, clip)
 
     monkeypatch.setattr(sys.modules["agcl.methods.teacher"], "teacher_noise", our_noise)
     monkeypatch.setattr(teacher_module, "teacher_noise", our_noise)

@@ -32,6 +32,7 @@ from agcl.methods import Batch
 from agcl.methods.ema import ema_update
 from agcl.methods.registry import get_method
 from tests.reference_code import (
+    SameNormals,
     assert_same_update,
     import_ssl4mis_2d_script,
     reference_source,
@@ -44,7 +45,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO, SCRIPT = "HiLab-git/SSL4MIS", "train_uncertainty_aware_mean_teacher_2D"
 SIZE, NUM_CLASSES, LABELED_BS = (64, 64), 4, 2  # ACDC's classes; 2 + 2 slices small for CPU
 CLOSE = {"rtol": 1e-5, "atol": 1e-7}
-_RANDN = torch.randn  # before any patch
 
 
 @pytest.fixture
@@ -56,31 +56,6 @@ def loop_body() -> str:
     """The script's loop body from reading the batch to the EMA update (script:149-197)."""
     return script_lines(REPO, SCRIPT, "volume_batch, label_batch = sampled_batch['image']",
                         "update_ema_variables(model, ema_model, args.ema_decay, iter_num)")
-
-
-class Noise:
-    """The same standard normals for the script's randn_like and our torch.randn, in call
-    order."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.drawn: list[torch.Tensor] = []
-        self.served = {"theirs": 0, "ours": 0}
-
-    def next(self, who: str, shape, dtype) -> torch.Tensor:
-        index = self.served[who]
-        self.served[who] += 1
-        if index == len(self.drawn):
-            self.drawn.append(_RANDN(tuple(shape), generator=self.generator, dtype=dtype))
-        assert self.drawn[index].shape == torch.Size(shape), (who, index)
-        return self.drawn[index].clone()
-
-    def randn_like(self, x, *_args, **kwargs):
-        return self.next("theirs", x.shape, kwargs.get("dtype") or x.dtype)
-
-    def randn(self, *size, **kwargs):
-        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
-        return self.next("ours", shape, kwargs.get("dtype") or torch.get_default_dtype())
 
 
 @pytest.mark.parametrize("iter_num", [0, 15000, 30000])
@@ -113,7 +88,7 @@ def test_one_step_equals_the_scripts_loop(script, monkeypatch, iter_num):
                  "max_iterations": args.max_iterations, "ce_loss": CrossEntropyLoss(),
                  "dice_loss": module.losses.DiceLoss(args.num_classes),  # script:93-137
                  "sampled_batch": {"image": volume_batch, "label": label_batch}}
-    noise = Noise(seed=iter_num)
+    noise = SameNormals(seed=iter_num)
     with monkeypatch.context() as patch:
         patch.setattr(torch, "randn_like", noise.randn_like)
         torch.manual_seed(7)  # dropout masks, drawn in the same order in both
